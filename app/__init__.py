@@ -1,0 +1,1 @@
+"""Persistence layer of the AI shopping assistant: credits, consents and the query cache."""

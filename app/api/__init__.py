@@ -1,0 +1,1 @@
+"""HTTP routes: parse input, call one service method, map the result."""

@@ -1,0 +1,21 @@
+"""The assistant query route (SPEC §4)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import Assistant
+from app.api.errors import responses
+from app.api.inputs import AssistantQueryRequest
+from app.services.assistant import AssistantReply
+
+router = APIRouter(prefix="/assistant", tags=["assistant"])
+
+
+@router.post("/query", response_model=AssistantReply, responses=responses(402, 403, 502))
+async def query(body: AssistantQueryRequest, assistant: Assistant) -> AssistantReply:
+    """Answer a shopping question: terms must be accepted; cache hits are free,
+    other answers cost QUERY_CREDIT_COST, refunded if answering fails."""
+    return await assistant.ask(
+        body.user_id, body.query, is_guest=body.is_guest, context=body.context
+    )

@@ -1,0 +1,37 @@
+"""Consent routes (SPEC §4)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import Consents
+from app.api.errors import responses
+from app.api.inputs import ConsentRequest, MarketingConsentRequest, UserId
+from app.errors import ConsentNotFoundError
+from app.schemas import UserConsent
+
+router = APIRouter(prefix="/consents", tags=["consents"])
+
+
+@router.put("/{user_id}", response_model=UserConsent, responses=responses())
+async def record(user_id: UserId, body: ConsentRequest, consents: Consents) -> UserConsent:
+    """Record or replace the user's consent; the first-recorded timestamp is kept."""
+    return await consents.record_consent(
+        user_id, terms_accepted=body.terms_accepted, marketing_consent=body.marketing_consent
+    )
+
+
+@router.get("/{user_id}", response_model=UserConsent, responses=responses(404))
+async def get(user_id: UserId, consents: Consents) -> UserConsent:
+    consent = await consents.get_consent(user_id)
+    if consent is None:
+        raise ConsentNotFoundError(user_id)
+    return consent
+
+
+@router.patch("/{user_id}", response_model=UserConsent, responses=responses(404))
+async def update_marketing(
+    user_id: UserId, body: MarketingConsentRequest, consents: Consents
+) -> UserConsent:
+    """Change the marketing opt-in of a recorded consent."""
+    return await consents.update_marketing_consent(user_id, body.marketing_consent)

@@ -1,0 +1,127 @@
+"""One renderer for every error: `{"error": {"code": ..., "message": ...}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+
+from app.errors import AppError, InsufficientCreditsError, StorageUnavailableError
+from app.repositories.sql_base import is_unavailable
+
+logger = logging.getLogger(__name__)
+
+_HTTP_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        error["details"] = details
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+
+def _unavailable(error: StorageUnavailableError) -> JSONResponse:
+    return error_response(
+        503, error.code, error.message, headers={"Retry-After": str(error.retry_after)}
+    )
+
+
+async def _app_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, AppError)
+    if isinstance(error, StorageUnavailableError):
+        return _unavailable(error)
+    details = None
+    if isinstance(error, InsufficientCreditsError):
+        details = {"available": error.available, "required": error.required}
+    return error_response(error.status_code, error.code, error.message, details=details)
+
+
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = jsonable_encoder(error.errors(), exclude={"input", "url"})
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = f"{where}: {first.get('msg', 'invalid input')}" if where else "invalid input"
+    # "detail" keeps FastAPI's own validation shape for clients that read it.
+    body = {
+        "error": {"code": "validation_error", "message": message, "details": problems},
+        "detail": problems,
+    }
+    return JSONResponse(body, status_code=422)
+
+
+async def _http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    code = _HTTP_CODES.get(error.status_code, "http_error")
+    return error_response(
+        error.status_code, code, str(error.detail), headers=dict(error.headers or {})
+    )
+
+
+async def _value_error(_: Request, error: Exception) -> JSONResponse:
+    # Services raise ValueError only for input they cannot accept.
+    return error_response(422, "invalid_input", str(error))
+
+
+async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+    if is_unavailable(error):
+        return _unavailable(StorageUnavailableError())
+    logger.exception("unhandled error", exc_info=error)
+    return error_response(500, "internal_error", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AppError, _app_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ValueError, _value_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    422: {"model": ErrorBody, "description": "Invalid input"},
+    503: {
+        "model": ErrorBody,
+        "description": "Storage unavailable; retry after Retry-After seconds",
+    },
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI error responses for a route: the given ones plus 422 and 503."""
+    described: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses
+    }
+    return {**described, **ERROR_RESPONSES}
+
+
+_DESCRIPTIONS = {
+    402: "Insufficient credits",
+    403: "Forbidden (admin token or consent missing)",
+    404: "Not found",
+    502: "The answerer failed; the charge was refunded",
+}

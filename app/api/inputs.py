@@ -1,0 +1,92 @@
+"""Request bodies and parameters, with the input bounds of SPEC §4."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Header, Path, Query
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+
+from app.config import StorageBackend
+from app.json_documents import storable_json
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
+MAX_CONTEXT_BYTES = 16 * 1024
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold U+0000; refuse it here rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("text may not contain the NUL character")
+    return value
+
+
+def _storable_context(value: dict[str, Any]) -> dict[str, Any]:
+    storable_json(value, max_bytes=MAX_CONTEXT_BYTES)
+    return value
+
+
+UserIdField = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=USER_ID_PATTERN)
+]
+UserId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=128,
+        pattern=USER_ID_PATTERN,
+        description="1 to 128 characters of A-Z a-z 0-9 _ . : @ -",
+    ),
+]
+Description = Annotated[
+    str | None, Field(max_length=500), AfterValidator(lambda v: v and _no_nul(v))
+]
+Amount = Annotated[int, Field(ge=1, le=1000)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        description="Repeats of one key for one user are applied once.",
+    ),
+    AfterValidator(lambda v: v and _no_nul(v)),
+]
+HistoryLimit = Annotated[int, Query(ge=1, le=500)]
+
+
+class DeductRequest(BaseModel):
+    amount: Amount = 1
+    description: Description = None
+    is_guest: bool = True
+
+
+class RefundRequest(BaseModel):
+    amount: Amount
+    description: Description = None
+
+
+class ConsentRequest(BaseModel):
+    terms_accepted: bool = True
+    marketing_consent: bool = False
+
+
+class MarketingConsentRequest(BaseModel):
+    marketing_consent: bool
+
+
+class AssistantQueryRequest(BaseModel):
+    user_id: UserIdField
+    query: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=2000, pattern=r"\S"),
+        AfterValidator(_no_nul),
+    ]
+    is_guest: bool = True
+    context: Annotated[dict[str, Any], AfterValidator(_storable_context)] = Field(
+        default_factory=dict, description=f"JSON object, at most {MAX_CONTEXT_BYTES} bytes"
+    )
+
+
+class StorageRequest(BaseModel):
+    backend: StorageBackend

@@ -1,0 +1,78 @@
+"""Health and admin routes, outside the API prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from app.api.deps import Cache, ContainerDep, Credits, require_admin
+from app.api.errors import responses
+from app.api.inputs import StorageRequest
+from app.config import StorageBackend
+from app.health import database_status
+
+health = APIRouter(prefix="/health", tags=["health"])
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+@health.get("")
+async def live() -> dict[str, str]:
+    """Liveness: 200 while the process serves."""
+    return {"status": "ok"}
+
+
+@health.get("/ready", responses={503: {"description": "The active store cannot serve"}})
+async def ready(container: ContainerDep) -> JSONResponse:
+    """Readiness: 200 when the active store answers, else 503."""
+    database = await database_status(container.engine)
+    backend = container.storage.backend
+    serving = backend is StorageBackend.MEMORY or database["up_to_date"]
+    body = {
+        "status": "ready" if serving else "unavailable",
+        "storage_backend": backend.value,
+        "cache_backend": container.storage.cache_backend.value,
+        "database": database,
+    }
+    return JSONResponse(body, status_code=200 if serving else 503)
+
+
+def _storage_view(container: ContainerDep) -> dict[str, str]:
+    return {
+        "backend": container.storage.backend.value,
+        "cache_backend": container.storage.cache_backend.value,
+    }
+
+
+@admin.get("/storage", responses=responses(403))
+async def get_storage(container: ContainerDep) -> dict[str, str]:
+    return _storage_view(container)
+
+
+@admin.put("/storage", responses=responses(403))
+async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str, str]:
+    """Switch the store at run time. The stores do not share data; nothing is copied."""
+    await container.switch_storage(body.backend)
+    return _storage_view(container)
+
+
+@admin.post("/maintenance/cleanup", responses=responses(403))
+async def cleanup(container: ContainerDep, credits: Credits, cache: Cache) -> dict[str, int]:
+    """Delete ledger rows older than TRANSACTION_RETENTION_DAYS and expired cache entries."""
+    days = container.settings.transaction_retention_days
+    return {
+        "transactions_deleted": await credits.cleanup_old_transactions(days),
+        "cache_entries_deleted": await cache.cleanup_expired(),
+    }
+
+
+@admin.delete("/cache", responses=responses(403))
+async def clear_cache(cache: Cache) -> dict[str, bool]:
+    await cache.clear_cache()
+    return {"cleared": True}
+
+
+@admin.get("/cache/stats", responses=responses(403))
+async def cache_stats(cache: Cache, container: ContainerDep) -> dict[str, Any]:
+    return {"backend": container.storage.cache_backend.value, **await cache.get_stats()}

@@ -1,0 +1,1 @@
+"""Shopping-assistant answerers: turn a user query into an answer plus matching products."""

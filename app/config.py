@@ -1,0 +1,87 @@
+"""Typed settings, read from the environment (and `.env` when present)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StorageBackend(StrEnum):
+    MEMORY = "memory"
+    DATABASE = "database"
+
+
+class CacheBackend(StrEnum):
+    MEMORY = "memory"
+    DATABASE = "database"
+
+
+def normalise_database_url(url: str) -> str:
+    """Give plain `postgresql://` and `sqlite://` URLs their async driver."""
+    for plain, async_driver in (
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgresql+psycopg2://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return async_driver + url[len(plain) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; names are the contract's (SPEC §5), without prefix."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    database_url: str = "sqlite+aiosqlite:///./assistant.db"
+    db_pool_size: int = Field(10, ge=1, le=1000)
+    db_max_overflow: int = Field(20, ge=0, le=1000)
+    db_pool_timeout: float = Field(30, gt=0)
+    db_pool_recycle: int = Field(3600, ge=-1)
+    db_echo_sql: bool = False
+    db_connect_timeout: float = Field(5, gt=0)
+    sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+
+    storage_backend: StorageBackend = StorageBackend.DATABASE
+    # None: the cache follows the active storage backend, also across a runtime toggle.
+    cache_backend: CacheBackend | None = None
+    run_migrations_on_startup: bool = True
+
+    guest_max_credits: int = Field(10, ge=1)
+    registered_max_credits: int = Field(50, ge=1)
+    credit_reset_hours: float = Field(24, gt=0)
+    query_credit_cost: int = Field(1, ge=1, le=1000)
+
+    query_cache_ttl_seconds: int = Field(3600, ge=1)
+    transaction_retention_days: int = Field(90, ge=1)
+
+    admin_token: SecretStr | None = None
+    log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalise_url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @field_validator("cache_backend", "admin_token", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def credit_reset_period(self) -> timedelta:
+        return timedelta(hours=self.credit_reset_hours)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

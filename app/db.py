@@ -1,0 +1,79 @@
+"""The one engine and pool of a process, built from the settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from app.config import Settings
+
+
+def masked_url(url: str) -> str:
+    """The URL as it may appear in logs: password replaced by ***."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """Build the pooled async engine; nothing connects until first use."""
+    if settings.is_sqlite:
+        return _sqlite_engine(settings)
+    return create_async_engine(
+        settings.database_url,
+        echo=settings.db_echo_sql,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        pool_pre_ping=True,
+        connect_args={
+            "timeout": settings.db_connect_timeout,
+            "server_settings": {"application_name": "shopping-assistant"},
+        },
+    )
+
+
+def _sqlite_engine(settings: Settings) -> AsyncEngine:
+    engine = create_async_engine(
+        settings.database_url,
+        echo=settings.db_echo_sql,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
+        pool_recycle=settings.db_pool_recycle,
+        pool_pre_ping=True,
+        connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
+    )
+    busy_timeout_ms = settings.sqlite_busy_timeout_ms
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the driver so that BEGIN is ours (below).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads
+        # and then writes fails at once with SQLITE_BUSY under concurrency instead of
+        # waiting, and every transaction here may write. DDL becomes transactional too.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def pool_status(engine: AsyncEngine) -> dict[str, int]:
+    """Pool figures for /health/ready: connections in use, and beyond the pool's size."""
+    pool: Any = engine.pool
+    return {
+        "size": pool.size(),
+        "in_use": pool.checkedout(),
+        "overflow_in_use": max(0, pool.overflow()),
+    }

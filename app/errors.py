@@ -1,0 +1,64 @@
+"""Domain errors. Each carries the HTTP status and error code the API renders it with."""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InsufficientCreditsError(AppError):
+    status_code = 402
+    code = "insufficient_credits"
+
+    def __init__(self, user_id: str, available: int, required: int) -> None:
+        super().__init__(f"user {user_id!r} has {available} credit(s); {required} required")
+        self.user_id = user_id
+        self.available = available
+        self.required = required
+
+
+class ConsentNotFoundError(AppError):
+    status_code = 404
+    code = "consent_not_found"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"no consent recorded for user {user_id!r}")
+        self.user_id = user_id
+
+
+class ConsentRequiredError(AppError):
+    status_code = 403
+    code = "consent_required"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"user {user_id!r} has not accepted the terms")
+        self.user_id = user_id
+
+
+class StorageUnavailableError(AppError):
+    """The store cannot serve right now; clients should retry after `retry_after` seconds."""
+
+    status_code = 503
+    code = "storage_unavailable"
+
+    def __init__(self, message: str = "storage is unavailable", retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AnswerFailedError(AppError):
+    status_code = 502
+    code = "answer_failed"
+
+
+class AdminForbiddenError(AppError):
+    status_code = 403
+    code = "forbidden"

@@ -1,0 +1,57 @@
+"""Alembic at start-up: upgrade to head inside the running event loop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key serialising migrations across replicas ("shopasst").
+MIGRATION_LOCK_KEY = 0x73686F7061737374
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version"
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    """An Alembic config that works from any working directory."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if database_url:
+        config.attributes["database_url"] = database_url
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def upgrade_to_head(engine: AsyncEngine) -> None:
+    """Apply every pending revision on one of the engine's connections."""
+
+    def _upgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.connect() as connection:
+        await connection.run_sync(_upgrade)
+    logger.info("database schema at revision %s", head_revision())
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    def _current(connection: Connection) -> str | None:
+        if not inspect(connection).has_table(VERSION_TABLE):
+            return None
+        revision: str | None = connection.scalar(text(f"SELECT version_num FROM {VERSION_TABLE}"))
+        return revision
+
+    async with engine.connect() as connection:
+        return await connection.run_sync(_current)

@@ -1,0 +1,153 @@
+"""ORM tables (SPEC §6). The Alembic revisions build the same schema; a test compares them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so migrations can drop and alter them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+USER_ID_LENGTH = 128
+IDEMPOTENCY_KEY_LENGTH = 128
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC in and out, on every backend.
+
+    SQLite has no timestamp type: values are stored as naive UTC text, whose
+    lexical order is chronological, and are given back their UTC zone on load.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are refused; pass an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only gives AUTOINCREMENT-like rowids to INTEGER PRIMARY KEY columns.
+LedgerId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UserCreditsRow(Base):
+    __tablename__ = "user_credits"
+    __table_args__ = (
+        CheckConstraint("available_credits >= 0", name="available_credits_non_negative"),
+        CheckConstraint("max_credits > 0", name="max_credits_positive"),
+    )
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
+    is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class CreditTransactionRow(Base):
+    __tablename__ = "credit_transactions"
+    __table_args__ = (
+        CheckConstraint("amount != 0", name="amount_non_zero"),
+        CheckConstraint(
+            "transaction_type IN ('deduction', 'refund', 'reset', 'upgrade')",
+            name="transaction_type_known",
+        ),
+        Index("ix_credit_transactions_user_id_timestamp", "user_id", "timestamp"),
+        Index("ix_credit_transactions_timestamp", "timestamp"),
+    )
+
+    id: Mapped[int] = mapped_column(LedgerId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    transaction_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    amount: Mapped[int] = mapped_column(Integer, nullable=False)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class CreditIdempotencyKeyRow(Base):
+    """Claimed idempotency keys, unique per user.
+
+    Kept apart from the ledger so that a change which moved no credit (a refund
+    into a full balance) still claims its key and is never applied later.
+    """
+
+    __tablename__ = "credit_idempotency_keys"
+    __table_args__ = (
+        PrimaryKeyConstraint("user_id", "idempotency_key"),
+        Index("ix_credit_idempotency_keys_created_at", "created_at"),
+    )
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
+    idempotency_key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class UserConsentRow(Base):
+    __tablename__ = "user_consents"
+
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
+    terms_accepted: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    marketing_consent: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class QueryCacheRow(Base):
+    __tablename__ = "query_cache"
+    __table_args__ = (
+        CheckConstraint("expires_at > cached_at", name="expires_after_cached"),
+        Index("ix_query_cache_expires_at", "expires_at"),
+    )
+
+    query_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False)
+    cached_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model, typed for statements built on it."""
+    return cast(Table, model.__table__)

@@ -1,0 +1,1 @@
+"""Storage adapters: the in-memory store and the SQL store, behind one set of protocols."""

@@ -1,0 +1,46 @@
+"""The storage flag: the one place that knows there is more than one store."""
+
+from __future__ import annotations
+
+from app.config import CacheBackend, StorageBackend
+from app.repositories.base import CacheRepository, Stores
+
+
+class StorageProvider:
+    """Hands out the active store's repositories; the flag can flip at run time.
+
+    The two stores do not share data: flipping the flag changes where reads and
+    writes go from the next call on, it does not copy anything.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: StorageBackend,
+        cache_backend: CacheBackend | None,
+        memory: Stores,
+        database: Stores,
+    ) -> None:
+        self._stores = {StorageBackend.MEMORY: memory, StorageBackend.DATABASE: database}
+        self._backend = backend
+        self._cache_backend = cache_backend
+
+    @property
+    def backend(self) -> StorageBackend:
+        return self._backend
+
+    @property
+    def cache_backend(self) -> CacheBackend:
+        """The configured cache backend, or the active storage backend when none is set."""
+        return self._cache_backend or CacheBackend(self._backend.value)
+
+    def switch(self, backend: StorageBackend) -> None:
+        self._backend = backend
+
+    @property
+    def stores(self) -> Stores:
+        return self._stores[self._backend]
+
+    @property
+    def cache(self) -> CacheRepository:
+        return self._stores[StorageBackend(self.cache_backend.value)].cache
