@@ -1,4 +1,4 @@
-"""Credits, ledger, idempotency keys, consents and the query cache.
+"""Credits, ledger, consents and the query cache.
 
 Revision ID: 0001
 Revises:
@@ -61,18 +61,6 @@ def upgrade() -> None:
     )
     op.create_index("ix_credit_transactions_timestamp", "credit_transactions", ["timestamp"])
     op.create_table(
-        "credit_idempotency_keys",
-        sa.Column("user_id", sa.String(128), nullable=False),
-        sa.Column("idempotency_key", sa.String(128), nullable=False),
-        sa.Column("created_at", UTCDateTime(), nullable=False),
-        sa.PrimaryKeyConstraint(
-            "user_id", "idempotency_key", name=op.f("pk_credit_idempotency_keys")
-        ),
-    )
-    op.create_index(
-        "ix_credit_idempotency_keys_created_at", "credit_idempotency_keys", ["created_at"]
-    )
-    op.create_table(
         "user_consents",
         sa.Column("user_id", sa.String(128), nullable=False),
         sa.Column("terms_accepted", sa.Boolean(), nullable=False),
@@ -99,8 +87,6 @@ def downgrade() -> None:
     op.drop_index("ix_query_cache_expires_at", table_name="query_cache")
     op.drop_table("query_cache")
     op.drop_table("user_consents")
-    op.drop_index("ix_credit_idempotency_keys_created_at", table_name="credit_idempotency_keys")
-    op.drop_table("credit_idempotency_keys")
     op.drop_index("ix_credit_transactions_timestamp", table_name="credit_transactions")
     op.drop_index("ix_credit_transactions_user_id_timestamp", table_name="credit_transactions")
     op.drop_table("credit_transactions")

@@ -1,0 +1,249 @@
+"""Fixtures: one schema per run from the real migrations, a fresh database per test.
+
+Stores are parametrised: `memory`, `sqlite` and `postgres`. The PostgreSQL server
+comes from TEST_DATABASE_URL, testcontainers (when a Docker engine answers) or a
+throwaway local cluster (tests/support/postgres.py). Under CI=true, or with
+REQUIRE_POSTGRES=1, a missing PostgreSQL fails the run instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings, StorageBackend
+from app.db import create_engine
+from app.main import create_app
+from app.migrate import upgrade_to_head
+from app.repositories.base import CreditPolicy, Stores
+from app.repositories.memory import memory_stores
+from app.repositories.sql import sql_stores
+from app.services.consents import UserConsentService
+from app.services.credits import CreditService
+from app.services.query_cache import CacheStats, QueryCacheService
+from tests.support.clock import FakeClock
+from tests.support.ledger import AuditedCreditRepository, LedgerAudit
+from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
+
+STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+POLICY = CreditPolicy(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
+TEMPLATE_DB = "assistant_template"
+T = TypeVar("T")
+
+
+def _postgres_required() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
+        os.environ.get("REQUIRE_POSTGRES")
+    )
+
+
+def plain_dsn(url: str) -> str:
+    """asyncpg wants `postgresql://`, SQLAlchemy `postgresql+asyncpg://`."""
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def run_outside_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even when called inside a running
+    loop (session fixtures first requested by an async fixture are)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+# --- servers and templates (once per run) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as reason:
+        if _postgres_required():
+            pytest.fail(f"PostgreSQL is required here but unavailable: {reason}", pytrace=False)
+        pytest.skip(f"no PostgreSQL server: {reason}")
+    yield server
+    server.stop()
+
+
+async def _migrate(url: str) -> None:
+    engine = create_engine(Settings(database_url=url))
+    try:
+        await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _admin(server: PostgresServer, *statements: str) -> None:
+    connection = await asyncpg.connect(plain_dsn(server.admin_url))
+    try:
+        for statement in statements:
+            await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: PostgresServer) -> str:
+    """A database migrated to head, cloned for each test by CREATE DATABASE … TEMPLATE."""
+    run_outside_loop(
+        _admin(
+            postgres_server,
+            f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)",
+            f"CREATE DATABASE {TEMPLATE_DB}",
+        )
+    )
+    run_outside_loop(_migrate(postgres_server.url_for(TEMPLATE_DB)))
+    return TEMPLATE_DB
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    run_outside_loop(_migrate(f"sqlite+aiosqlite:///{path}"))
+    return path
+
+
+# --- a fresh database per test --------------------------------------------------------
+
+
+@asynccontextmanager
+async def fresh_database(request: pytest.FixtureRequest, kind: str) -> AsyncIterator[str]:
+    """URL of a new database at the schema head: a copied SQLite file, or a PostgreSQL
+    database cloned from the migrated template. Dropped afterwards."""
+    if kind == "sqlite":
+        path = Path(request.getfixturevalue("tmp_path")) / "test.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite+aiosqlite:///{path}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    template = request.getfixturevalue("postgres_template")
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    await _admin(server, f"CREATE DATABASE {name} TEMPLATE {template}")
+    try:
+        yield server.url_for(name)
+    finally:
+        await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def postgres_database(
+    postgres_server: PostgresServer,
+) -> AsyncIterator[tuple[PostgresServer, str]]:
+    """A fresh, empty database (no schema at all) on the test server."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    await _admin(postgres_server, f"CREATE DATABASE {name}")
+    yield postgres_server, name
+    await _admin(postgres_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=DATABASES)
+async def database_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A fresh database at the schema head, on SQLite and on PostgreSQL."""
+    async with fresh_database(request, request.param) as url:
+        yield url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(Settings(database_url=database_url))
+    yield engine
+    await engine.dispose()
+
+
+# --- stores and services ---------------------------------------------------------------
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=STORES)
+async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
+    """The three repositories of one store: memory, SQLite or PostgreSQL."""
+    if request.param == "memory":
+        yield memory_stores(POLICY)
+        return
+    async with fresh_database(request, request.param) as url:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            yield sql_stores(engine, POLICY)
+        finally:
+            await engine.dispose()
+
+
+@pytest.fixture
+def ledger_audit() -> LedgerAudit:
+    return LedgerAudit(POLICY)
+
+
+@pytest.fixture
+async def credit_service(
+    stores: Stores, clock: FakeClock, ledger_audit: LedgerAudit
+) -> AsyncIterator[CreditService]:
+    """The credit service on the store under test; afterwards the ledger invariant is checked
+    for every account the test touched."""
+    audited = AuditedCreditRepository(stores.credits, ledger_audit)
+    service = CreditService(audited, POLICY, clock=clock)
+    yield service
+    await ledger_audit.verify(CreditService(stores.credits, POLICY, clock=clock))
+
+
+@pytest.fixture
+def consent_service(stores: Stores, clock: FakeClock) -> UserConsentService:
+    return UserConsentService(stores.consents, clock=clock)
+
+
+@pytest.fixture
+def cache_service(stores: Stores, clock: FakeClock) -> QueryCacheService:
+    return QueryCacheService(
+        stores.cache, default_ttl_seconds=3600, stats=CacheStats(), clock=clock
+    )
+
+
+# --- the application over HTTP -----------------------------------------------------------
+
+
+def app_settings(backend: str, database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "storage_backend": StorageBackend.MEMORY
+        if backend == "memory"
+        else StorageBackend.DATABASE,
+        "admin_token": "test-admin-token",
+        **overrides,
+    }
+    return Settings.model_validate(values)
+
+
+@pytest.fixture(params=STORES)
+async def running_app(request: pytest.FixtureRequest) -> AsyncIterator[FastAPI]:
+    """The application, lifespan running, with STORAGE_BACKEND memory, or database on
+    SQLite or PostgreSQL. A test may set `app_overrides` (a dict of settings) on its module."""
+    overrides = getattr(request.module, "app_overrides", {})
+    kind = "sqlite" if request.param == "memory" else request.param
+    async with fresh_database(request, kind) as url:
+        app = create_app(app_settings(request.param, url, **overrides))
+        async with app.router.lifespan_context(app):
+            yield app
+
+
+@pytest.fixture
+async def client(running_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=running_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
