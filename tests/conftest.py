@@ -139,15 +139,24 @@ async def fresh_database(request: pytest.FixtureRequest, kind: str) -> AsyncIter
         await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@asynccontextmanager
+async def empty_postgres_database(server: PostgresServer) -> AsyncIterator[str]:
+    """The name of a fresh database with no schema at all, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    await _admin(server, f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 async def postgres_database(
     postgres_server: PostgresServer,
 ) -> AsyncIterator[tuple[PostgresServer, str]]:
-    """A fresh, empty database (no schema at all) on the test server."""
-    name = f"test_{uuid.uuid4().hex[:16]}"
-    await _admin(postgres_server, f"CREATE DATABASE {name}")
-    yield postgres_server, name
-    await _admin(postgres_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    """A fresh, empty database on the test server."""
+    async with empty_postgres_database(postgres_server) as name:
+        yield postgres_server, name
 
 
 @pytest.fixture(params=DATABASES)

@@ -1,0 +1,246 @@
+"""The Alembic revisions on SQLite and PostgreSQL: up, down, up again; models in step;
+data kept across upgrades; replicas migrating one empty database at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+from app.db import create_engine
+from app.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
+from app.models import Base
+from app.repositories.sql import sql_stores
+from app.services.credits import CreditService
+from tests.conftest import POLICY, empty_postgres_database
+from tests.support.postgres import PostgresServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = {
+    "user_credits",
+    "credit_transactions",
+    "credit_idempotency_keys",
+    "user_consents",
+    "query_cache",
+}
+EMPTY_DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=EMPTY_DATABASES)
+async def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A database with no schema at all."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    async with empty_postgres_database(request.getfixturevalue("postgres_server")) as name:
+        yield request.getfixturevalue("postgres_server").url_for(name)
+
+
+@pytest.fixture
+async def empty_engine(empty_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(Settings(database_url=empty_url))
+    yield engine
+    await engine.dispose()
+
+
+async def alembic(engine: AsyncEngine, action: str, target: str) -> None:
+    def run(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        getattr(command, action)(config, target)
+
+    async with engine.connect() as connection:
+        await connection.run_sync(run)
+
+
+async def table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as connection:
+        return set(await connection.run_sync(lambda sync: inspect(sync).get_table_names()))
+
+
+class TestUpAndDown:
+    async def test_upgrade_downgrade_and_upgrade_again_leave_a_working_schema(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "head")
+        assert await table_names(empty_engine) >= TABLES
+        assert await current_revision(empty_engine) == head_revision()
+
+        await alembic(empty_engine, "downgrade", "base")
+        assert not TABLES & await table_names(empty_engine)
+        assert await current_revision(empty_engine) is None
+
+        await alembic(empty_engine, "upgrade", "head")
+        credits = CreditService(sql_stores(empty_engine, POLICY).credits, POLICY)
+        account = await credits.deduct_credits("after-roundtrip", 2, idempotency_key="k")
+        assert account.available_credits == 8
+
+    async def test_upgrading_an_up_to_date_schema_changes_nothing(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await upgrade_to_head(empty_engine)
+        await upgrade_to_head(empty_engine)
+        assert await current_revision(empty_engine) == head_revision()
+
+
+class TestModelsMatchMigrations:
+    async def test_the_orm_models_describe_the_migrated_schema(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await upgrade_to_head(empty_engine)
+
+        def differences(connection: Connection) -> list[object]:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            return list(compare_metadata(context, Base.metadata))
+
+        async with empty_engine.connect() as connection:
+            assert await connection.run_sync(differences) == []
+
+
+class TestDataSurvivesUpgrades:
+    async def test_rows_written_at_the_first_revision_are_served_after_upgrading(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "0001")
+        written = datetime(2026, 11, 1, 8, 30, tzinfo=UTC)
+        async with empty_engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,"
+                    " last_reset_timestamp, created_at, updated_at)"
+                    " VALUES ('veteran', false, 42, 50, :at, :at, :at)"
+                ).bindparams(
+                    at=written.replace(tzinfo=None) if _is_sqlite(connection) else written
+                ),
+            )
+            await connection.execute(
+                text(
+                    "INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp,"
+                    " description) VALUES ('veteran', 'deduction', -8, :at, 'before the upgrade')"
+                ).bindparams(
+                    at=written.replace(tzinfo=None) if _is_sqlite(connection) else written
+                ),
+            )
+        await upgrade_to_head(empty_engine)
+
+        def clock() -> datetime:
+            return datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+
+        credits = CreditService(sql_stores(empty_engine, POLICY).credits, POLICY, clock=clock)
+        account = await credits.get_user_credits("veteran")
+        assert (account.available_credits, account.is_guest) == (42, False)
+        assert account.last_reset_timestamp == written
+        (row,) = await credits.get_transaction_history("veteran")
+        assert (row.amount, row.description, row.timestamp) == (-8, "before the upgrade", written)
+        assert (
+            await credits.deduct_credits("veteran", 2, idempotency_key="new")
+        ).available_credits == 40
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_until_ready(port: int, process: subprocess.Popen[str], timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"replica on port {port} exited: {process.communicate()[1]}")
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/health/ready", timeout=2
+            ) as reply:
+                return json.load(reply)
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"replica on port {port} not ready within {timeout} s")
+
+
+def _is_sqlite(connection: object) -> bool:
+    return connection.dialect.name == "sqlite"
+
+
+class TestCommandLine:
+    def test_alembic_upgrade_and_downgrade_work_from_the_repository_root(
+        self, empty_url: str
+    ) -> None:
+        env = {
+            **os.environ,
+            "DATABASE_URL": empty_url.replace("+asyncpg", "").replace("+aiosqlite", ""),
+        }
+        alembic_bin = str(Path(sys.executable).with_name("alembic"))
+        for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"], ["current"]):
+            done = subprocess.run(
+                [alembic_bin, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            )
+            assert done.returncode == 0, done.stderr
+        assert f"{head_revision()} (head)" in done.stdout
+
+
+@pytest.mark.postgres
+class TestReplicasStartingTogether:
+    def test_three_servers_starting_at_once_on_an_empty_database_all_come_up(
+        self, postgres_database: tuple[PostgresServer, str]
+    ) -> None:
+        server, name = postgres_database
+        ports = [_free_port() for _ in range(3)]
+        env = {**os.environ, "DATABASE_URL": server.url_for(name), "LOG_LEVEL": "WARNING"}
+        replicas = [
+            subprocess.Popen(
+                [sys.executable, "-m", "app"],
+                cwd=ROOT,
+                env={**env, "PORT": str(port)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for port in ports
+        ]
+        try:
+            for port, replica in zip(ports, replicas, strict=True):
+                body = _wait_until_ready(port, replica)
+                assert body["database"]["revision"] == head_revision()
+        finally:
+            for replica in replicas:
+                replica.terminate()
+            for replica in replicas:
+                replica.communicate(timeout=30)
+
+    def test_three_alembic_processes_at_once_on_an_empty_database_all_succeed(
+        self, postgres_database: tuple[PostgresServer, str]
+    ) -> None:
+        server, name = postgres_database
+        env = {**os.environ, "DATABASE_URL": server.url_for(name)}
+        alembic_bin = str(Path(sys.executable).with_name("alembic"))
+        processes = [
+            subprocess.Popen(
+                [alembic_bin, "upgrade", "head"],
+                cwd=ROOT,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(3)
+        ]
+        for process in processes:
+            _, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr
