@@ -15,6 +15,11 @@ class StorageBackend(StrEnum):
     DATABASE = "database"
 
 
+class OutageFallback(StrEnum):
+    NONE = "none"
+    MEMORY = "memory"
+
+
 class CacheBackend(StrEnum):
     MEMORY = "memory"
     DATABASE = "database"
@@ -45,7 +50,17 @@ class Settings(BaseSettings):
     db_pool_recycle: int = Field(3600, ge=-1)
     db_echo_sql: bool = False
     db_connect_timeout: float = Field(5, gt=0)
+    db_statement_timeout_ms: int = Field(10_000, ge=0)
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
+
+    # Retries of one whole unit of work on transient faults, and the circuit breaker.
+    db_retry_attempts: int = Field(3, ge=1, le=20)
+    db_retry_max_seconds: float = Field(1.5, gt=0)
+    db_retry_initial_backoff: float = Field(0.05, ge=0)
+    db_retry_max_backoff: float = Field(0.5, ge=0)
+    db_breaker_failure_threshold: int = Field(5, ge=1)
+    db_breaker_reset_seconds: float = Field(5, gt=0)
+    db_outage_fallback: OutageFallback = OutageFallback.NONE
 
     storage_backend: StorageBackend = StorageBackend.DATABASE
     # None: the cache follows the active storage backend, also across a runtime toggle.

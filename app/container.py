@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -13,9 +14,16 @@ from app.db import create_engine, masked_url
 from app.errors import StorageUnavailableError
 from app.health import database_status
 from app.migrate import upgrade_to_head
-from app.repositories.base import CreditPolicy
+from app.repositories.base import (
+    CacheRepository,
+    ConsentRepository,
+    CreditPolicy,
+    CreditRepository,
+    Stores,
+)
 from app.repositories.memory import memory_stores
 from app.repositories.sql import sql_stores
+from app.resilience import CircuitBreaker, DatabaseGuard, Guarded, RetryPolicy
 from app.services.assistant import AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -34,6 +42,7 @@ class Container:
     storage: StorageProvider
     policy: CreditPolicy
     answerer: Answerer
+    breaker: CircuitBreaker
     cache_stats: CacheStats = field(default_factory=CacheStats)
 
     def credit_service(self) -> CreditService:
@@ -91,6 +100,10 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         reset_period=settings.credit_reset_period,
     )
     engine = create_engine(settings)
+    breaker = CircuitBreaker(
+        failure_threshold=settings.db_breaker_failure_threshold,
+        reset_timeout=settings.db_breaker_reset_seconds,
+    )
     logger.info(
         "storage backend %s, database %s",
         settings.storage_backend.value,
@@ -100,7 +113,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         backend=settings.storage_backend,
         cache_backend=settings.cache_backend,
         memory=memory_stores(policy),
-        database=sql_stores(engine, policy),
+        database=guarded_stores(sql_stores(engine, policy), breaker, settings),
     )
     return Container(
         settings=settings,
@@ -108,4 +121,27 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         storage=storage,
         policy=policy,
         answerer=answerer or CatalogueAnswerer(),
+        breaker=breaker,
+    )
+
+
+def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) -> Stores:
+    """Every database call behind the breaker; credits and consents retried on transient
+    faults, the never-critical cache not (a miss is cheaper than waiting)."""
+    retried = DatabaseGuard(
+        breaker,
+        RetryPolicy(
+            attempts=settings.db_retry_attempts,
+            max_seconds=settings.db_retry_max_seconds,
+            initial_backoff=settings.db_retry_initial_backoff,
+            max_backoff=settings.db_retry_max_backoff,
+        ),
+    )
+    once = DatabaseGuard(
+        breaker, RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)
+    )
+    return Stores(
+        credits=cast(CreditRepository, Guarded(stores.credits, retried)),
+        consents=cast(ConsentRepository, Guarded(stores.consents, retried)),
+        cache=cast(CacheRepository, Guarded(stores.cache, once)),
     )

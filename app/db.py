@@ -30,7 +30,15 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_pre_ping=True,
         connect_args={
             "timeout": settings.db_connect_timeout,
-            "server_settings": {"application_name": "shopping-assistant"},
+            # The server cancels a statement past the limit; the client gives up a little
+            # later, should the server not answer at all.
+            "command_timeout": settings.db_statement_timeout_ms / 1000 + 5
+            if settings.db_statement_timeout_ms
+            else None,
+            "server_settings": {
+                "application_name": "shopping-assistant",
+                "statement_timeout": str(settings.db_statement_timeout_ms),
+            },
         },
     )
 

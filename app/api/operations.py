@@ -34,6 +34,7 @@ async def ready(container: ContainerDep) -> JSONResponse:
         "storage_backend": backend.value,
         "cache_backend": container.storage.cache_backend.value,
         "database": database,
+        "circuit_breaker": {"state": container.breaker.state.value},
     }
     return JSONResponse(body, status_code=200 if serving else 503)
 

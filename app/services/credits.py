@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
 from app.repositories.base import CreditPolicy, CreditRepository
 from app.schemas import CreditTransaction, UserCredits
+
+
+def _call_key(idempotency_key: str | None) -> str:
+    """The client's key, or one for this call alone: a retry after a commit whose
+    outcome was lost then finds the key claimed and charges nothing twice."""
+    return idempotency_key if idempotency_key is not None else f"call:{uuid.uuid4()}"
 
 
 def _require_positive(name: str, value: int) -> None:
@@ -57,7 +64,7 @@ class CreditService:
             is_guest=is_guest,
             now=self._clock(),
             description=description,
-            idempotency_key=idempotency_key,
+            idempotency_key=_call_key(idempotency_key),
         )
 
     async def refund_credits(
@@ -75,7 +82,7 @@ class CreditService:
             amount,
             now=self._clock(),
             description=description,
-            idempotency_key=idempotency_key,
+            idempotency_key=_call_key(idempotency_key),
         )
 
     async def upgrade_to_registered(self, user_id: str) -> UserCredits:

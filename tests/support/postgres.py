@@ -47,11 +47,30 @@ class PostgresServer:
     """A running server; ``admin_url`` is a superuser URL to the maintenance db."""
 
     def __init__(
-        self, admin_url: str, source: str, stopper: Callable[[], None] | None = None
+        self,
+        admin_url: str,
+        source: str,
+        stopper: Callable[[], None] | None = None,
+        *,
+        pause: Callable[[], None] | None = None,
+        resume: Callable[[], None] | None = None,
     ) -> None:
         self.admin_url = admin_url  # postgresql+asyncpg://user[:pw]@host:port/db
         self.source = source  # "TEST_DATABASE_URL" | "testcontainers" | "local cluster"
         self._stopper = stopper
+        self._pause, self._resume = pause, resume
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data, as an outage would (local clusters only)."""
+        if self._pause is None:
+            raise PostgresUnavailable(f"a {self.source} server cannot be paused")
+        self._pause()
+
+    def resume(self) -> None:
+        """Start a paused server again on the same port."""
+        if self._resume is None:
+            raise PostgresUnavailable(f"a {self.source} server cannot be resumed")
+        self._resume()
 
     def url_for(self, dbname: str) -> str:
         """Same server and credentials, another database (query string kept)."""
@@ -233,8 +252,26 @@ def _local_cluster() -> PostgresServer:
     except BaseException:
         stop()
         raise
+
+    def pause() -> None:
+        res = run("pg_ctl", "-D", data, "-w", "-t", "30", "stop", "-m", "fast")
+        if res.returncode != 0:
+            raise PostgresUnavailable(f"pg_ctl stop failed: {_tail(res.stderr)}")
+
+    def resume() -> None:
+        res = run("pg_ctl", "-D", data, "-l", log, "-o", f"-p {port}", "-w", "-t", "60", "start")
+        if res.returncode != 0:
+            raise PostgresUnavailable(f"pg_ctl start failed: {_tail(res.stderr)}")
+
     url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
-    return PostgresServer(url, "local cluster", stop)
+    return PostgresServer(url, "local cluster", stop, pause=pause, resume=resume)
+
+
+def start_local_cluster() -> PostgresServer:
+    """A dedicated throwaway cluster, for tests that stop and start their server."""
+    server = _local_cluster()
+    _started.append(server)
+    return server
 
 
 def start_postgres() -> PostgresServer:

@@ -1,0 +1,222 @@
+"""Retries and the circuit breaker in front of the database.
+
+Failures are classified by exception type and SQLSTATE, never by message text.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from sqlalchemy import exc as sa_exc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from app.errors import StorageUnavailableError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# too_many_connections, serialization_failure, deadlock_detected, admin_shutdown,
+# crash_shutdown, cannot_connect_now; class 08 (connection exception) is added below.
+RETRYABLE_SQLSTATES = frozenset({"53300", "40001", "40P01", "57P01", "57P02", "57P03"})
+# The database answered but cannot serve this now: 503, not worth retrying at once.
+UNAVAILABLE_SQLSTATES = frozenset({"57014", "53000", "53100", "53200", "55P03"})
+_SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_CONNECTION_ERRORS = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)
+
+
+def sqlstate(error: BaseException) -> str | None:
+    state = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(error: BaseException) -> bool:
+    """A fault that a new attempt of the whole unit of work may not meet again."""
+    if isinstance(error, _CONNECTION_ERRORS):
+        return True
+    if not isinstance(error, sa_exc.DBAPIError) or isinstance(error, sa_exc.IntegrityError):
+        return False
+    if error.connection_invalidated:
+        return True
+    state = sqlstate(error)
+    if state is not None:
+        return state in RETRYABLE_SQLSTATES or state.startswith("08")
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    return code in _SQLITE_BUSY_CODES
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """The store cannot serve now (503): transient faults, an exhausted pool, timeouts."""
+    if is_transient(error) or isinstance(error, sa_exc.TimeoutError | TimeoutError | OSError):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and sqlstate(error) in UNAVAILABLE_SQLSTATES
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Closed → open after `failure_threshold` transient failures in a row; open for
+    `reset_timeout` seconds, failing calls at once; then half-open, letting one probe
+    through: its success closes the circuit, its failure opens it again.
+
+    A small class of our own: the asyncio breakers on PyPI are thinly maintained,
+    and none gives the injected clock and the one-probe half-open state this needs.
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold = failure_threshold
+        self._reset_timeout = reset_timeout
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at < self._reset_timeout:
+            return BreakerState.OPEN
+        return BreakerState.HALF_OPEN
+
+    def retry_after(self) -> int:
+        """Whole seconds until a probe may go through (at least 1)."""
+        if self._opened_at is None:
+            return 1
+        remaining = self._reset_timeout - (self._clock() - self._opened_at)
+        return max(1, math.ceil(remaining))
+
+    def acquire(self) -> bool:
+        """May a call go through now? In half-open, only one probe at a time."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        if self._opened_at is not None:
+            logger.warning("circuit breaker closed: the database answers again")
+        self._failures, self._opened_at, self._probing = 0, None, False
+
+    def record_failure(self) -> None:
+        """A transient failure: counts toward opening; a failed probe reopens at once."""
+        probing, self._probing = self._probing, False
+        self._failures += 1
+        if probing or (self._opened_at is None and self._failures >= self._threshold):
+            self._opened_at = self._clock()
+            logger.warning("circuit breaker open for %.1f s", self._reset_timeout)
+
+    def release(self) -> None:
+        """The call ended without telling anything about the database's health."""
+        self._probing = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int
+    max_seconds: float
+    initial_backoff: float
+    max_backoff: float
+
+
+class DatabaseGuard:
+    """Runs one whole unit of work with retries for transient faults, behind the breaker.
+
+    Integrity errors, an exhausted pool and an open circuit are never retried.
+    Whatever leaves the store unable to serve becomes StorageUnavailableError (503).
+    """
+
+    def __init__(self, breaker: CircuitBreaker, policy: RetryPolicy) -> None:
+        self.breaker = breaker
+        self._policy = policy
+
+    async def run(self, unit: Callable[[], Awaitable[T]]) -> T:
+        if not self.breaker.acquire():
+            raise StorageUnavailableError(
+                "storage is unavailable (circuit open)", retry_after=self.breaker.retry_after()
+            )
+        try:
+            result: T = await self._retrying()(unit)
+        except Exception as error:
+            if is_transient(error):
+                self.breaker.record_failure()
+            elif is_unavailable(error):
+                self.breaker.release()
+            else:  # the database answered, if only to refuse: it is up
+                self.breaker.record_success()
+                raise
+            raise StorageUnavailableError(retry_after=self.breaker.retry_after()) from error
+        except BaseException:
+            self.breaker.release()
+            raise
+        self.breaker.record_success()
+        return result
+
+    def _retrying(self) -> AsyncRetrying:
+        policy = self._policy
+        return AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_seconds),
+            wait=wait_exponential_jitter(multiplier=policy.initial_backoff, max=policy.max_backoff),
+            retry=retry_if_exception(is_transient),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    logger.info(
+        "transient database fault (%s, sqlstate %s); attempt %d failed, retrying",
+        type(error).__name__,
+        sqlstate(error) if error else None,
+        state.attempt_number,
+    )
+
+
+class Guarded:
+    """Runs every coroutine method of a repository through the guard, so each call,
+    one whole unit of work, is retried and breaker-protected as one."""
+
+    def __init__(self, inner: object, guard: DatabaseGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(method):
+            return method
+
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            async def unit() -> Any:
+                return await method(*args, **kwargs)
+
+            return await self._guard.run(unit)
+
+        return guarded

@@ -1,0 +1,255 @@
+"""Faults against a real PostgreSQL server that these tests stop, start and sabotage.
+
+A dedicated throwaway cluster (not the shared test server), since it goes down here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from app.main import create_app
+from app.resilience import CircuitBreaker, DatabaseGuard, RetryPolicy
+from tests.conftest import _postgres_required, app_settings, plain_dsn, run_outside_loop
+from tests.support.postgres import PostgresServer, PostgresUnavailable, start_local_cluster
+
+pytestmark = pytest.mark.postgres
+
+BUDGET = 1_000_000  # traffic never runs out of credits
+REQUEST_BOUND = 5.0  # seconds: past this a request counts as hung
+FAULT_SETTINGS: dict[str, Any] = {
+    "db_retry_attempts": 4,
+    "db_retry_max_seconds": 1.5,
+    "db_retry_initial_backoff": 0.02,
+    "db_retry_max_backoff": 0.2,
+    "db_breaker_failure_threshold": 3,
+    "db_breaker_reset_seconds": 0.5,
+    "db_connect_timeout": 2,
+    "registered_max_credits": BUDGET,
+}
+
+
+@pytest.fixture(scope="module")
+def fault_server() -> Iterator[PostgresServer]:
+    try:
+        server = start_local_cluster()
+    except PostgresUnavailable as reason:
+        if _postgres_required():
+            pytest.fail(f"fault tests need a local PostgreSQL cluster: {reason}", pytrace=False)
+        pytest.skip(f"no local PostgreSQL cluster to stop and start: {reason}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fault_url(fault_server: PostgresServer) -> Iterator[str]:
+    name = f"fault_{uuid.uuid4().hex[:12]}"
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(plain_dsn(fault_server.admin_url))
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    run_outside_loop(admin(f"CREATE DATABASE {name}"))
+    yield fault_server.url_for(name)
+    run_outside_loop(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def started(url: str, **overrides: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    app = create_app(app_settings("database", url, **{**FAULT_SETTINGS, **overrides}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield app, client
+
+
+@pytest.fixture
+async def service(fault_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    async for pair in started(fault_url):
+        yield pair
+
+
+class Traffic:
+    """Deductions with unique Idempotency-Keys; remembers what each answer said."""
+
+    def __init__(self, client: httpx.AsyncClient, users: list[str]) -> None:
+        self.client = client
+        self.users = users
+        self.statuses: Counter[int] = Counter()
+        self.acknowledged: dict[str, str] = {}  # key -> user
+        self.unanswered: dict[str, str] = {}  # key -> user, for 503s (outcome unknown)
+        self.slowest = 0.0
+        self.retry_after_seen = False
+
+    async def deduct(self, user: str, key: str) -> int:
+        started_at = time.monotonic()
+        async with asyncio.timeout(REQUEST_BOUND):
+            response = await self.client.post(
+                f"/api/v1/credits/{user}/deduct",
+                json={"amount": 1, "is_guest": False},
+                headers={"Idempotency-Key": key},
+            )
+        self.slowest = max(self.slowest, time.monotonic() - started_at)
+        self.statuses[response.status_code] += 1
+        if response.status_code == 200:
+            self.acknowledged[key] = user
+            self.unanswered.pop(key, None)
+        elif response.status_code == 503:
+            self.retry_after_seen |= int(response.headers.get("Retry-After", "0")) >= 1
+            assert response.json()["error"]["code"] == "storage_unavailable"
+            self.unanswered[key] = user
+        return response.status_code
+
+    async def run(self, seconds: float, pause: float = 0.01) -> None:
+        deadline = time.monotonic() + seconds
+
+        async def worker(user: str) -> None:
+            while time.monotonic() < deadline:
+                await self.deduct(user, uuid.uuid4().hex)
+                await asyncio.sleep(pause)
+
+        await asyncio.gather(*(worker(user) for user in self.users))
+
+    async def replay_unanswered(self) -> None:
+        for key, user in list(self.unanswered.items()):
+            assert await self.deduct(user, key) == 200
+
+
+async def assert_ledger_matches(client: httpx.AsyncClient, traffic: Traffic) -> None:
+    """Every acknowledged deduction is in the ledger exactly once, and the ledger
+    invariant holds for every user touched."""
+    charged = Counter(traffic.acknowledged.values())
+    for user in traffic.users:
+        account = (await client.get(f"/api/v1/credits/{user}?is_guest=false")).json()
+        ledger = (await client.get(f"/api/v1/credits/{user}/transactions?limit=500")).json()
+        deductions = [row for row in ledger if row["transaction_type"] == "deduction"]
+        assert len(deductions) == charged[user], user
+        assert account["available_credits"] == BUDGET + sum(row["amount"] for row in ledger)
+
+
+class TestDatabaseStoppedAndStarted:
+    async def test_requests_get_503_while_down_and_succeed_again_after_without_a_restart(
+        self, service: tuple[FastAPI, httpx.AsyncClient], fault_server: PostgresServer
+    ) -> None:
+        app, client = service
+        traffic = Traffic(client, [f"shopper-{n}" for n in range(4)])
+        await traffic.run(0.5)
+        assert traffic.statuses[200] > 0
+
+        await asyncio.to_thread(fault_server.pause)
+        try:
+            await traffic.run(1.5)
+            ready = await client.get("/health/ready")
+            live = await client.get("/health")
+        finally:
+            await asyncio.to_thread(fault_server.resume)
+        assert (ready.status_code, live.status_code) == (503, 200)
+        assert ready.json()["database"]["reachable"] is False
+        assert traffic.statuses[503] > 0 and traffic.retry_after_seen
+        assert app.state.container.breaker.state.value in {"open", "half_open"}
+
+        recovered_by = time.monotonic() + 15
+        while await traffic.deduct("shopper-0", uuid.uuid4().hex) != 200:
+            assert time.monotonic() < recovered_by, "no recovery after the database came back"
+            await asyncio.sleep(0.1)
+        await traffic.run(0.3)
+        await traffic.replay_unanswered()
+
+        assert set(traffic.statuses) <= {200, 503}, traffic.statuses
+        assert traffic.slowest < REQUEST_BOUND
+        assert (await client.get("/health/ready")).status_code == 200
+        await assert_ledger_matches(client, traffic)
+
+
+class TestBackendsTerminated:
+    async def test_killed_connections_are_retried_and_nothing_is_charged_twice(
+        self, service: tuple[FastAPI, httpx.AsyncClient], fault_url: str
+    ) -> None:
+        _, client = service
+        traffic = Traffic(client, [f"buyer-{n}" for n in range(4)])
+        database = fault_url.rsplit("/", 1)[1]
+        killer = await asyncpg.connect(plain_dsn(fault_url))
+        kills = 0
+
+        async def terminate_backends() -> None:
+            nonlocal kills
+            for _ in range(8):
+                await asyncio.sleep(0.15)
+                kills += await killer.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    database,
+                )
+
+        try:
+            await asyncio.gather(traffic.run(1.5, pause=0.002), terminate_backends())
+        finally:
+            await killer.close()
+        assert kills > 0
+        assert set(traffic.statuses) == {200}, traffic.statuses  # every one through retries
+        await assert_ledger_matches(client, traffic)
+
+
+class TestPoolExhaustion:
+    async def test_a_request_waits_at_most_the_pool_timeout_then_gets_503(
+        self, fault_url: str
+    ) -> None:
+        async for app, client in started(
+            fault_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.5
+        ):
+            engine = app.state.container.engine
+            async with engine.connect() as held:
+                await held.execute(text("SELECT 1"))
+                began = time.monotonic()
+                async with asyncio.timeout(REQUEST_BOUND):
+                    response = await client.get("/api/v1/credits/waiting")
+                waited = time.monotonic() - began
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "storage_unavailable"
+            assert "Retry-After" in response.headers
+            assert 0.4 < waited < 3
+            assert (await client.get("/api/v1/credits/waiting")).status_code == 200
+            assert app.state.container.breaker.state.value == "closed"
+
+
+class TestDeadlocks:
+    async def test_a_deadlock_victim_is_retried_and_both_transactions_complete(
+        self, service: tuple[FastAPI, httpx.AsyncClient]
+    ) -> None:
+        app, client = service
+        for user in ("left", "right"):
+            assert (await client.get(f"/api/v1/credits/{user}")).status_code == 200
+        engine = app.state.container.engine
+        guard = DatabaseGuard(
+            CircuitBreaker(failure_threshold=5, reset_timeout=1),
+            RetryPolicy(attempts=3, max_seconds=10, initial_backoff=0.01, max_backoff=0.05),
+        )
+        both_hold_one = asyncio.Barrier(2)
+        attempts: Counter[str] = Counter()
+
+        async def lock_in_order(first: str, second: str) -> None:
+            async def unit() -> None:
+                attempts[first] += 1
+                async with engine.begin() as connection:
+                    lock = "UPDATE user_credits SET updated_at = now() WHERE user_id = :u"
+                    await connection.execute(text(lock), {"u": first})
+                    if attempts[first] == 1:
+                        await both_hold_one.wait()
+                    await connection.execute(text(lock), {"u": second})
+
+            await guard.run(unit)
+
+        await asyncio.gather(lock_in_order("left", "right"), lock_in_order("right", "left"))
+        assert sorted(attempts.values()) == [1, 2]  # exactly one victim, retried once
