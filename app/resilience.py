@@ -33,8 +33,12 @@ T = TypeVar("T")
 # too_many_connections, serialization_failure, deadlock_detected, admin_shutdown,
 # crash_shutdown, cannot_connect_now; class 08 (connection exception) is added below.
 RETRYABLE_SQLSTATES = frozenset({"53300", "40001", "40P01", "57P01", "57P02", "57P03"})
-# The database answered but cannot serve this now: 503, not worth retrying at once.
-UNAVAILABLE_SQLSTATES = frozenset({"57014", "53000", "53100", "53200", "55P03"})
+# The database answered but cannot serve now: 503, not worth retrying at once. Statement
+# timeout, insufficient resources, lock timeout, database not accepting connections or
+# missing, credentials refused.
+UNAVAILABLE_SQLSTATES = frozenset(
+    {"57014", "53000", "53100", "53200", "55P03", "55000", "3D000", "28000", "28P01"}
+)
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _CONNECTION_ERRORS = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)
 

@@ -60,12 +60,7 @@ async def _app_error(_: Request, error: Exception) -> JSONResponse:
     return error_response(error.status_code, error.code, error.message, details=details)
 
 
-async def _validation_error(_: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
-    problems = jsonable_encoder(error.errors(), exclude={"input", "url"})
-    first = problems[0] if problems else {}
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    message = f"{where}: {first.get('msg', 'invalid input')}" if where else "invalid input"
+def _invalid(message: str, problems: list[Any]) -> JSONResponse:
     # "detail" keeps FastAPI's own validation shape for clients that read it.
     body = {
         "error": {"code": "validation_error", "message": message, "details": problems},
@@ -74,8 +69,23 @@ async def _validation_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=422)
 
 
+async def _validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = jsonable_encoder(error.errors(), exclude={"input", "url"})
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return _invalid(
+        f"{where}: {first.get('msg', 'invalid input')}" if where else "invalid input", problems
+    )
+
+
 async def _http_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
+    if error.status_code == 400:
+        # FastAPI's answer to a body it cannot decode (not UTF-8, nested past the parser's
+        # depth). It is invalid input like any malformed JSON, so it gets the same 422.
+        message = f"body: {error.detail}"
+        return _invalid(message, [{"type": "body_unreadable", "loc": ["body"], "msg": message}])
     code = _HTTP_CODES.get(error.status_code, "http_error")
     return error_response(
         error.status_code, code, str(error.detail), headers=dict(error.headers or {})

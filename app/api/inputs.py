@@ -41,7 +41,8 @@ UserId = Annotated[
 Description = Annotated[
     str | None, Field(max_length=500), AfterValidator(lambda v: v and _no_nul(v))
 ]
-Amount = Annotated[int, Field(ge=1, le=1000)]
+# Strict: JSON true/false or "5" are not amounts.
+Amount = Annotated[int, Field(ge=1, le=1000, strict=True)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
