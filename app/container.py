@@ -9,9 +9,11 @@ from typing import cast
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
+from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.db import create_engine, masked_url
 from app.errors import StorageUnavailableError
+from app.fallback import OutageFallback, with_fallback
 from app.health import database_status
 from app.migrate import upgrade_to_head
 from app.repositories.base import (
@@ -43,6 +45,8 @@ class Container:
     policy: CreditPolicy
     answerer: Answerer
     breaker: CircuitBreaker
+    guarded: Stores  # the database stores behind retries and the breaker, without fallback
+    fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
 
     def credit_service(self) -> CreditService:
@@ -90,6 +94,8 @@ class Container:
         logger.info("storage backend switched to %s", backend.value)
 
     async def close(self) -> None:
+        if self.fallback is not None:
+            await self.fallback.close(self.guarded)
         await self.engine.dispose()
 
 
@@ -109,11 +115,15 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings.storage_backend.value,
         masked_url(settings.database_url),
     )
+    guarded = guarded_stores(sql_stores(engine, policy), breaker, settings)
+    fallback = None
+    if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
+        fallback = OutageFallback(lambda: memory_stores(policy))
     storage = StorageProvider(
         backend=settings.storage_backend,
         cache_backend=settings.cache_backend,
         memory=memory_stores(policy),
-        database=guarded_stores(sql_stores(engine, policy), breaker, settings),
+        database=guarded if fallback is None else with_fallback(guarded, fallback),
     )
     return Container(
         settings=settings,
@@ -122,6 +132,8 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         policy=policy,
         answerer=answerer or CatalogueAnswerer(),
         breaker=breaker,
+        guarded=guarded,
+        fallback=fallback,
     )
 
 

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -67,6 +68,7 @@ def fault_url(fault_server: PostgresServer) -> Iterator[str]:
     run_outside_loop(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
+@asynccontextmanager
 async def started(url: str, **overrides: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     app = create_app(app_settings("database", url, **{**FAULT_SETTINGS, **overrides}))
     async with app.router.lifespan_context(app):
@@ -77,7 +79,7 @@ async def started(url: str, **overrides: Any) -> AsyncIterator[tuple[FastAPI, ht
 
 @pytest.fixture
 async def service(fault_url: str) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    async for pair in started(fault_url):
+    async with started(fault_url) as pair:
         yield pair
 
 
@@ -206,9 +208,8 @@ class TestPoolExhaustion:
     async def test_a_request_waits_at_most_the_pool_timeout_then_gets_503(
         self, fault_url: str
     ) -> None:
-        async for app, client in started(
-            fault_url, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.5
-        ):
+        small_pool = {"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout": 0.5}
+        async with started(fault_url, **small_pool) as (app, client):
             engine = app.state.container.engine
             async with engine.connect() as held:
                 await held.execute(text("SELECT 1"))
@@ -253,3 +254,85 @@ class TestDeadlocks:
 
         await asyncio.gather(lock_in_order("left", "right"), lock_in_order("right", "left"))
         assert sorted(attempts.values()) == [1, 2]  # exactly one victim, retried once
+
+
+async def wait_for(condition: Any, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while not await condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+class TestMemoryFallback:
+    async def test_changes_made_during_an_outage_are_replayed_exactly_once_after_it(
+        self, fault_url: str, fault_server: PostgresServer
+    ) -> None:
+        async with started(fault_url, db_outage_fallback="memory") as (app, client):
+            fallback = app.state.container.fallback
+            user = "/api/v1/credits/traveller"
+            body = {"amount": 2, "is_guest": False}
+            first = await client.post(f"{user}/deduct", json={"amount": 1, "is_guest": False})
+            assert first.status_code == 200
+
+            await asyncio.to_thread(fault_server.pause)
+            try:
+                for n in range(5):
+                    response = await client.post(
+                        f"{user}/deduct",
+                        json=body,
+                        headers={"Idempotency-Key": f"trip-{n}"},
+                    )
+                    assert response.status_code == 200, response.text
+                repeat = await client.post(
+                    f"{user}/deduct", json=body, headers={"Idempotency-Key": "trip-0"}
+                )
+                assert repeat.status_code == 200
+                consent = await client.put(
+                    "/api/v1/consents/traveller", json={"marketing_consent": True}
+                )
+                assert consent.status_code == 200
+                ready = await client.get("/health/ready")
+                assert (ready.status_code, ready.json()["mode"]) == (200, "memory fallback")
+                assert ready.json()["fallback"]["outbox_depth"] == fallback.depth >= 6
+            finally:
+                await asyncio.to_thread(fault_server.resume)
+
+            async def drained() -> bool:
+                await client.get("/api/v1/consents/traveller")  # any call that reaches the database
+                return bool(fallback.depth == 0)
+
+            await wait_for(drained)
+            await fallback.replay(app.state.container.guarded)  # a second replay changes nothing
+            ledger = (await client.get(f"{user}/transactions")).json()
+            assert [row["amount"] for row in ledger] == [-2] * 5 + [-1]
+            assert (await client.get(user)).json()["available_credits"] == BUDGET - 11
+            consent_row = (await client.get("/api/v1/consents/traveller")).json()
+            assert consent_row["marketing_consent"] is True
+            ready = (await client.get("/health/ready")).json()
+            assert (ready["mode"], ready["fallback"]["outbox_depth"]) == ("database", 0)
+
+    async def test_a_replayed_deduction_that_no_longer_fits_is_clamped_to_what_is_left(
+        self, fault_url: str, fault_server: PostgresServer
+    ) -> None:
+        async with started(fault_url, db_outage_fallback="memory") as (app, client):
+            fallback = app.state.container.fallback
+            user = "/api/v1/credits/spender"
+            assert (await client.post(f"{user}/deduct", json={"amount": 7})).status_code == 200
+
+            await asyncio.to_thread(fault_server.pause)
+            try:  # the fallback store knows nothing of the 7 spent: it allows 5 more
+                response = await client.post(f"{user}/deduct", json={"amount": 5})
+                assert response.status_code == 200
+            finally:
+                await asyncio.to_thread(fault_server.resume)
+
+            async def drained() -> bool:
+                await client.get(user)
+                return bool(fallback.depth == 0)
+
+            await wait_for(drained)
+            assert (await client.get(user)).json()["available_credits"] == 0
+            ledger = (await client.get(f"{user}/transactions")).json()
+            assert [row["amount"] for row in ledger] == [-3, -7]
+            assert "clamped from 5" in ledger[0]["description"]
+            assert (await client.get("/health/ready")).json()["fallback"]["clamped"] == 1

@@ -28,14 +28,23 @@ async def ready(container: ContainerDep) -> JSONResponse:
     """Readiness: 200 when the active store answers, else 503."""
     database = await database_status(container.engine)
     backend = container.storage.backend
-    serving = backend is StorageBackend.MEMORY or database["up_to_date"]
-    body = {
+    fallback = container.fallback
+    on_fallback = fallback is not None and not database["up_to_date"]
+    serving = backend is StorageBackend.MEMORY or database["up_to_date"] or on_fallback
+    body: dict[str, Any] = {
         "status": "ready" if serving else "unavailable",
         "storage_backend": backend.value,
+        "mode": "memory fallback" if on_fallback else backend.value,
         "cache_backend": container.storage.cache_backend.value,
         "database": database,
         "circuit_breaker": {"state": container.breaker.state.value},
     }
+    if fallback is not None:
+        body["fallback"] = {
+            "outbox_depth": fallback.depth,
+            "replayed": fallback.replayed,
+            "clamped": fallback.clamped,
+        }
     return JSONResponse(body, status_code=200 if serving else 503)
 
 
