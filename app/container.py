@@ -25,7 +25,7 @@ from app.repositories.base import (
 )
 from app.repositories.memory import memory_stores
 from app.repositories.sql import sql_stores
-from app.resilience import CircuitBreaker, DatabaseGuard, Guarded, RetryPolicy
+from app.resilience import CircuitBreaker, DatabaseGuard, Guarded, RetryPolicy, is_unavailable
 from app.services.assistant import AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -77,6 +77,8 @@ class Container:
             try:
                 await upgrade_to_head(self.engine)
             except Exception as error:
+                if is_unavailable(error):
+                    raise StorageUnavailableError("the database is unreachable") from error
                 logger.exception("database migrations failed")
                 raise StorageUnavailableError("database migrations failed") from error
         status = await database_status(self.engine)

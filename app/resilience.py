@@ -187,7 +187,11 @@ class DatabaseGuard:
         policy = self._policy
         return AsyncRetrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_seconds),
-            wait=wait_exponential_jitter(multiplier=policy.initial_backoff, max=policy.max_backoff),
+            wait=wait_exponential_jitter(
+                multiplier=policy.initial_backoff,
+                max=policy.max_backoff,
+                jitter=policy.initial_backoff,  # tenacity's default jitter is a whole second
+            ),
             retry=retry_if_exception(is_transient),
             before_sleep=_log_retry,
             reraise=True,
