@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(30, gt=0)
     db_pool_recycle: int = Field(3600, ge=-1)
     db_echo_sql: bool = False
+    # Off by default: on asyncpg a pre-ping costs three round trips per checkout, and a
+    # dead pooled connection is already an invalidated connection that the retry layer
+    # replaces on the next attempt.
+    db_pool_pre_ping: bool = False
     db_connect_timeout: float = Field(5, gt=0)
     db_statement_timeout_ms: int = Field(10_000, ge=0)
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)

@@ -1,0 +1,102 @@
+"""Round trips to PostgreSQL per credit operation, counted at the driver (asyncpg).
+
+The steady state (existing account, no reset due, the change fits) is one round
+trip: one statement, no BEGIN or COMMIT. First sight is at most two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+from asyncpg import connection, prepared_stmt, transaction
+
+from app.services.credits import CreditService
+from tests.support.clock import FakeClock
+
+pytestmark = pytest.mark.postgres
+
+# Every asyncpg call that sends a message and waits for the answer.
+_ROUND_TRIPS = [
+    (prepared_stmt.PreparedStatement, ("fetch", "fetchrow", "fetchval", "executemany", "cursor")),
+    (transaction.Transaction, ("start", "commit", "rollback")),
+    (connection.Connection, ("prepare", "execute", "executemany", "fetch", "fetchrow", "fetchval")),
+]
+
+
+class RoundTrips:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def during(self, operation: Callable[[], Awaitable[Any]]) -> int:
+        self.calls.clear()
+        await operation()
+        return len(self.calls)
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[RoundTrips]:
+    counter = RoundTrips()
+    for cls, names in _ROUND_TRIPS:
+        for name in names:
+            original = getattr(cls, name)
+
+            def counted(
+                *args: Any, _original: Any = original, _name: str = name, **kwargs: Any
+            ) -> Any:
+                counter.calls.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(cls, name, counted)
+    yield counter
+
+
+@pytest.mark.parametrize("stores", ["postgres"], indirect=True)
+class TestRoundTrips:
+    async def _warm(self, credit_service: CreditService, user: str) -> None:
+        # Statements are prepared once per connection; the steady state reuses them.
+        for _ in range(3):
+            await credit_service.deduct_credits(user, 1, is_guest=False)
+            await credit_service.refund_credits(user, 1)
+            await credit_service.get_user_credits(user)
+            await credit_service.get_transaction_history(user)
+
+    async def test_a_steady_state_deduction_is_one_round_trip(
+        self, credit_service: CreditService, round_trips: RoundTrips
+    ) -> None:
+        await self._warm(credit_service, "steady")
+        count = await round_trips.during(lambda: credit_service.deduct_credits("steady", 1))
+        assert count == 1, round_trips.calls
+
+    async def test_a_steady_state_refund_balance_read_and_history_are_one_round_trip_each(
+        self, credit_service: CreditService, round_trips: RoundTrips
+    ) -> None:
+        await self._warm(credit_service, "reader")
+        await credit_service.deduct_credits("reader", 5)
+        for operation in (
+            lambda: credit_service.refund_credits("reader", 2),
+            lambda: credit_service.get_user_credits("reader"),
+            lambda: credit_service.get_transaction_history("reader"),
+        ):
+            assert await round_trips.during(operation) == 1, round_trips.calls
+
+    async def test_a_first_sight_deduction_is_at_most_two_round_trips(
+        self, credit_service: CreditService, round_trips: RoundTrips
+    ) -> None:
+        await self._warm(credit_service, "warm-up")
+        count = await round_trips.during(lambda: credit_service.deduct_credits("newcomer", 1))
+        assert count <= 2, round_trips.calls
+        assert (await credit_service.get_user_credits("newcomer")).available_credits == 9
+
+    async def test_a_due_reset_still_takes_the_transactional_path_and_refills_once(
+        self, credit_service: CreditService, clock: FakeClock
+    ) -> None:
+        await credit_service.deduct_credits("daily", 10)
+        clock.advance(days=1)
+        account = await credit_service.deduct_credits("daily", 3)
+        assert account.available_credits == 7
+        kinds = [
+            row.transaction_type for row in await credit_service.get_transaction_history("daily")
+        ]
+        assert kinds == ["deduction", "reset", "deduction"]
