@@ -78,6 +78,8 @@ class Settings(BaseSettings):
 
     query_cache_ttl_seconds: int = Field(3600, ge=1)
     transaction_retention_days: int = Field(90, ge=1)
+    retention_interval_seconds: float = Field(3600, ge=0)
+    retention_batch_size: int = Field(5000, ge=1)
 
     admin_token: SecretStr | None = None
     log_level: str = "INFO"

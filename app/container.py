@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,10 +26,12 @@ from app.repositories.base import (
 from app.repositories.memory import memory_stores
 from app.repositories.sql import sql_stores
 from app.resilience import CircuitBreaker, DatabaseGuard, Guarded, RetryPolicy, is_unavailable
+from app.retention import RetentionJob
 from app.services.assistant import AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
+from app.services.single_flight import SingleFlight
 from app.storage import StorageProvider
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,19 @@ class Container:
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
+    answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
+    retention: RetentionJob = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.retention = RetentionJob(
+            database=lambda: (
+                self.engine if self.storage.backend is StorageBackend.DATABASE else None
+            ),
+            credits=self.credit_service,
+            cache=self.cache_service,
+            retention_days=self.settings.transaction_retention_days,
+            interval_seconds=self.settings.retention_interval_seconds,
+        )
 
     def credit_service(self) -> CreditService:
         return CreditService(self.storage.stores.credits, self.policy)
@@ -69,6 +84,7 @@ class Container:
             cache=self.cache_service(),
             answerer=self.answerer,
             query_cost=self.settings.query_credit_cost,
+            in_flight=self.answers_in_flight,
         )
 
     async def prepare_database(self) -> None:
@@ -96,6 +112,7 @@ class Container:
         logger.info("storage backend switched to %s", backend.value)
 
     async def close(self) -> None:
+        await self.retention.stop()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)
         await self.engine.dispose()
@@ -117,7 +134,8 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings.storage_backend.value,
         masked_url(settings.database_url),
     )
-    guarded = guarded_stores(sql_stores(engine, policy), breaker, settings)
+    sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size)
+    guarded = guarded_stores(sql, breaker, settings)
     fallback = None
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(lambda: memory_stores(policy))

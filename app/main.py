@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
             if resolved.storage_backend is StorageBackend.DATABASE:
                 await container.prepare_database()
             app.state.container = container
+            container.retention.start()
             yield
         finally:
             await container.close()

@@ -267,7 +267,11 @@ class TestMaintenance:
         await client.post(f"{CREDITS}/recent/deduct", json={"amount": 2})
         response = await client.post("/admin/maintenance/cleanup", headers=ADMIN)
         assert response.status_code == 200, response.text
-        assert response.json() == {"transactions_deleted": 0, "cache_entries_deleted": 0}
+        assert response.json() == {
+            "transactions_deleted": 0,
+            "cache_entries_deleted": 0,
+            "skipped": False,
+        }
         ledger = (await client.get(f"{CREDITS}/recent/transactions")).json()
         assert [row["amount"] for row in ledger] == [-2]
 
@@ -288,12 +292,20 @@ class TestMaintenance:
         await client.post(f"{CREDITS}/ancient/deduct")  # a fresh row, which stays
 
         response = await client.post("/admin/maintenance/cleanup", headers=ADMIN)
-        assert response.json() == {"transactions_deleted": 1, "cache_entries_deleted": 1}
+        assert response.json() == {
+            "transactions_deleted": 1,
+            "cache_entries_deleted": 1,
+            "skipped": False,
+        }
         ledger = (await client.get(f"{CREDITS}/ancient/transactions")).json()
         # The 200-day-old account was refilled on access: a reset row, then the fresh deduction.
         assert [row["transaction_type"] for row in ledger] == ["deduction", "reset"]
         again = await client.post("/admin/maintenance/cleanup", headers=ADMIN)
-        assert again.json() == {"transactions_deleted": 0, "cache_entries_deleted": 0}
+        assert again.json() == {
+            "transactions_deleted": 0,
+            "cache_entries_deleted": 0,
+            "skipped": False,
+        }
 
 
 class TestCacheAdmin:

@@ -7,7 +7,9 @@ from datetime import UTC
 import pytest
 
 from app.errors import InsufficientCreditsError
+from app.repositories.base import Stores
 from app.services.credits import CreditService
+from tests.conftest import POLICY
 from tests.support.clock import FakeClock
 from tests.support.ledger import LedgerAudit
 
@@ -266,3 +268,20 @@ class TestHistoryAndRetention:
         assert await credit_service.cleanup_old_transactions(days=90) == 2
         remaining = await credit_service.get_transaction_history("old")
         assert [row.transaction_type for row in remaining] == ["deduction", "reset"]
+
+
+class TestRetentionInBatches:
+    async def test_cleanup_deletes_across_many_batches_and_keeps_recent_rows(
+        self, stores: Stores, clock: FakeClock
+    ) -> None:
+        credits = stores.credits
+        if hasattr(credits, "_batch_size"):
+            credits._batch_size = 3  # many batches from a few rows
+        service = CreditService(credits, POLICY, clock=clock)
+        for user in ("a", "b", "c", "d"):
+            for _ in range(4):
+                await service.deduct_credits(user, 1)
+        clock.advance(days=100)
+        await service.deduct_credits("a", 1)
+        assert await service.cleanup_old_transactions(days=90) == 16
+        assert [row.amount for row in await service.get_transaction_history("a")] == [-1, 4]

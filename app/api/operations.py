@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from app.api.deps import Cache, ContainerDep, Credits, require_admin
+from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
@@ -68,13 +68,10 @@ async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str
 
 
 @admin.post("/maintenance/cleanup", responses=responses(403))
-async def cleanup(container: ContainerDep, credits: Credits, cache: Cache) -> dict[str, int]:
-    """Delete ledger rows older than TRANSACTION_RETENTION_DAYS and expired cache entries."""
-    days = container.settings.transaction_retention_days
-    return {
-        "transactions_deleted": await credits.cleanup_old_transactions(days),
-        "cache_entries_deleted": await cache.cleanup_expired(),
-    }
+async def cleanup(container: ContainerDep) -> dict[str, Any]:
+    """Delete ledger rows older than TRANSACTION_RETENTION_DAYS and expired cache entries,
+    in bounded batches; `skipped` when another replica is running the same job."""
+    return await container.retention.run_once()
 
 
 @admin.delete("/cache", responses=responses(403))

@@ -11,18 +11,20 @@ repeated key), so correctness never rests on the fast path.
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import TextualSelect, bindparam, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.models import UTCDateTime
 from app.repositories.base import CreditPolicy
-from app.repositories.sql_credits import ACCOUNT, Account, SqlCreditRepository, accounts, ledger
+from app.repositories.sql_base import DEFAULT_BATCH
+from app.repositories.sql_credits import ACCOUNT, Account, SqlCreditRepository, accounts
 from app.resilience import sqlstate
-from app.schemas import CreditTransaction, UserCredits
+from app.schemas import UserCredits
 
 UNIQUE_VIOLATION = "23505"
 _RETURNING = "user_id, is_guest, available_credits, max_credits, last_reset_timestamp"
@@ -103,8 +105,10 @@ WITH changed AS (
 class PostgresCreditRepository(SqlCreditRepository):
     """SqlCreditRepository with single-statement fast paths (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, policy: CreditPolicy) -> None:
-        super().__init__(engine, policy)
+    def __init__(
+        self, engine: AsyncEngine, policy: CreditPolicy, *, batch_size: int = DEFAULT_BATCH
+    ) -> None:
+        super().__init__(engine, policy, batch_size=batch_size)
         # Shares the pool; statements on it commit by themselves.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
 
@@ -161,15 +165,8 @@ class PostgresCreditRepository(SqlCreditRepository):
             user_id, amount, now=now, description=description, idempotency_key=idempotency_key
         )
 
-    async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        async with self._autocommit.connect() as conn:
-            result = await conn.execute(
-                select(ledger)
-                .where(ledger.c.user_id == user_id)
-                .order_by(ledger.c.timestamp.desc(), ledger.c.id.desc())
-                .limit(limit)
-            )
-            return [CreditTransaction.model_validate(row._mapping) for row in result]
+    def _reading(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return self._autocommit.connect()
 
     def _values(
         self, user_id: str, amount: int, now: datetime, description: str | None, key: str

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import ColumnElement, Table, delete, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+# Rows per retention batch: small enough that one DELETE stays well under a second.
+DEFAULT_BATCH = 5000
 
 
 @asynccontextmanager
@@ -17,6 +20,30 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     Retries and error translation wrap the whole unit (app/resilience.py)."""
     async with engine.begin() as connection:
         yield connection
+
+
+async def delete_in_batches(
+    engine: AsyncEngine,
+    table: Table,
+    condition: ColumnElement[bool],
+    *,
+    key: Sequence[ColumnElement[Any]],
+    batch_size: int,
+) -> int:
+    """DELETE the matching rows `batch_size` at a time, each batch its own short
+    transaction, so no statement holds its locks long whatever the table's size."""
+    chosen = select(*key).where(condition).limit(batch_size)
+    target = key[0] if len(key) == 1 else tuple_(*key)
+    statement = delete(table).where(
+        target.in_(chosen.scalar_subquery() if len(key) == 1 else chosen)
+    )
+    total = 0
+    while True:
+        async with transaction(engine) as connection:
+            deleted = int((await connection.execute(statement)).rowcount)
+        total += deleted
+        if deleted < batch_size:
+            return total
 
 
 def insert(connection: AsyncConnection, table: Table) -> Any:

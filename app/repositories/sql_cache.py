@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.models import QueryCacheRow, table
-from app.repositories.sql_base import insert, transaction
+from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
 
 entries = table(QueryCacheRow)
 
@@ -17,8 +17,9 @@ entries = table(QueryCacheRow)
 class SqlCacheRepository:
     """The query cache table on SQLite or PostgreSQL (see CacheRepository)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, batch_size: int = DEFAULT_BATCH) -> None:
         self._engine = engine
+        self._batch_size = batch_size
 
     async def get(self, key: str, *, now: datetime) -> dict[str, Any] | None:
         async with transaction(self._engine) as conn:
@@ -48,9 +49,13 @@ class SqlCacheRepository:
             )
 
     async def delete_expired(self, *, now: datetime) -> int:
-        async with transaction(self._engine) as conn:
-            deleted = await conn.execute(delete(entries).where(entries.c.expires_at <= now))
-            return int(deleted.rowcount)
+        return await delete_in_batches(
+            self._engine,
+            entries,
+            entries.c.expires_at <= now,
+            key=[entries.c.query_hash],
+            batch_size=self._batch_size,
+        )
 
     async def clear(self) -> None:
         async with transaction(self._engine) as conn:

@@ -9,16 +9,17 @@ are claimed through their unique (user_id, idempotency_key) in the same transact
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import InsufficientCreditsError
 from app.models import CreditIdempotencyKeyRow, CreditTransactionRow, UserCreditsRow, table
 from app.repositories.base import RESET_NOTE, UPGRADE_NOTE, CreditPolicy, upgraded_balance
-from app.repositories.sql_base import insert, transaction
+from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
 from app.schemas import CreditTransaction, TransactionType, UserCredits
 
 accounts = table(UserCreditsRow)
@@ -38,9 +39,16 @@ Account = Row[*tuple[Any, ...]]
 class SqlCreditRepository:
     """Credit accounts on SQLite or PostgreSQL (see CreditRepository)."""
 
-    def __init__(self, engine: AsyncEngine, policy: CreditPolicy) -> None:
+    def __init__(
+        self, engine: AsyncEngine, policy: CreditPolicy, *, batch_size: int = DEFAULT_BATCH
+    ) -> None:
         self._engine = engine
         self._policy = policy
+        self._batch_size = batch_size
+
+    def _reading(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A connection for a read of one statement."""
+        return transaction(self._engine)
 
     async def get_or_create(self, user_id: str, *, is_guest: bool, now: datetime) -> UserCredits:
         async with transaction(self._engine) as conn:
@@ -129,7 +137,7 @@ class SqlCreditRepository:
             return self._view(await self._refill(conn, account, now))
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        async with transaction(self._engine) as conn:
+        async with self._reading() as conn:
             result = await conn.execute(
                 select(ledger)
                 .where(ledger.c.user_id == user_id)
@@ -139,10 +147,21 @@ class SqlCreditRepository:
             return [CreditTransaction.model_validate(row._mapping) for row in result]
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
-        async with transaction(self._engine) as conn:
-            deleted = await conn.execute(delete(ledger).where(ledger.c.timestamp < cutoff))
-            await conn.execute(delete(claimed_keys).where(claimed_keys.c.created_at < cutoff))
-            return int(deleted.rowcount)
+        deleted = await delete_in_batches(
+            self._engine,
+            ledger,
+            ledger.c.timestamp < cutoff,
+            key=[ledger.c.id],
+            batch_size=self._batch_size,
+        )
+        await delete_in_batches(
+            self._engine,
+            claimed_keys,
+            claimed_keys.c.created_at < cutoff,
+            key=[claimed_keys.c.user_id, claimed_keys.c.idempotency_key],
+            batch_size=self._batch_size,
+        )
+        return deleted
 
     async def _prepare(
         self, conn: AsyncConnection, user_id: str, is_guest: bool, now: datetime
