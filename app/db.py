@@ -20,6 +20,23 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """Build the pooled async engine; nothing connects until first use."""
     if settings.is_sqlite:
         return _sqlite_engine(settings)
+    statement_timeout_ms = settings.db_statement_timeout_ms
+    return _pooled_engine(
+        settings,
+        {
+            "timeout": settings.db_connect_timeout,
+            # The server cancels a statement past the limit; the client gives up a little
+            # later, should the server not answer at all.
+            "command_timeout": statement_timeout_ms / 1000 + 5 if statement_timeout_ms else None,
+            "server_settings": {
+                "application_name": "shopping-assistant",
+                "statement_timeout": str(statement_timeout_ms),
+            },
+        },
+    )
+
+
+def _pooled_engine(settings: Settings, connect_args: dict[str, Any]) -> AsyncEngine:
     return create_async_engine(
         settings.database_url,
         echo=settings.db_echo_sql,
@@ -28,32 +45,12 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_timeout=settings.db_pool_timeout,
         pool_recycle=settings.db_pool_recycle,
         pool_pre_ping=settings.db_pool_pre_ping,
-        connect_args={
-            "timeout": settings.db_connect_timeout,
-            # The server cancels a statement past the limit; the client gives up a little
-            # later, should the server not answer at all.
-            "command_timeout": settings.db_statement_timeout_ms / 1000 + 5
-            if settings.db_statement_timeout_ms
-            else None,
-            "server_settings": {
-                "application_name": "shopping-assistant",
-                "statement_timeout": str(settings.db_statement_timeout_ms),
-            },
-        },
+        connect_args=connect_args,
     )
 
 
 def _sqlite_engine(settings: Settings) -> AsyncEngine:
-    engine = create_async_engine(
-        settings.database_url,
-        echo=settings.db_echo_sql,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
-        pool_recycle=settings.db_pool_recycle,
-        pool_pre_ping=settings.db_pool_pre_ping,
-        connect_args={"timeout": settings.sqlite_busy_timeout_ms / 1000},
-    )
+    engine = _pooled_engine(settings, {"timeout": settings.sqlite_busy_timeout_ms / 1000})
     busy_timeout_ms = settings.sqlite_busy_timeout_ms
 
     @event.listens_for(engine.sync_engine, "connect")

@@ -13,7 +13,6 @@ import pytest
 from asyncpg import connection, prepared_stmt, transaction
 
 from app.services.credits import CreditService
-from tests.support.clock import FakeClock
 
 pytestmark = pytest.mark.postgres
 
@@ -88,15 +87,3 @@ class TestRoundTrips:
         count = await round_trips.during(lambda: credit_service.deduct_credits("newcomer", 1))
         assert count <= 2, round_trips.calls
         assert (await credit_service.get_user_credits("newcomer")).available_credits == 9
-
-    async def test_a_due_reset_still_takes_the_transactional_path_and_refills_once(
-        self, credit_service: CreditService, clock: FakeClock
-    ) -> None:
-        await credit_service.deduct_credits("daily", 10)
-        clock.advance(days=1)
-        account = await credit_service.deduct_credits("daily", 3)
-        assert account.available_credits == 7
-        kinds = [
-            row.transaction_type for row in await credit_service.get_transaction_history("daily")
-        ]
-        assert kinds == ["deduction", "reset", "deduction"]
