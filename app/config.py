@@ -23,6 +23,7 @@ class OutageFallback(StrEnum):
 class CacheBackend(StrEnum):
     MEMORY = "memory"
     DATABASE = "database"
+    REDIS = "redis"
 
 
 def normalise_database_url(url: str) -> str:
@@ -77,6 +78,14 @@ class Settings(BaseSettings):
     query_credit_cost: int = Field(1, ge=1, le=1000)
 
     query_cache_ttl_seconds: int = Field(3600, ge=1)
+    redis_url: str = "redis://localhost:6379/0"
+    redis_timeout_seconds: float = Field(0.25, gt=0)
+    redis_namespace: str = Field("shopasst:cache", min_length=1)
+    # The bounded in-process tier in front of a shared cache (database or Redis); 0 = off.
+    cache_local_max_entries: int = Field(1024, ge=0)
+    cache_local_ttl_seconds: float = Field(30, gt=0)
+    cache_breaker_failure_threshold: int = Field(3, ge=1)
+    cache_breaker_reset_seconds: float = Field(10, gt=0)
     transaction_retention_days: int = Field(90, ge=1)
     retention_interval_seconds: float = Field(3600, ge=0)
     retention_batch_size: int = Field(5000, ge=1)

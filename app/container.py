@@ -9,6 +9,7 @@ from typing import Any, cast
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
+from app.cache_tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.db import create_engine, masked_url
@@ -25,7 +26,7 @@ from app.repositories.base import (
 )
 from app.repositories.memory import memory_stores
 from app.repositories.sql import sql_stores
-from app.resilience import CircuitBreaker, DatabaseGuard, Guarded, RetryPolicy, is_unavailable
+from app.resilience import CircuitBreaker, Guard, Guarded, RetryPolicy, is_unavailable
 from app.retention import RetentionJob
 from app.services.assistant import AssistantService
 from app.services.consents import UserConsentService
@@ -48,6 +49,7 @@ class Container:
     answerer: Answerer
     breaker: CircuitBreaker
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
+    cache_tiers: CacheTiers
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
@@ -113,6 +115,7 @@ class Container:
 
     async def close(self) -> None:
         await self.retention.stop()
+        await self.cache_tiers.close()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)
         await self.engine.dispose()
@@ -139,11 +142,14 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
     fallback = None
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(lambda: memory_stores(policy))
+    memory = memory_stores(policy)
+    cache_tiers = build_cache_tiers(settings, memory=memory.cache, database=guarded.cache)
     storage = StorageProvider(
         backend=settings.storage_backend,
         cache_backend=settings.cache_backend,
-        memory=memory_stores(policy),
+        memory=memory,
         database=guarded if fallback is None else with_fallback(guarded, fallback),
+        caches=cache_tiers.caches,
     )
     return Container(
         settings=settings,
@@ -153,6 +159,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         answerer=answerer or CatalogueAnswerer(),
         breaker=breaker,
         guarded=guarded,
+        cache_tiers=cache_tiers,
         fallback=fallback,
     )
 
@@ -160,7 +167,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
 def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) -> Stores:
     """Every database call behind the breaker; credits and consents retried on transient
     faults, the never-critical cache not (a miss is cheaper than waiting)."""
-    retried = DatabaseGuard(
+    retried = Guard(
         breaker,
         RetryPolicy(
             attempts=settings.db_retry_attempts,
@@ -169,9 +176,7 @@ def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) 
             max_backoff=settings.db_retry_max_backoff,
         ),
     )
-    once = DatabaseGuard(
-        breaker, RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)
-    )
+    once = Guard(breaker, ONE_ATTEMPT)
     return Stores(
         credits=cast(CreditRepository, Guarded(stores.credits, retried)),
         consents=cast(ConsentRepository, Guarded(stores.consents, retried)),

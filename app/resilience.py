@@ -150,16 +150,26 @@ class RetryPolicy:
     max_backoff: float
 
 
-class DatabaseGuard:
+class Guard:
     """Runs one whole unit of work with retries for transient faults, behind the breaker.
 
     Integrity errors, an exhausted pool and an open circuit are never retried.
     Whatever leaves the store unable to serve becomes StorageUnavailableError (503).
+    The classifiers default to the database's; another store (Redis) brings its own.
     """
 
-    def __init__(self, breaker: CircuitBreaker, policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        policy: RetryPolicy,
+        *,
+        transient: Callable[[BaseException], bool] = is_transient,
+        unavailable: Callable[[BaseException], bool] = is_unavailable,
+    ) -> None:
         self.breaker = breaker
         self._policy = policy
+        self._transient = transient
+        self._unavailable = unavailable
 
     async def run(self, unit: Callable[[], Awaitable[T]]) -> T:
         if not self.breaker.acquire():
@@ -169,9 +179,9 @@ class DatabaseGuard:
         try:
             result: T = await self._retrying()(unit)
         except Exception as error:
-            if is_transient(error):
+            if self._transient(error):
                 self.breaker.record_failure()
-            elif is_unavailable(error):
+            elif self._unavailable(error):
                 self.breaker.release()
             else:  # the database answered, if only to refuse: it is up
                 self.breaker.record_success()
@@ -192,7 +202,7 @@ class DatabaseGuard:
                 max=policy.max_backoff,
                 jitter=policy.initial_backoff,  # tenacity's default jitter is a whole second
             ),
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception(self._transient),
             before_sleep=_log_retry,
             reraise=True,
         )
@@ -212,7 +222,7 @@ class Guarded:
     """Runs every coroutine method of a repository through the guard, so each call,
     one whole unit of work, is retried and breaker-protected as one."""
 
-    def __init__(self, inner: object, guard: DatabaseGuard) -> None:
+    def __init__(self, inner: object, guard: Guard) -> None:
         self._inner = inner
         self._guard = guard
 

@@ -20,8 +20,10 @@ class StorageProvider:
         cache_backend: CacheBackend | None,
         memory: Stores,
         database: Stores,
+        caches: dict[CacheBackend, CacheRepository],
     ) -> None:
         self._stores = {StorageBackend.MEMORY: memory, StorageBackend.DATABASE: database}
+        self._caches = caches
         self._backend = backend
         self._cache_backend = cache_backend
 
@@ -43,4 +45,4 @@ class StorageProvider:
 
     @property
     def cache(self) -> CacheRepository:
-        return self._stores[StorageBackend(self.cache_backend.value)].cache
+        return self._caches[self.cache_backend]

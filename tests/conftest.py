@@ -12,7 +12,7 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -38,18 +38,13 @@ from app.services.query_cache import CacheStats, QueryCacheService
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from tests.support.redis import RedisServer, RedisUnavailable, start_local_redis, start_redis
 
 STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 POLICY = CreditPolicy(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
 TEMPLATE_DB = "assistant_template"
 T = TypeVar("T")
-
-
-def _postgres_required() -> bool:
-    return os.environ.get("CI", "").lower() in {"1", "true", "yes"} or bool(
-        os.environ.get("REQUIRE_POSTGRES")
-    )
 
 
 def plain_dsn(url: str) -> str:
@@ -64,17 +59,42 @@ def run_outside_loop(coroutine: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coroutine).result()
 
 
+def _required(service: str) -> bool:
+    ci = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+    return ci or bool(os.environ.get(f"REQUIRE_{service}"))
+
+
+def _server_or_skip(start: Callable[[], T], name: str, unavailable: type[Exception]) -> T:
+    try:
+        return start()
+    except unavailable as reason:
+        if _required(name.upper()):
+            pytest.fail(f"{name} is required here but unavailable: {reason}", pytrace=False)
+        pytest.skip(f"no {name} server: {reason}")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis server for the whole run (REDIS_TEST_URL, or a throwaway redis-server)."""
+    server = _server_or_skip(start_redis, "Redis", RedisUnavailable)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_outage_server() -> Iterator[RedisServer]:
+    """A dedicated local redis-server that tests take down and bring back."""
+    server = _server_or_skip(start_local_redis, "Redis", RedisUnavailable)
+    yield server
+    server.stop()
+
+
 # --- servers and templates (once per run) -------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    try:
-        server = start_postgres()
-    except PostgresUnavailable as reason:
-        if _postgres_required():
-            pytest.fail(f"PostgreSQL is required here but unavailable: {reason}", pytrace=False)
-        pytest.skip(f"no PostgreSQL server: {reason}")
+    server = _server_or_skip(start_postgres, "PostgreSQL", PostgresUnavailable)
     yield server
     server.stop()
 

@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from app.main import create_app
-from app.resilience import CircuitBreaker, DatabaseGuard, RetryPolicy
-from tests.conftest import _postgres_required, app_settings, plain_dsn, run_outside_loop
+from app.resilience import CircuitBreaker, Guard, RetryPolicy
+from tests.conftest import _server_or_skip, app_settings, plain_dsn, run_outside_loop
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_local_cluster
 
 pytestmark = pytest.mark.postgres
@@ -42,12 +42,7 @@ FAULT_SETTINGS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def fault_server() -> Iterator[PostgresServer]:
-    try:
-        server = start_local_cluster()
-    except PostgresUnavailable as reason:
-        if _postgres_required():
-            pytest.fail(f"fault tests need a local PostgreSQL cluster: {reason}", pytrace=False)
-        pytest.skip(f"no local PostgreSQL cluster to stop and start: {reason}")
+    server = _server_or_skip(start_local_cluster, "PostgreSQL", PostgresUnavailable)
     yield server
     server.stop()
 
@@ -233,7 +228,7 @@ class TestDeadlocks:
         for user in ("left", "right"):
             assert (await client.get(f"/api/v1/credits/{user}")).status_code == 200
         engine = app.state.container.engine
-        guard = DatabaseGuard(
+        guard = Guard(
             CircuitBreaker(failure_threshold=5, reset_timeout=1),
             RetryPolicy(attempts=3, max_seconds=10, initial_backoff=0.01, max_backoff=0.05),
         )

@@ -12,7 +12,7 @@ from app.errors import InsufficientCreditsError, StorageUnavailableError
 from app.resilience import (
     BreakerState,
     CircuitBreaker,
-    DatabaseGuard,
+    Guard,
     RetryPolicy,
     is_transient,
     is_unavailable,
@@ -173,8 +173,8 @@ class TestBreakerStates:
         assert subject.retry_after() == 5
 
 
-def guard(subject: CircuitBreaker, attempts: int = 3) -> DatabaseGuard:
-    return DatabaseGuard(
+def guard(subject: CircuitBreaker, attempts: int = 3) -> Guard:
+    return Guard(
         subject, RetryPolicy(attempts=attempts, max_seconds=5, initial_backoff=0, max_backoff=0)
     )
 

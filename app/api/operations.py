@@ -82,4 +82,11 @@ async def clear_cache(cache: Cache) -> dict[str, bool]:
 
 @admin.get("/cache/stats", responses=responses(403))
 async def cache_stats(cache: Cache, container: ContainerDep) -> dict[str, Any]:
-    return {"backend": container.storage.cache_backend.value, **await cache.get_stats()}
+    stats: dict[str, Any] = {"backend": container.storage.cache_backend.value}
+    stats.update(await cache.get_stats())
+    tiers = container.cache_tiers
+    if tiers.local_stats is not None:
+        stats["local_tier"] = tiers.local_stats.snapshot()
+    if tiers.redis_breaker is not None:
+        stats["redis_breaker"] = tiers.redis_breaker.state.value
+    return stats

@@ -1,0 +1,78 @@
+"""The query cache's stores: memory, the database or Redis, and the local tier in front.
+
+The shared stores (database, Redis) get the bounded in-process LRU in front when
+CACHE_LOCAL_MAX_ENTRIES > 0. Redis sits behind a circuit breaker of its own, so a
+dead Redis costs one short timeout per request only until the breaker opens; after
+that, reads are misses at once (QueryCacheService fails open).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from app.config import CacheBackend, Settings
+from app.repositories.base import CacheRepository
+from app.repositories.local_cache import LocalCacheTier, TierStats
+from app.repositories.redis_cache import RedisCacheRepository, redis_client
+from app.resilience import CircuitBreaker, Guard, Guarded, RetryPolicy
+
+# The cache is never worth waiting for: one attempt, then a miss.
+ONE_ATTEMPT = RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)
+
+
+def is_redis_fault(error: BaseException) -> bool:
+    """Redis cannot serve now: refused, reset, timed out."""
+    return isinstance(
+        error, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError | TimeoutError
+    )
+
+
+@dataclass
+class CacheTiers:
+    caches: dict[CacheBackend, CacheRepository]
+    local_stats: TierStats | None = None
+    redis: Redis | None = None
+    redis_breaker: CircuitBreaker | None = None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build_cache_tiers(
+    settings: Settings, *, memory: CacheRepository, database: CacheRepository
+) -> CacheTiers:
+    local_stats = TierStats() if settings.cache_local_max_entries else None
+
+    def tiered(shared: CacheRepository) -> CacheRepository:
+        if local_stats is None:
+            return shared
+        return LocalCacheTier(
+            shared,
+            max_entries=settings.cache_local_max_entries,
+            local_ttl_seconds=settings.cache_local_ttl_seconds,
+            stats=local_stats,
+        )
+
+    tiers = CacheTiers(
+        caches={CacheBackend.MEMORY: memory, CacheBackend.DATABASE: tiered(database)},
+        local_stats=local_stats,
+    )
+    if settings.cache_backend is CacheBackend.REDIS:
+        tiers.redis = redis_client(settings.redis_url, timeout=settings.redis_timeout_seconds)
+        tiers.redis_breaker = CircuitBreaker(
+            failure_threshold=settings.cache_breaker_failure_threshold,
+            reset_timeout=settings.cache_breaker_reset_seconds,
+        )
+        guard = Guard(
+            tiers.redis_breaker, ONE_ATTEMPT, transient=is_redis_fault, unavailable=is_redis_fault
+        )
+        redis_store = RedisCacheRepository(tiers.redis, settings.redis_namespace)
+        tiers.caches[CacheBackend.REDIS] = tiered(
+            cast(CacheRepository, Guarded(redis_store, guard))
+        )
+    return tiers
