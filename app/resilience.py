@@ -5,9 +5,11 @@ Failures are classified by exception type and SQLSTATE, never by message text.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
+import random
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -177,7 +179,7 @@ class Guard:
                 "storage is unavailable (circuit open)", retry_after=self.breaker.retry_after()
             )
         try:
-            result: T = await self._retrying()(unit)
+            result: T = await self._attempts(unit)
         except Exception as error:
             if self._transient(error):
                 self.breaker.record_failure()
@@ -193,12 +195,21 @@ class Guard:
         self.breaker.record_success()
         return result
 
-    def _retrying(self) -> AsyncRetrying:
+    async def _attempts(self, unit: Callable[[], Awaitable[T]]) -> T:
+        # The first attempt runs bare: building a retry controller for every call costs
+        # a good part of the hot path's whole database round trip.
+        try:
+            return await unit()
+        except Exception as error:
+            if self._policy.attempts < 2 or not self._transient(error):
+                raise
+            logger.info("transient database fault (%s); retrying", type(error).__name__)
         policy = self._policy
-        return AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.max_seconds),
+        await asyncio.sleep(policy.initial_backoff * (1 + random.random()))
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts - 1) | stop_after_delay(policy.max_seconds),
             wait=wait_exponential_jitter(
-                multiplier=policy.initial_backoff,
+                multiplier=policy.initial_backoff * 2,
                 max=policy.max_backoff,
                 jitter=policy.initial_backoff,  # tenacity's default jitter is a whole second
             ),
@@ -206,6 +217,8 @@ class Guard:
             before_sleep=_log_retry,
             reraise=True,
         )
+        result: T = await retrying(unit)
+        return result
 
 
 def _log_retry(state: RetryCallState) -> None:
