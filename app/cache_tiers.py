@@ -8,7 +8,7 @@ that, reads are misses at once (QueryCacheService fails open).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 from redis import exceptions as redis_errors
@@ -35,8 +35,16 @@ def is_redis_fault(error: BaseException) -> bool:
 class CacheTiers:
     caches: dict[CacheBackend, CacheRepository]
     local_stats: TierStats | None = None
+    local_tiers: list[LocalCacheTier] = field(default_factory=list)
     redis: Redis | None = None
     redis_breaker: CircuitBreaker | None = None
+
+    def local_snapshot(self) -> dict[str, float] | None:
+        """The local tier's counters and size, for the stats route and the logs."""
+        if self.local_stats is None:
+            return None
+        entries = sum(len(tier) for tier in self.local_tiers)
+        return {**self.local_stats.snapshot(), "entries": entries}
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -51,17 +59,17 @@ def build_cache_tiers(
     def tiered(shared: CacheRepository) -> CacheRepository:
         if local_stats is None:
             return shared
-        return LocalCacheTier(
+        tier = LocalCacheTier(
             shared,
             max_entries=settings.cache_local_max_entries,
             local_ttl_seconds=settings.cache_local_ttl_seconds,
             stats=local_stats,
         )
+        tiers.local_tiers.append(tier)
+        return tier
 
-    tiers = CacheTiers(
-        caches={CacheBackend.MEMORY: memory, CacheBackend.DATABASE: tiered(database)},
-        local_stats=local_stats,
-    )
+    tiers = CacheTiers(caches={CacheBackend.MEMORY: memory}, local_stats=local_stats)
+    tiers.caches[CacheBackend.DATABASE] = tiered(database)
     if settings.cache_backend is CacheBackend.REDIS:
         tiers.redis = redis_client(settings.redis_url, timeout=settings.redis_timeout_seconds)
         tiers.redis_breaker = CircuitBreaker(

@@ -61,6 +61,8 @@ class TestReplicasShareAnswers:
             assert shared["credits"]["available_credits"] == 10  # bob paid nothing
             stats = (await second.get("/admin/cache/stats", headers=ADMIN)).json()
             assert stats["backend"] == "redis" and stats["redis_breaker"] == "closed"
+            assert stats["local_tier"]["hits_shared"] == 1  # bob's answer came from Redis
+            assert stats["local_tier"]["entries"] == 1
 
     async def test_clearing_on_one_replica_clears_for_the_other(
         self, database_url: str, redis_server: RedisServer

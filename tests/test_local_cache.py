@@ -251,6 +251,8 @@ class TestStats:
             "hits_shared": 1,
             "misses": 1,
             "shared_errors": 1,
+            "local_hit_ratio": 0.5,
+            "shared_hit_ratio": 0.25,
         }
 
     async def test_stats_can_be_shared_and_bad_settings_are_refused(self, shared: Flaky) -> None:

@@ -289,4 +289,6 @@ class TestOutages:
             "hits_shared": 1,
             "misses": 0,
             "shared_errors": 1,
+            "local_hit_ratio": 0.5,
+            "shared_hit_ratio": 0.5,
         }

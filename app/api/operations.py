@@ -85,8 +85,9 @@ async def cache_stats(cache: Cache, container: ContainerDep) -> dict[str, Any]:
     stats: dict[str, Any] = {"backend": container.storage.cache_backend.value}
     stats.update(await cache.get_stats())
     tiers = container.cache_tiers
-    if tiers.local_stats is not None:
-        stats["local_tier"] = tiers.local_stats.snapshot()
+    local = tiers.local_snapshot()
+    if local is not None:
+        stats["local_tier"] = local
     if tiers.redis_breaker is not None:
         stats["redis_breaker"] = tiers.redis_breaker.state.value
     return stats

@@ -37,8 +37,14 @@ class TierStats:
     misses: int = 0
     shared_errors: int = 0
 
-    def snapshot(self) -> dict[str, int]:
-        return asdict(self)
+    def snapshot(self) -> dict[str, float]:
+        """The counters, and the share of reads each tier answered."""
+        reads = self.hits_local + self.hits_shared + self.misses
+        return {
+            **asdict(self),
+            "local_hit_ratio": round(self.hits_local / reads, 4) if reads else 0.0,
+            "shared_hit_ratio": round(self.hits_shared / reads, 4) if reads else 0.0,
+        }
 
 
 class _Local(NamedTuple):
