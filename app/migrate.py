@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import cache
 from pathlib import Path
 
 from alembic import command
@@ -20,16 +21,16 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version"
 
 
-def alembic_config(database_url: str | None = None) -> Config:
+def alembic_config() -> Config:
     """An Alembic config that works from any working directory."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    if database_url:
-        config.attributes["database_url"] = database_url
     return config
 
 
+@cache
 def head_revision() -> str | None:
+    """The newest revision shipped; read from disk once, the scripts do not change."""
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 

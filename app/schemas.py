@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
@@ -40,8 +39,3 @@ class UserConsent(BaseModel):
     marketing_consent: bool
     timestamp: AwareDatetime
     updated_at: AwareDatetime
-
-
-def as_utc(value: datetime) -> datetime:
-    """Naive datetimes from a store are UTC by construction; make that explicit."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

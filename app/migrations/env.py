@@ -43,8 +43,7 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    url = config.attributes.get("database_url") or Settings().database_url
-    engine = create_engine(Settings(database_url=url, db_pool_size=1, db_max_overflow=0))
+    engine = create_engine(Settings(db_pool_size=1, db_max_overflow=0))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)
