@@ -25,6 +25,7 @@ from app.repositories.base import (
     Stores,
 )
 from app.repositories.memory import memory_stores
+from app.repositories.pg_driver import DriverStatements
 from app.repositories.sql import sql_stores
 from app.resilience import CircuitBreaker, Guard, Guarded, RetryPolicy, is_unavailable
 from app.retention import RetentionJob
@@ -50,6 +51,7 @@ class Container:
     breaker: CircuitBreaker
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
     cache_tiers: CacheTiers
+    driver: DriverStatements  # the PostgreSQL fast paths' connections
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
@@ -118,6 +120,7 @@ class Container:
         await self.cache_tiers.close()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)
+        await self.driver.close()
         await self.engine.dispose()
 
 
@@ -137,7 +140,12 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings.storage_backend.value,
         masked_url(settings.database_url),
     )
-    sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size)
+    driver = DriverStatements(
+        engine,
+        pool_limit=settings.db_pool_size + settings.db_max_overflow,
+        recycle_seconds=settings.db_pool_recycle,
+    )
+    sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size, driver=driver)
     guarded = guarded_stores(sql, breaker, settings)
     fallback = None
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
@@ -160,6 +168,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         breaker=breaker,
         guarded=guarded,
         cache_tiers=cache_tiers,
+        driver=driver,
         fallback=fallback,
     )
 

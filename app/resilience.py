@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from tenacity import (
     AsyncRetrying,
@@ -42,11 +43,23 @@ UNAVAILABLE_SQLSTATES = frozenset(
     {"57014", "53000", "53100", "53200", "55P03", "55000", "3D000", "28000", "28P01"}
 )
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
-_CONNECTION_ERRORS = (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError)
+# asyncpg's InternalClientError is a connection in a state it cannot use: one the server
+# told of its termination while it sat idle, before the socket closed. The fast paths
+# invalidate it (app/repositories/pg_driver.py); a new attempt gets another.
+_CONNECTION_ERRORS = (
+    ConnectionRefusedError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    asyncpg.InternalClientError,
+)
 
 
 def sqlstate(error: BaseException) -> str | None:
-    state = getattr(getattr(error, "orig", None), "sqlstate", None)
+    """The SQLSTATE of a driver error, raised by asyncpg itself (the PostgreSQL fast
+    paths) or wrapped by SQLAlchemy."""
+    state = getattr(error, "sqlstate", None) or getattr(
+        getattr(error, "orig", None), "sqlstate", None
+    )
     return state if isinstance(state, str) else None
 
 
@@ -54,22 +67,28 @@ def is_transient(error: BaseException) -> bool:
     """A fault that a new attempt of the whole unit of work may not meet again."""
     if isinstance(error, _CONNECTION_ERRORS):
         return True
+    if isinstance(error, asyncpg.PostgresError):  # raised by the fast paths, unwrapped
+        return _retryable(sqlstate(error))
     if not isinstance(error, sa_exc.DBAPIError) or isinstance(error, sa_exc.IntegrityError):
         return False
     if error.connection_invalidated:
         return True
     state = sqlstate(error)
     if state is not None:
-        return state in RETRYABLE_SQLSTATES or state.startswith("08")
+        return _retryable(state)
     code = getattr(error.orig, "sqlite_errorcode", None)
     return code in _SQLITE_BUSY_CODES
+
+
+def _retryable(state: str | None) -> bool:
+    return state is not None and (state in RETRYABLE_SQLSTATES or state.startswith("08"))
 
 
 def is_unavailable(error: BaseException) -> bool:
     """The store cannot serve now (503): transient faults, an exhausted pool, timeouts."""
     if is_transient(error) or isinstance(error, sa_exc.TimeoutError | TimeoutError | OSError):
         return True
-    return isinstance(error, sa_exc.DBAPIError) and sqlstate(error) in UNAVAILABLE_SQLSTATES
+    return sqlstate(error) in UNAVAILABLE_SQLSTATES
 
 
 class BreakerState(StrEnum):
@@ -250,4 +269,6 @@ class Guarded:
 
             return await self._guard.run(unit)
 
+        # Kept, so later look-ups skip __getattr__: this sits on every call's hot path.
+        setattr(self, name, guarded)
         return guarded

@@ -1,4 +1,9 @@
-"""What an engine sends to PostgreSQL, seen through SQLAlchemy events.
+"""What an engine sends to PostgreSQL: seen through SQLAlchemy events (StatementLog),
+and at the driver, asyncpg, where every call that waits for the server is one
+round trip (DriverLog). The PostgreSQL fast paths run on asyncpg directly
+(app/repositories/pg_driver.py), so SQLAlchemy's events see only the general
+path; the driver sees both.
+
 
 Statements come from `before_cursor_execute`. Transaction control is not a cursor
 execute: SQLAlchemy's asyncpg adapter sends BEGIN itself just before the first
@@ -17,13 +22,14 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+from asyncpg import connection, prepared_stmt
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 @dataclass
 class Sent:
-    kind: str  # "begin" | "statement" | "commit" | "rollback"
+    kind: str  # "begin" | "statement" | "commit" | "rollback" | "prepare" (DriverLog)
     connection: int  # id of the DBAPI connection it went over
     at: float
     sql: str = ""
@@ -43,8 +49,63 @@ def _in_transaction(adapter: Any) -> bool:
     return getattr(adapter, "_transaction", None) is not None
 
 
+class Recorded:
+    """What a log saw, as a list of Sent in the order sent."""
+
+    sent: list[Sent]
+
+    # ---- what was recorded
+    @property
+    def statements(self) -> int:
+        return sum(1 for s in self.sent if s.kind == "statement")
+
+    @property
+    def transaction_control(self) -> int:
+        return sum(1 for s in self.sent if s.kind in ("begin", "commit", "rollback"))
+
+    @property
+    def round_trips(self) -> int:
+        """Everything sent: statements, transaction control, and (DriverLog) prepares."""
+        return len(self.sent)
+
+    @property
+    def longest_statement(self) -> float:
+        return max((s.seconds for s in self.sent if s.kind == "statement"), default=0.0)
+
+    @property
+    def longest_transaction(self) -> float:
+        """BEGIN → COMMIT/ROLLBACK on one connection; an autocommit statement is its own."""
+        longest = 0.0
+        opened: dict[int, float] = {}
+        for s in self.sent:
+            if s.kind == "begin":
+                opened[s.connection] = s.at
+            elif s.kind in ("commit", "rollback") and s.connection in opened:
+                longest = max(longest, s.at - opened.pop(s.connection))
+        return max(longest, self.longest_statement)
+
+    def units(self) -> list[tuple[bool, list[Sent]]]:
+        """The statements grouped as they ran: (in a BEGIN … COMMIT?, statements)."""
+        units: list[tuple[bool, list[Sent]]] = []
+        open_unit: list[Sent] | None = None
+        for s in self.sent:
+            if s.kind == "begin":
+                open_unit = []
+                units.append((True, open_unit))
+            elif s.kind == "prepare":
+                continue
+            elif s.kind == "statement":
+                if open_unit is None:
+                    units.append((False, [s]))
+                else:
+                    open_unit.append(s)
+            else:
+                open_unit = None
+        return units
+
+
 @dataclass
-class StatementLog:
+class StatementLog(Recorded):
     """A context manager recording everything sent on `engine` while it is open."""
 
     engine: AsyncEngine
@@ -92,44 +153,52 @@ class StatementLog:
     def _rollback(self, conn: Any) -> None:
         self._end(conn, "rollback")
 
-    # ---- what was recorded
-    @property
-    def statements(self) -> int:
-        return sum(1 for s in self.sent if s.kind == "statement")
 
-    @property
-    def transaction_control(self) -> int:
-        return sum(1 for s in self.sent if s.kind != "statement")
+# Every asyncpg call that sends a message and waits for the answer. Transaction control
+# goes through Connection.execute ("BEGIN", "COMMIT", ...), so it is seen there.
+_WAITING_CALLS = [
+    (connection.Connection, ("prepare", "execute", "executemany", "fetch", "fetchrow", "fetchval")),
+    (prepared_stmt.PreparedStatement, ("fetch", "fetchrow", "fetchval", "executemany")),
+]
+_CONTROL = {"BEGIN": "begin", "COMMIT": "commit", "ROLLBACK": "rollback"}
 
-    @property
-    def longest_statement(self) -> float:
-        return max((s.seconds for s in self.sent if s.kind == "statement"), default=0.0)
 
-    @property
-    def longest_transaction(self) -> float:
-        """BEGIN → COMMIT/ROLLBACK on one connection; an autocommit statement is its own."""
-        longest = 0.0
-        opened: dict[int, float] = {}
-        for s in self.sent:
-            if s.kind == "begin":
-                opened[s.connection] = s.at
-            elif s.kind in ("commit", "rollback") and s.connection in opened:
-                longest = max(longest, s.at - opened.pop(s.connection))
-        return max(longest, self.longest_statement)
+@dataclass
+class DriverLog(Recorded):
+    """A context manager recording every round trip asyncpg makes, on any connection of
+    the process, while it is open: each is one call that waits for the server."""
 
-    def units(self) -> list[tuple[bool, list[Sent]]]:
-        """The statements grouped as they ran: (in a BEGIN … COMMIT?, statements)."""
-        units: list[tuple[bool, list[Sent]]] = []
-        open_unit: list[Sent] | None = None
-        for s in self.sent:
-            if s.kind == "begin":
-                open_unit = []
-                units.append((True, open_unit))
-            elif s.kind == "statement":
-                if open_unit is None:
-                    units.append((False, [s]))
-                else:
-                    open_unit.append(s)
+    sent: list[Sent] = field(default_factory=list)
+    _originals: list[tuple[type, str, Any]] = field(default_factory=list)
+
+    def __enter__(self) -> DriverLog:
+        for cls, names in _WAITING_CALLS:
+            for name in names:
+                original = getattr(cls, name)
+                self._originals.append((cls, name, original))
+                setattr(cls, name, self._recording(cls, name, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, original in self._originals:
+            setattr(cls, name, original)
+        self._originals.clear()
+
+    def _recording(self, cls: type, name: str, original: Any) -> Any:
+        log = self
+
+        async def recorded(target: Any, *args: Any, **kwargs: Any) -> Any:
+            if cls is prepared_stmt.PreparedStatement:
+                sql, params, conn = target.get_query(), args, target._connection
             else:
-                open_unit = None
-        return units
+                sql, params, conn = (args[0] if args else ""), args[1:], target
+            word = sql.strip().split(" ", 1)[0].rstrip(";").upper()
+            kind = "prepare" if name == "prepare" else _CONTROL.get(word, "statement")
+            sent = Sent(kind, id(conn), perf_counter(), sql, tuple(params))
+            log.sent.append(sent)
+            try:
+                return await original(target, *args, **kwargs)
+            finally:
+                sent.seconds = perf_counter() - sent.at
+
+        return recorded

@@ -21,7 +21,7 @@ from app.repositories.base import CreditPolicy
 from app.repositories.memory import memory_stores
 from app.services.credits import CreditService
 from bench import fixtures
-from bench.capture import Sent, StatementLog
+from bench.capture import DriverLog, Sent
 from bench.load import Op, Worker, stateless
 from bench.server import asyncpg_dsn, bench_settings
 
@@ -95,7 +95,7 @@ class Rewrite:
         return apply
 
 
-async def capture_deduction(url: str) -> tuple[StatementLog, Rewrite]:
+async def capture_deduction(url: str) -> tuple[DriverLog, Rewrite]:
     """The statements one steady-state `deduct_credits` sends, with their parameters."""
     container = build_container(bench_settings(url, pool=1))
     user = fixtures.user_id(fixtures.POOL_PREFIX, 0)
@@ -104,7 +104,7 @@ async def capture_deduction(url: str) -> tuple[StatementLog, Rewrite]:
     service = CreditService(container.storage.stores.credits, container.policy, clock=lambda: at)
     try:
         await service.deduct_credits(user)  # the connection's first use: prepares, loads types
-        with StatementLog(container.engine) as log:
+        with DriverLog() as log:
             await service.deduct_credits(user)
     finally:
         await container.close()

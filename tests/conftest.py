@@ -31,6 +31,7 @@ from app.main import create_app
 from app.migrate import upgrade_to_head
 from app.repositories.base import CreditPolicy, Stores
 from app.repositories.memory import memory_stores
+from app.repositories.pg_driver import DriverStatements
 from app.repositories.sql import sql_stores
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -209,9 +210,12 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
         return
     async with fresh_database(request, request.param) as url:
         engine = create_engine(Settings(database_url=url))
+        # As the service runs: fast-path connections held between calls.
+        driver = DriverStatements(engine, pool_limit=30, recycle_seconds=3600)
         try:
-            yield sql_stores(engine, POLICY)
+            yield sql_stores(engine, POLICY, driver=driver)
         finally:
+            await driver.close()
             await engine.dispose()
 
 

@@ -27,6 +27,8 @@ async def live() -> dict[str, str]:
 async def ready(container: ContainerDep) -> JSONResponse:
     """Readiness: 200 when the active store answers, else 503."""
     database = await database_status(container.engine)
+    # Held by the fast paths between calls: idle, though the pool counts them in use.
+    database["pool"]["held_idle"] = container.driver.idle
     backend = container.storage.backend
     fallback = container.fallback
     on_fallback = fallback is not None and not database["up_to_date"]

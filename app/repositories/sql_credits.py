@@ -9,7 +9,6 @@ are claimed through their unique (user_id, idempotency_key) in the same transact
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -45,10 +44,6 @@ class SqlCreditRepository:
         self._engine = engine
         self._policy = policy
         self._batch_size = batch_size
-
-    def _reading(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """A connection for a read of one statement."""
-        return transaction(self._engine)
 
     async def get_or_create(self, user_id: str, *, is_guest: bool, now: datetime) -> UserCredits:
         async with transaction(self._engine) as conn:
@@ -137,7 +132,7 @@ class SqlCreditRepository:
             return self._view(await self._refill(conn, account, now))
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        async with self._reading() as conn:
+        async with transaction(self._engine) as conn:
             result = await conn.execute(
                 select(ledger)
                 .where(ledger.c.user_id == user_id)

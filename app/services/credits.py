@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
@@ -12,8 +12,9 @@ from app.schemas import CreditTransaction, UserCredits
 
 def _call_key(idempotency_key: str | None) -> str:
     """The client's key, or one for this call alone: a retry after a commit whose
-    outcome was lost then finds the key claimed and charges nothing twice."""
-    return idempotency_key if idempotency_key is not None else f"call:{uuid.uuid4()}"
+    outcome was lost then finds the key claimed and charges nothing twice. 96 random
+    bits: unique per user for as long as keys are kept, and short in the key index."""
+    return idempotency_key if idempotency_key is not None else "call:" + secrets.token_urlsafe(12)
 
 
 def _require_positive(name: str, value: int) -> None:

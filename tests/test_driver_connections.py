@@ -1,0 +1,79 @@
+"""The PostgreSQL fast paths keep pooled connections between calls (app/repositories/
+pg_driver.py); the general path must never starve for them, and they must go back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.config import Settings
+from app.container import Container, build_container
+from tests.conftest import fresh_database
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def small_pool(request: pytest.FixtureRequest) -> AsyncIterator[Container]:
+    """The service on PostgreSQL with a pool of two and no overflow, waiting 2 s at most."""
+    async with fresh_database(request, "postgres") as url:
+        settings = Settings(
+            database_url=url,
+            db_pool_size=2,
+            db_max_overflow=0,
+            db_pool_timeout=2,
+            run_migrations_on_startup=False,
+        )
+        container = build_container(settings)
+        try:
+            yield container
+        finally:
+            await container.close()
+
+
+class TestHeldConnections:
+    async def test_a_connection_is_held_after_a_fast_path_call_and_handed_back_when_unused(
+        self, small_pool: Container
+    ) -> None:
+        await small_pool.credit_service().deduct_credits("held", 1)
+        assert small_pool.driver.idle == 1
+        await asyncio.sleep(0.2)
+        assert small_pool.driver.idle == 0
+        assert small_pool.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    async def test_the_general_path_gets_connections_while_the_fast_path_holds_one(
+        self, small_pool: Container
+    ) -> None:
+        credits, consents = small_pool.credit_service(), small_pool.consent_service()
+        await credits.deduct_credits("busy", 1)
+        # Four transactions at once on a pool of two, one of which the fast path holds:
+        # they share what is left, one after another, well within the pool timeout.
+        async with asyncio.timeout(1.5):
+            await asyncio.gather(
+                *(consents.record_consent(f"consenting-{n}") for n in range(3)),
+                credits.upgrade_to_registered("new-upgrade"),  # first sight: the general path
+            )
+        assert (await credits.deduct_credits("busy", 1)).available_credits == 8
+
+    async def test_no_connection_is_held_when_the_pool_has_no_room_left(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with fresh_database(request, "postgres") as url:
+            settings = Settings(database_url=url, db_pool_size=1, db_max_overflow=0)
+            container = build_container(settings)
+            try:
+                await container.credit_service().deduct_credits("alone", 1)
+                assert container.driver.idle == 0
+                assert await container.consent_service().get_consent("alone") is None
+            finally:
+                await container.close()
+
+    async def test_closing_hands_every_held_connection_back(self, small_pool: Container) -> None:
+        credits = small_pool.credit_service()
+        await asyncio.gather(credits.deduct_credits("a", 1), credits.deduct_credits("b", 1))
+        assert small_pool.driver.idle >= 1
+        await small_pool.driver.close()
+        assert small_pool.driver.idle == 0
+        assert small_pool.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
