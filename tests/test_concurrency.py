@@ -56,6 +56,46 @@ class TestRacingDeductions:
             0 <= account.available_credits <= 10
         )  # the ledger invariant is checked after the test
 
+    async def test_racing_refunds_near_the_maximum_never_exceed_it(
+        self, credit_service: CreditService
+    ) -> None:
+        await credit_service.deduct_credits("clamped", 3)
+        calls = [credit_service.refund_credits("clamped", 2) for _ in range(10)]
+        calls += [credit_service.deduct_credits("clamped", 1) for _ in range(5)]
+        await _outcomes(*calls)
+        account = await credit_service.get_user_credits("clamped")
+        assert 0 <= account.available_credits <= 10
+        refunded = [r.amount for r in await credit_service.get_transaction_history("clamped")]
+        assert all(amount != 0 for amount in refunded)  # and the invariant is checked after
+
+
+class TestRacingChangesOfTheAccount:
+    async def test_racing_upgrades_grant_the_difference_once(
+        self, credit_service: CreditService
+    ) -> None:
+        await credit_service.deduct_credits("upgrading", 3)
+        await _outcomes(*(credit_service.upgrade_to_registered("upgrading") for _ in range(10)))
+        account = await credit_service.get_user_credits("upgrading")
+        assert (account.is_guest, account.max_credits, account.available_credits) == (
+            False,
+            50,
+            47,
+        )
+        kinds = Counter(
+            r.transaction_type for r in await credit_service.get_transaction_history("upgrading")
+        )
+        assert kinds["upgrade"] == 1
+
+    async def test_racing_resets_and_deductions_keep_the_ledger_exact(
+        self, credit_service: CreditService
+    ) -> None:
+        await credit_service.deduct_credits("resetting", 4)
+        calls = [credit_service.reset_credits("resetting") for _ in range(5)]
+        calls += [credit_service.deduct_credits("resetting", 1) for _ in range(15)]
+        await _outcomes(*calls)
+        account = await credit_service.get_user_credits("resetting")
+        assert 0 <= account.available_credits <= 10  # the ledger invariant is checked after
+
 
 class TestRacingFirstSight:
     async def test_concurrent_first_requests_create_exactly_one_account(

@@ -1,7 +1,7 @@
 """Round trips to PostgreSQL per credit operation, counted at the driver (asyncpg).
 
-The steady state (existing account, no reset due, the change fits) is one round
-trip: one statement, no BEGIN or COMMIT. First sight is at most two.
+The steady state (existing account, no reset due) is one round trip: one statement,
+no BEGIN or COMMIT. First sight is at most two.
 """
 
 from __future__ import annotations
@@ -79,6 +79,45 @@ class TestRoundTrips:
             lambda: credit_service.get_transaction_history("reader"),
         ):
             assert await round_trips.during(operation) == 1, round_trips.calls
+
+    async def test_upgrade_reset_and_a_clamped_refund_are_one_round_trip_each(
+        self, credit_service: CreditService, round_trips: RoundTrips
+    ) -> None:
+        await self._warm(credit_service, "changer")
+        for n in range(3):  # prepares each statement on the connection
+            await credit_service.upgrade_to_registered(f"warm-{n}")
+            await credit_service.reset_credits(f"warm-{n}")
+            await credit_service.refund_credits(f"warm-{n}", 5)
+        await credit_service.deduct_credits("changer", 3)
+        for operation in (
+            lambda: credit_service.refund_credits("changer", 5),  # clamped to 3
+            lambda: credit_service.upgrade_to_registered("changer"),
+            lambda: credit_service.upgrade_to_registered("changer"),  # already registered
+            lambda: credit_service.reset_credits("changer"),
+        ):
+            assert await round_trips.during(operation) == 1, round_trips.calls
+
+    async def test_every_credit_operation_on_first_sight_is_at_most_two_round_trips(
+        self, credit_service: CreditService, round_trips: RoundTrips
+    ) -> None:
+        await self._warm(credit_service, "warm-up")
+        for n in range(3):
+            for operation in self._first_sight_operations(credit_service, f"warm-new-{n}"):
+                await operation()
+        for operation in self._first_sight_operations(credit_service, "unseen"):
+            count = await round_trips.during(operation)
+            assert count <= 2, round_trips.calls
+
+    @staticmethod
+    def _first_sight_operations(
+        credit_service: CreditService, prefix: str
+    ) -> list[Callable[[], Awaitable[Any]]]:
+        return [
+            lambda: credit_service.get_user_credits(f"{prefix}-get"),
+            lambda: credit_service.refund_credits(f"{prefix}-refund", 1),
+            lambda: credit_service.upgrade_to_registered(f"{prefix}-upgrade"),
+            lambda: credit_service.reset_credits(f"{prefix}-reset"),
+        ]
 
     async def test_a_first_sight_deduction_is_at_most_two_round_trips(
         self, credit_service: CreditService, round_trips: RoundTrips
