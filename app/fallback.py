@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from app.errors import InsufficientCreditsError, StorageUnavailableError
 from app.repositories.base import ConsentRepository, CreditRepository, Stores
+from app.resilience import retrying
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,9 @@ class OutageFallback:
     async def _apply(self, change: Change, database: Stores) -> None:
         method = getattr(getattr(database, change.store), change.method)
         try:
-            await method(*change.args, **change.kwargs)
+            # The database may have applied it before it stopped answering.
+            with retrying():
+                await method(*change.args, **change.kwargs)
         except InsufficientCreditsError as short:
             await self._clamp(change, short, database)
 

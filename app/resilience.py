@@ -12,7 +12,9 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -89,6 +91,25 @@ def is_unavailable(error: BaseException) -> bool:
     if is_transient(error) or isinstance(error, sa_exc.TimeoutError | TimeoutError | OSError):
         return True
     return sqlstate(error) in UNAVAILABLE_SQLSTATES
+
+
+_retrying: ContextVar[bool] = ContextVar("retrying", default=False)
+
+
+def is_retry() -> bool:
+    """Inside a second or later attempt of a unit of work, or a replay of the fallback's
+    outbox: an earlier attempt may have been applied though its answer was lost."""
+    return _retrying.get()
+
+
+@contextmanager
+def retrying() -> Iterator[None]:
+    """Marks the calls made inside as repeats of an earlier attempt (see is_retry)."""
+    token = _retrying.set(True)
+    try:
+        yield
+    finally:
+        _retrying.reset(token)
 
 
 class BreakerState(StrEnum):
@@ -225,7 +246,7 @@ class Guard:
             logger.info("transient database fault (%s); retrying", type(error).__name__)
         policy = self._policy
         await asyncio.sleep(policy.initial_backoff * (1 + random.random()))
-        retrying = AsyncRetrying(
+        controller = AsyncRetrying(
             stop=stop_after_attempt(policy.attempts - 1) | stop_after_delay(policy.max_seconds),
             wait=wait_exponential_jitter(
                 multiplier=policy.initial_backoff * 2,
@@ -236,7 +257,8 @@ class Guard:
             before_sleep=_log_retry,
             reraise=True,
         )
-        result: T = await retrying(unit)
+        with retrying():
+            result: T = await controller(unit)
         return result
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from app.config import Settings
 from app.container import Container, build_container
+from app.repositories.pg_driver import DriverStatements
 from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.postgres
@@ -77,3 +78,53 @@ class TestHeldConnections:
         await small_pool.driver.close()
         assert small_pool.driver.idle == 0
         assert small_pool.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+class TestLostAnswers:
+    """A deduction whose statement committed but whose answer was lost is retried by the
+    guard; on PostgreSQL its key sits unclaimed on the ledger row, and the retry must
+    find it there and charge nothing twice."""
+
+    async def test_a_retried_deduction_whose_first_attempt_committed_charges_once(
+        self, small_pool: Container, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        credits = small_pool.credit_service()
+        await credits.deduct_credits("lost", 1)
+        original = DriverStatements.fetchrow
+        lost = []
+
+        async def commit_then_lose_the_answer(
+            self: DriverStatements, sql: str, *args: object
+        ) -> object:
+            row = await original(self, sql, *args)
+            if not lost:
+                lost.append(sql)
+                raise ConnectionResetError("the answer was lost")
+            return row
+
+        monkeypatch.setattr(DriverStatements, "fetchrow", commit_then_lose_the_answer)
+        account = await credits.deduct_credits("lost", 2)
+        assert lost, "the fast path did not run"
+        assert account.available_credits == 7
+        history = await credits.get_transaction_history("lost")
+        assert [row.amount for row in history] == [-2, -1]
+
+    async def test_a_retry_whose_first_attempt_did_not_commit_charges_once(
+        self, small_pool: Container, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        credits = small_pool.credit_service()
+        await credits.deduct_credits("unsent", 1)
+        original = DriverStatements.fetchrow
+        failed = []
+
+        async def fail_before_sending(self: DriverStatements, sql: str, *args: object) -> object:
+            if not failed:
+                failed.append(sql)
+                raise ConnectionResetError("the connection broke before sending")
+            return await original(self, sql, *args)
+
+        monkeypatch.setattr(DriverStatements, "fetchrow", fail_before_sending)
+        account = await credits.deduct_credits("unsent", 2)
+        assert failed
+        assert account.available_credits == 7
+        assert [row.amount for row in await credits.get_transaction_history("unsent")] == [-2, -1]

@@ -43,6 +43,16 @@ class CreditPolicy:
         )
 
 
+class CallKey(str):
+    """An idempotency key the service made for one call, the client having given none.
+
+    Nothing else can ever send it, so only a retry of that same call can repeat it:
+    a store may record it more cheaply than a client's key, as long as a retry finds it
+    (app/repositories/pg_credits.py)."""
+
+    __slots__ = ()
+
+
 RESET_NOTE = "credits reset"
 UPGRADE_NOTE = "upgraded to registered"
 

@@ -17,8 +17,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import InsufficientCreditsError
 from app.models import CreditIdempotencyKeyRow, CreditTransactionRow, UserCreditsRow, table
-from app.repositories.base import RESET_NOTE, UPGRADE_NOTE, CreditPolicy, upgraded_balance
+from app.repositories.base import (
+    RESET_NOTE,
+    UPGRADE_NOTE,
+    CallKey,
+    CreditPolicy,
+    upgraded_balance,
+)
 from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
+from app.resilience import is_retry
 from app.schemas import CreditTransaction, TransactionType, UserCredits
 
 accounts = table(UserCreditsRow)
@@ -60,7 +67,8 @@ class SqlCreditRepository:
         idempotency_key: str | None,
     ) -> UserCredits:
         async with transaction(self._engine) as conn:
-            if not await self._claim(conn, user_id, idempotency_key, now):
+            applied = await self._applied_before(conn, user_id, idempotency_key, now)
+            if applied or not await self._claim(conn, user_id, idempotency_key, now):
                 return self._view(await self._prepare(conn, user_id, is_guest, now))
             # Steady state in one statement: the account exists and no reset is due.
             cutoff = self._policy.reset_cutoff(now)
@@ -134,7 +142,7 @@ class SqlCreditRepository:
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         async with transaction(self._engine) as conn:
             result = await conn.execute(
-                select(ledger)
+                select(*(c for c in ledger.c if c.name != "call_key"))
                 .where(ledger.c.user_id == user_id)
                 .order_by(ledger.c.timestamp.desc(), ledger.c.id.desc())
                 .limit(limit)
@@ -252,6 +260,26 @@ class SqlCreditRepository:
             .returning(claimed_keys.c.user_id)
         )
         return claimed.first() is not None
+
+    @staticmethod
+    async def _applied_before(
+        conn: AsyncConnection, user_id: str, key: str | None, now: datetime
+    ) -> bool:
+        """On a retry of a call with a key of its own: did an earlier attempt leave its
+        ledger row (PostgreSQL's fast path records the key there, unclaimed)? The account
+        row is locked first, so an attempt still running on the server commits or rolls
+        back before the look. The row's timestamp is the call's: the index finds it."""
+        if not isinstance(key, CallKey) or not is_retry():
+            return False
+        lock = select(accounts.c.user_id).where(accounts.c.user_id == user_id)
+        await conn.execute(lock.with_for_update())
+        found = await conn.execute(
+            select(ledger.c.id)
+            .where(ledger.c.user_id == user_id, ledger.c.timestamp == now)
+            .where(ledger.c.call_key == key)
+            .limit(1)
+        )
+        return found.first() is not None
 
     async def _record(
         self,

@@ -6,7 +6,7 @@ import secrets
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
-from app.repositories.base import CreditPolicy, CreditRepository
+from app.repositories.base import CallKey, CreditPolicy, CreditRepository
 from app.schemas import CreditTransaction, UserCredits
 
 
@@ -14,7 +14,9 @@ def _call_key(idempotency_key: str | None) -> str:
     """The client's key, or one for this call alone: a retry after a commit whose
     outcome was lost then finds the key claimed and charges nothing twice. 96 random
     bits: unique per user for as long as keys are kept, and short in the key index."""
-    return idempotency_key if idempotency_key is not None else "call:" + secrets.token_urlsafe(12)
+    if idempotency_key is not None:
+        return idempotency_key
+    return CallKey("call:" + secrets.token_urlsafe(12))
 
 
 def _require_positive(name: str, value: int) -> None:
