@@ -1,13 +1,12 @@
 """Section `cache`: QueryCacheService get (hit, miss) and set on every cache backend.
 
-The memory backend is the baseline. Redis is measured only when REDIS_URL is set
-and the project has a Redis cache (app.repositories.redis_cache); it goes through
-the container like the database backend, so the figures include what a request pays.
+The memory backend is the baseline. Redis is the server at REDIS_URL, else a throwaway
+local redis-server (skipped, saying so, when none starts); it goes through the container
+like the database backend, so the figures include what a request pays.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,17 +73,30 @@ async def _container(
         await container.close()
 
 
-def _backends() -> dict[str, Callable[[str], object]]:
+def _redis() -> tuple[str | None, Callable[[], None]]:
+    """REDIS_URL, else a throwaway local redis-server started as the tests start theirs;
+    with the function that stops it."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        return url, lambda: None
+    # Imported lazily: only this path needs the test support code (and its server).
+    from tests.support.redis import RedisUnavailable, start_local_redis
+
+    try:
+        server = start_local_redis()
+    except RedisUnavailable as error:
+        say(f"  redis: skipped (REDIS_URL is not set and no redis-server starts: {error})")
+        return None, lambda: None
+    say(f"  redis: a throwaway redis-server at {server.url}")
+    return server.url, server.stop
+
+
+def _backends(redis_url: str | None) -> dict[str, Callable[[str], object]]:
     backends: dict[str, Callable[[str], object]] = {
         "memory": _memory,
         "database": lambda url: _container(url, cache_backend="database"),
     }
-    redis_url = os.environ.get("REDIS_URL")
-    if not redis_url:
-        say("  redis: skipped (REDIS_URL is not set)")
-    elif importlib.util.find_spec("app.repositories.redis_cache") is None:
-        say("  redis: skipped (the project has no app.repositories.redis_cache)")
-    else:
+    if redis_url is not None:
         backends["redis"] = lambda url: _container(url, cache_backend="redis", redis_url=redis_url)
     return backends
 
@@ -113,7 +125,22 @@ async def run(ctx: Context) -> None:
     url = await ctx.main_db()
     concurrencies = (8,) if ctx.quick else (1, 8)
     results: dict[tuple[str, str, int], LoadResult] = {}
-    backends = _backends()
+    redis_url, stop_redis = _redis()
+    try:
+        backends = _backends(redis_url)
+        await _measure_backends(ctx, url, backends, concurrencies, results)
+    finally:
+        stop_redis()
+    _report(backends, concurrencies, results)
+
+
+async def _measure_backends(
+    ctx: Context,
+    url: str,
+    backends: dict[str, Callable[[str], object]],
+    concurrencies: tuple[int, ...],
+    results: dict[tuple[str, str, int], LoadResult],
+) -> None:
     for backend, open_backend in backends.items():
         try:
             async with open_backend(url) as (service, stats):  # type: ignore[attr-defined]
@@ -127,6 +154,13 @@ async def run(ctx: Context) -> None:
                             say(f"  {backend} {name} c={concurrency}: {result.first_error}")
         except Exception as error:
             say(f"  {backend}: failed: {type(error).__name__}: {error}")
+
+
+def _report(
+    backends: dict[str, Callable[[str], object]],
+    concurrencies: tuple[int, ...],
+    results: dict[tuple[str, str, int], LoadResult],
+) -> None:
     say("  ratio = ops/s over the memory backend for the same operation and concurrency")
     rows = []
     for concurrency in concurrencies:

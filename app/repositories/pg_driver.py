@@ -53,8 +53,9 @@ class DriverStatements:
         self._pool_limit = pool_limit
         self._recycle = recycle_seconds if recycle_seconds > 0 else math.inf  # -1: never
         self._idle_seconds = idle_seconds
-        # (connection, when taken from the pool, when last released); warmest on top
-        self._idle: list[tuple[PoolProxiedConnection, float, float]] = []
+        # Held connections, warmest on top: (pooled, its asyncpg connection, when taken
+        # from the pool, when last released).
+        self._idle: list[tuple[PoolProxiedConnection, asyncpg.Connection, float, float]] = []
         self._sweep: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()
 
@@ -82,39 +83,42 @@ class DriverStatements:
             await asyncio.gather(*self._returning, return_exceptions=True)
 
     async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
-        pooled, since = await self._checkout()
+        pooled, driver, since = await self._checkout()
         try:
-            result = await getattr(_driver(pooled), method)(sql, *args)
+            result = await getattr(driver, method)(sql, *args)
         except BaseException as error:
-            if _connection_is_sound(pooled, error):
-                await self._release(pooled, since)
+            if _connection_is_sound(driver, error):
+                await self._release(pooled, driver, since)
             else:
                 await greenlet_spawn(pooled.invalidate, error)
                 await _check_in(pooled)
             raise
-        await self._release(pooled, since)
+        await self._release(pooled, driver, since)
         return result
 
-    async def _checkout(self) -> tuple[PoolProxiedConnection, float]:
+    async def _checkout(self) -> tuple[PoolProxiedConnection, asyncpg.Connection, float]:
         """A live connection: a held one, else one from the pool. asyncpg closes a
         connection whose server went away while it sat idle: each such one is
         discarded (a check costing no round trip, unlike a pre-ping), until a live or
         a new one comes, or connecting fails (a transient fault for the retries)."""
         while True:
             if self._idle:
-                pooled, since, _ = self._idle.pop()
+                pooled, driver, since, _ = self._idle.pop()
             else:
                 pooled, since = await self._engine.raw_connection(), time.monotonic()
-            if not _driver(pooled).is_closed():
-                return pooled, since
+                driver = pooled.driver_connection
+            if not driver.is_closed():
+                return pooled, driver, since
             await greenlet_spawn(pooled.invalidate)
             await _check_in(pooled)
 
-    async def _release(self, pooled: PoolProxiedConnection, since: float) -> None:
+    async def _release(
+        self, pooled: PoolProxiedConnection, driver: asyncpg.Connection, since: float
+    ) -> None:
         now = time.monotonic()
         pool: Any = self._engine.pool
         if now - since < self._recycle and pool.checkedout() < self._pool_limit:
-            self._idle.append((pooled, since, now))
+            self._idle.append((pooled, driver, since, now))
             if self._sweep is None:
                 loop = asyncio.get_running_loop()
                 self._sweep = loop.call_later(self._idle_seconds, self._return_unused)
@@ -125,7 +129,7 @@ class DriverStatements:
         """Hands back the connections idle for `idle_seconds` (the coldest, at the bottom)."""
         self._sweep = None
         cutoff = time.monotonic() - self._idle_seconds
-        while self._idle and self._idle[0][2] <= cutoff:
+        while self._idle and self._idle[0][3] <= cutoff:
             task = asyncio.get_running_loop().create_task(_check_in(self._idle.pop(0)[0]))
             self._returning.add(task)
             task.add_done_callback(self._returning.discard)
@@ -141,15 +145,10 @@ async def _check_in(pooled: PoolProxiedConnection) -> None:
     await greenlet_spawn(pooled.close)
 
 
-def _driver(pooled: PoolProxiedConnection) -> asyncpg.Connection:
-    return pooled.driver_connection
-
-
-def _connection_is_sound(pooled: PoolProxiedConnection, error: BaseException) -> bool:
+def _connection_is_sound(driver: asyncpg.Connection, error: BaseException) -> bool:
     """Only an error the server reported about the statement leaves the connection fit
     for the next call. Connection and shutdown errors (classes 08, 57P) come just before
     the server closes it, before asyncpg has noticed: never sound."""
-    driver = _driver(pooled)
     state = getattr(error, "sqlstate", None) or ""
     return (
         isinstance(error, asyncpg.PostgresError)
