@@ -4,9 +4,8 @@ The hot path of PostgreSQL credit operations is one statement each, and what cos
 is the Python around it. On the benchmark machine (README, "Performance") SQLAlchemy's
 execution layer costs about 350 µs of CPU per statement against asyncpg's 50-80 µs, and
 a checkout and check-in of its pool (or of asyncpg's own) about 70 µs more. So these
-statements go straight to asyncpg, which prepares each once per connection (its
-statement cache), on connections kept checked out of the engine's pool between calls
-while calls keep coming.
+statements go straight to asyncpg, prepared once per connection, on connections kept
+checked out of the engine's pool between calls while calls keep coming.
 
 They stay the engine's connections: made with its connect arguments (statement
 timeout included), counted against DB_POOL_SIZE + DB_MAX_OVERFLOW, handed back when
@@ -22,6 +21,7 @@ import asyncio
 import math
 import time
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -57,6 +57,8 @@ class DriverStatements:
         # from the pool, when last released).
         self._idle: list[tuple[PoolProxiedConnection, asyncpg.Connection, float, float]] = []
         self._sweep: asyncio.TimerHandle | None = None
+        # Each connection's prepared statements, forgotten with the connection.
+        self._prepared: WeakKeyDictionary[asyncpg.Connection, dict[str, Any]] = WeakKeyDictionary()
         self._returning: set[asyncio.Task[None]] = set()
 
     @property
@@ -65,12 +67,13 @@ class DriverStatements:
         return len(self._idle)
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await self._run("fetchrow", sql, args)
-        return row
+        # fetch, not fetchrow: a row limit makes the server keep a portal open for a
+        # statement that has run to its end anyway.
+        rows = await self._run(sql, args)
+        return rows[0] if rows else None
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._run("fetch", sql, args)
-        return rows
+        return await self._run(sql, args)
 
     async def close(self) -> None:
         """Hands every held connection back to the pool (before the engine is disposed)."""
@@ -82,10 +85,10 @@ class DriverStatements:
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)
 
-    async def _run(self, method: str, sql: str, args: tuple[Any, ...]) -> Any:
+    async def _run(self, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
         pooled, driver, since = await self._checkout()
         try:
-            result = await getattr(driver, method)(sql, *args)
+            result = await self._execute(driver, sql, args)
         except BaseException as error:
             if _connection_is_sound(driver, error):
                 await self._release(pooled, driver, since)
@@ -95,6 +98,26 @@ class DriverStatements:
             raise
         await self._release(pooled, driver, since)
         return result
+
+    async def _execute(
+        self, driver: asyncpg.Connection, sql: str, args: tuple[Any, ...]
+    ) -> list[asyncpg.Record]:
+        """Runs the statement prepared once per connection. Our own prepared statements,
+        not asyncpg's statement cache behind conn.fetch: the cache's look-up and wrapping
+        cost a tenth of the call's Python."""
+        statements = self._prepared.get(driver)
+        if statements is None:
+            statements = self._prepared[driver] = {}
+        statement = statements.get(sql)
+        if statement is None:
+            statement = statements[sql] = await driver.prepare(sql)
+        try:
+            rows: list[asyncpg.Record] = await statement.fetch(*args)
+        except asyncpg.InvalidCachedStatementError:
+            # A migration changed what the statement reads: prepare it anew, once.
+            statement = statements[sql] = await driver.prepare(sql)
+            rows = await statement.fetch(*args)
+        return rows
 
     async def _checkout(self) -> tuple[PoolProxiedConnection, asyncpg.Connection, float]:
         """A live connection: a held one, else one from the pool. asyncpg closes a

@@ -18,13 +18,16 @@ class _CallKeys:
     twentieth of the deduction's CPU (a system call each)."""
 
     def __init__(self) -> None:
-        self._pid = 0
         self._prefix = ""
         self._counter = itertools.count()
+        os.register_at_fork(after_in_child=self._forget)  # a forked worker draws its own
+
+    def _forget(self) -> None:
+        self._prefix = ""
 
     def __call__(self) -> CallKey:
-        if self._pid != os.getpid():  # first use, or a forked worker: a prefix of its own
-            self._pid, self._prefix = os.getpid(), f"call:{secrets.token_hex(8)}:"
+        if not self._prefix:
+            self._prefix = f"call:{secrets.token_hex(8)}:"
             self._counter = itertools.count()
         return CallKey(f"{self._prefix}{next(self._counter):x}")
 
