@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from app.config import Settings
@@ -128,3 +129,27 @@ class TestLostAnswers:
         assert failed
         assert account.available_credits == 7
         assert [row.amount for row in await credits.get_transaction_history("unsent")] == [-2, -1]
+
+
+class TestSchemaChanges:
+    async def test_a_statement_prepared_before_a_migration_is_prepared_anew(
+        self, small_pool: Container
+    ) -> None:
+        await small_pool.credit_service().deduct_credits("migrated", 1)
+        await small_pool.driver.close()  # its held connection back to the pool of two
+        driver = DriverStatements(
+            small_pool.engine, pool_limit=2, recycle_seconds=3600, idle_seconds=60
+        )
+        read = "SELECT available_credits FROM user_credits WHERE user_id = $1"
+        try:
+            assert (await driver.fetchrow(read, "migrated"))[0] == 9  # prepared, held
+            # What a migration might do under a running service: the result's type changes.
+            admin = await asyncpg.connect(small_pool.settings.database_url.replace("+asyncpg", ""))
+            try:
+                await admin.execute("ALTER TABLE user_credits ALTER available_credits TYPE bigint")
+            finally:
+                await admin.close()
+            assert driver.idle == 1  # the same connection, its statement stale
+            assert (await driver.fetchrow(read, "migrated"))[0] == 9
+        finally:
+            await driver.close()

@@ -2,9 +2,10 @@
 
 In the steady state (the account exists, no reset is due) each operation is a
 single statement whose data-modifying CTEs change the balance, claim the
-idempotency key and write the ledger row together, run in autocommit on the
-driver (app/repositories/pg_driver.py): a single statement is atomic without
-BEGIN/COMMIT round trips. First sight is one more statement that creates the
+idempotency key (or, for a key made for the call, record it on the ledger row) and
+write the ledger row together, run in autocommit on the driver
+(app/repositories/pg_driver.py): a single statement is atomic without BEGIN/COMMIT
+round trips. First sight is one more statement that creates the
 account with the operation already applied. Whenever a fast path finds nothing
 to do it changes nothing, and the general transactional path of
 SqlCreditRepository takes over (a reset due, a short balance, a repeated key, a
