@@ -51,7 +51,7 @@ class Container:
     breaker: CircuitBreaker
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
     cache_tiers: CacheTiers
-    driver: DriverStatements  # the PostgreSQL fast paths' connections
+    driver: DriverStatements | None  # the PostgreSQL fast paths' connections
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
@@ -120,7 +120,8 @@ class Container:
         await self.cache_tiers.close()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)
-        await self.driver.close()
+        if self.driver is not None:
+            await self.driver.close()
         await self.engine.dispose()
 
 
@@ -140,11 +141,13 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings.storage_backend.value,
         masked_url(settings.database_url),
     )
-    driver = DriverStatements(
-        engine,
-        pool_limit=settings.db_pool_size + settings.db_max_overflow,
-        recycle_seconds=settings.db_pool_recycle,
-    )
+    driver = None
+    if not settings.is_sqlite:
+        driver = DriverStatements(
+            engine,
+            pool_limit=settings.db_pool_size + settings.db_max_overflow,
+            recycle_seconds=settings.db_pool_recycle,
+        )
     sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size, driver=driver)
     guarded = guarded_stores(sql, breaker, settings)
     fallback = None

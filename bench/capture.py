@@ -4,8 +4,7 @@ round trip (DriverLog). The PostgreSQL fast paths run on asyncpg directly
 (app/repositories/pg_driver.py), so SQLAlchemy's events see only the general
 path; the driver sees both.
 
-
-Statements come from `before_cursor_execute`. Transaction control is not a cursor
+StatementLog: statements come from `before_cursor_execute`. Transaction control is not a cursor
 execute: SQLAlchemy's asyncpg adapter sends BEGIN itself just before the first
 statement of a transaction, and COMMIT/ROLLBACK when the connection's `commit` /
 `rollback` events fire. Those events also fire on AUTOCOMMIT connections, where

@@ -81,6 +81,24 @@ class TestHeldConnections:
         assert small_pool.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
+def break_connection_once(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool) -> list[str]:
+    """The fast path's next statement meets a reset connection, before it reaches the
+    server or after it committed; returns the statements that broke (one, once run)."""
+    original = DriverStatements.fetchrow
+    broken: list[str] = []
+
+    async def fetchrow(self: DriverStatements, sql: str, *args: object) -> object:
+        if broken:
+            return await original(self, sql, *args)
+        broken.append(sql)
+        if after_commit:
+            await original(self, sql, *args)
+        raise ConnectionResetError("the connection broke")
+
+    monkeypatch.setattr(DriverStatements, "fetchrow", fetchrow)
+    return broken
+
+
 class TestLostAnswers:
     """A deduction whose statement committed but whose answer was lost is retried by the
     guard; on PostgreSQL its key sits unclaimed on the ledger row, and the retry must
@@ -91,19 +109,7 @@ class TestLostAnswers:
     ) -> None:
         credits = small_pool.credit_service()
         await credits.deduct_credits("lost", 1)
-        original = DriverStatements.fetchrow
-        lost = []
-
-        async def commit_then_lose_the_answer(
-            self: DriverStatements, sql: str, *args: object
-        ) -> object:
-            row = await original(self, sql, *args)
-            if not lost:
-                lost.append(sql)
-                raise ConnectionResetError("the answer was lost")
-            return row
-
-        monkeypatch.setattr(DriverStatements, "fetchrow", commit_then_lose_the_answer)
+        lost = break_connection_once(monkeypatch, after_commit=True)
         account = await credits.deduct_credits("lost", 2)
         assert lost, "the fast path did not run"
         assert account.available_credits == 7
@@ -115,16 +121,7 @@ class TestLostAnswers:
     ) -> None:
         credits = small_pool.credit_service()
         await credits.deduct_credits("unsent", 1)
-        original = DriverStatements.fetchrow
-        failed = []
-
-        async def fail_before_sending(self: DriverStatements, sql: str, *args: object) -> object:
-            if not failed:
-                failed.append(sql)
-                raise ConnectionResetError("the connection broke before sending")
-            return await original(self, sql, *args)
-
-        monkeypatch.setattr(DriverStatements, "fetchrow", fail_before_sending)
+        failed = break_connection_once(monkeypatch, after_commit=False)
         account = await credits.deduct_credits("unsent", 2)
         assert failed
         assert account.available_credits == 7

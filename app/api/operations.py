@@ -28,7 +28,7 @@ async def ready(container: ContainerDep) -> JSONResponse:
     """Readiness: 200 when the active store answers, else 503."""
     database = await database_status(container.engine)
     # Held by the fast paths between calls: idle, though the pool counts them in use.
-    database["pool"]["held_idle"] = container.driver.idle
+    database["pool"]["held_idle"] = container.driver.idle if container.driver else 0
     backend = container.storage.backend
     fallback = container.fallback
     on_fallback = fallback is not None and not database["up_to_date"]
