@@ -12,7 +12,7 @@ from app.assistant.answerer import Answerer, CatalogueAnswerer
 from app.cache_tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
-from app.db import create_engine, masked_url
+from app.db import answer_timeout, create_engine, masked_url
 from app.errors import StorageUnavailableError
 from app.fallback import OutageFallback, with_fallback
 from app.health import database_status
@@ -147,6 +147,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
             engine,
             pool_limit=settings.db_pool_size + settings.db_max_overflow,
             recycle_seconds=settings.db_pool_recycle,
+            answer_timeout=answer_timeout(settings),
         )
     sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size, driver=driver)
     guarded = guarded_stores(sql, breaker, settings)

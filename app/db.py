@@ -20,20 +20,25 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """Build the pooled async engine; nothing connects until first use."""
     if settings.is_sqlite:
         return _sqlite_engine(settings)
-    statement_timeout_ms = settings.db_statement_timeout_ms
     return _pooled_engine(
         settings,
         {
             "timeout": settings.db_connect_timeout,
-            # The server cancels a statement past the limit; the client gives up a little
-            # later, should the server not answer at all.
-            "command_timeout": statement_timeout_ms / 1000 + 5 if statement_timeout_ms else None,
+            "command_timeout": answer_timeout(settings),
             "server_settings": {
                 "application_name": "shopping-assistant",
-                "statement_timeout": str(statement_timeout_ms),
+                "statement_timeout": str(settings.db_statement_timeout_ms),
             },
         },
     )
+
+
+def answer_timeout(settings: Settings) -> float | None:
+    """Seconds after which the client gives up on a statement: the server cancels one
+    past DB_STATEMENT_TIMEOUT_MS itself, this bounds the wait should it not answer at
+    all. None (no bound) when statements have no timeout either."""
+    statement_timeout_ms = settings.db_statement_timeout_ms
+    return statement_timeout_ms / 1000 + 5 if statement_timeout_ms else None
 
 
 def _pooled_engine(settings: Settings, connect_args: dict[str, Any]) -> AsyncEngine:

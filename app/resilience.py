@@ -6,6 +6,7 @@ Failures are classified by exception type and SQLSTATE, never by message text.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -158,10 +159,9 @@ class CircuitBreaker:
 
     def acquire(self) -> bool:
         """May a call go through now? In half-open, only one probe at a time."""
-        state = self.state
-        if state is BreakerState.CLOSED:
+        if self._opened_at is None:  # closed: the hot path
             return True
-        if state is BreakerState.HALF_OPEN and not self._probing:
+        if self.state is BreakerState.HALF_OPEN and not self._probing:
             self._probing = True
             return True
         return False
@@ -213,13 +213,22 @@ class Guard:
         self._transient = transient
         self._unavailable = unavailable
 
-    async def run(self, unit: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, operation: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+        """`await operation(*args, **kwargs)`, retried and behind the breaker."""
         if not self.breaker.acquire():
             raise StorageUnavailableError(
                 "storage is unavailable (circuit open)", retry_after=self.breaker.retry_after()
             )
         try:
-            result: T = await self._attempts(unit)
+            # The first attempt runs bare, in this very frame: a retry controller, or
+            # another coroutine, for every call costs a good part of the hot path.
+            try:
+                result: T = await operation(*args, **kwargs)
+            except Exception as error:
+                if self._policy.attempts < 2 or not self._transient(error):
+                    raise
+                logger.info("transient database fault (%s); retrying", type(error).__name__)
+                result = await self._retry(operation, args, kwargs)
         except Exception as error:
             if self._transient(error):
                 self.breaker.record_failure()
@@ -235,15 +244,13 @@ class Guard:
         self.breaker.record_success()
         return result
 
-    async def _attempts(self, unit: Callable[[], Awaitable[T]]) -> T:
-        # The first attempt runs bare: building a retry controller for every call costs
-        # a good part of the hot path's whole database round trip.
-        try:
-            return await unit()
-        except Exception as error:
-            if self._policy.attempts < 2 or not self._transient(error):
-                raise
-            logger.info("transient database fault (%s); retrying", type(error).__name__)
+    async def _retry(
+        self,
+        operation: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> T:
+        """The attempts after a first one failed with a transient fault."""
         policy = self._policy
         await asyncio.sleep(policy.initial_backoff * (1 + random.random()))
         controller = AsyncRetrying(
@@ -258,7 +265,7 @@ class Guard:
             reraise=True,
         )
         with retrying():
-            result: T = await controller(unit)
+            result: T = await controller(operation, *args, **kwargs)
         return result
 
 
@@ -284,13 +291,7 @@ class Guarded:
         method = getattr(self._inner, name)
         if not inspect.iscoroutinefunction(method):
             return method
-
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            async def unit() -> Any:
-                return await method(*args, **kwargs)
-
-            return await self._guard.run(unit)
-
+        guarded = functools.partial(self._guard.run, method)
         # Kept, so later look-ups skip __getattr__: this sits on every call's hot path.
         setattr(self, name, guarded)
         return guarded

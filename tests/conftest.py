@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings, StorageBackend
-from app.db import create_engine
+from app.db import answer_timeout, create_engine
 from app.main import create_app
 from app.migrate import upgrade_to_head
 from app.repositories.base import CreditPolicy, Stores
@@ -209,9 +209,12 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
         yield memory_stores(POLICY)
         return
     async with fresh_database(request, request.param) as url:
-        engine = create_engine(Settings(database_url=url))
+        settings = Settings(database_url=url)
+        engine = create_engine(settings)
         # As the service runs: fast-path connections held between calls.
-        driver = DriverStatements(engine, pool_limit=30, recycle_seconds=3600)
+        driver = DriverStatements(
+            engine, pool_limit=30, recycle_seconds=3600, answer_timeout=answer_timeout(settings)
+        )
         try:
             yield sql_stores(engine, POLICY, driver=driver)
         finally:

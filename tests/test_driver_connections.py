@@ -4,6 +4,7 @@ pg_driver.py); the general path must never starve for them, and they must go bac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -11,8 +12,11 @@ import pytest
 
 from app.config import Settings
 from app.container import Container, build_container
+from app.db import create_engine
+from app.errors import StorageUnavailableError
 from app.repositories.pg_driver import DriverStatements
 from tests.conftest import fresh_database
+from tests.support.relay import relayed
 
 pytestmark = pytest.mark.postgres
 
@@ -84,10 +88,10 @@ class TestHeldConnections:
 def break_connection_once(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool) -> list[str]:
     """The fast path's next statement meets a reset connection, before it reaches the
     server or after it committed; returns the statements that broke (one, once run)."""
-    original = DriverStatements.fetchrow
+    original = DriverStatements.fetch
     broken: list[str] = []
 
-    async def fetchrow(self: DriverStatements, sql: str, *args: object) -> object:
+    async def fetch(self: DriverStatements, sql: str, *args: object) -> object:
         if broken:
             return await original(self, sql, *args)
         broken.append(sql)
@@ -95,7 +99,7 @@ def break_connection_once(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool
             await original(self, sql, *args)
         raise ConnectionResetError("the connection broke")
 
-    monkeypatch.setattr(DriverStatements, "fetchrow", fetchrow)
+    monkeypatch.setattr(DriverStatements, "fetch", fetch)
     return broken
 
 
@@ -135,7 +139,11 @@ class TestSchemaChanges:
         await small_pool.credit_service().deduct_credits("migrated", 1)
         await small_pool.driver.close()  # its held connection back to the pool of two
         driver = DriverStatements(
-            small_pool.engine, pool_limit=2, recycle_seconds=3600, idle_seconds=60
+            small_pool.engine,
+            pool_limit=2,
+            recycle_seconds=3600,
+            answer_timeout=None,
+            idle_seconds=60,
         )
         read = "SELECT available_credits FROM user_credits WHERE user_id = $1"
         try:
@@ -150,3 +158,54 @@ class TestSchemaChanges:
             assert (await driver.fetchrow(read, "migrated"))[0] == 9
         finally:
             await driver.close()
+
+
+class TestSilentDatabase:
+    """A database that stops answering without closing anything (a host gone silent):
+    the fast path gives up on the statement instead of waiting for ever."""
+
+    async def test_a_statement_left_unanswered_raises_timeout_and_the_next_gets_through(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with fresh_database(request, "postgres") as url, relayed(url) as (via, relay):
+            engine = create_engine(Settings(database_url=via))
+            driver = DriverStatements(
+                engine, pool_limit=4, recycle_seconds=3600, answer_timeout=0.3
+            )
+            try:
+                assert (await driver.fetchrow("SELECT 1"))[0] == 1
+                relay.hold()
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(driver.fetchrow("SELECT 2"), 5)
+                assert 0.3 <= time.monotonic() - started < 1.5
+                relay.release()
+                # The connection given up on was dropped, not handed to the next call.
+                assert driver.idle == 0
+                assert (await driver.fetchrow("SELECT 3"))[0] == 3
+            finally:
+                await driver.close()
+                await engine.dispose()
+
+    async def test_a_deduction_the_database_never_answers_fails_as_unavailable(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with fresh_database(request, "postgres") as url, relayed(url) as (via, relay):
+            # The client gives up 5 s after the statement timeout.
+            settings = Settings(
+                database_url=via, db_statement_timeout_ms=100, run_migrations_on_startup=False
+            )
+            container = build_container(settings)
+            try:
+                credits = container.credit_service()
+                await credits.deduct_credits("silent", 1)
+                relay.hold()
+                started = time.monotonic()
+                with pytest.raises(StorageUnavailableError):
+                    await asyncio.wait_for(credits.deduct_credits("silent", 1), 15)
+                assert 5.1 <= time.monotonic() - started < 7
+                relay.release()
+                # Never sent, so never charged.
+                assert (await credits.deduct_credits("silent", 1)).available_credits == 8
+            finally:
+                await container.close()

@@ -312,12 +312,21 @@ class PostgresCreditRepository(SqlCreditRepository):
         return [CreditTransaction.model_validate(dict(row)) for row in rows]
 
     def _account(self, row: asyncpg.Record) -> UserCredits:
-        return self._policy.account(**row)
+        # By position (the order of _COLUMNS): a Record spread as keywords costs more.
+        user_id, is_guest, available, maximum, last_reset = row
+        return self._policy.account(
+            user_id=user_id,
+            is_guest=is_guest,
+            available_credits=available,
+            max_credits=maximum,
+            last_reset_timestamp=last_reset,
+        )
 
     async def _changed(self, statement: str, *values: object) -> asyncpg.Record | None:
         """The statement's row, or None when it changed nothing (or lost a race on the
         idempotency key, which aborted it whole)."""
         try:
-            return await self._driver.fetchrow(statement, *values)
+            rows = await self._driver.fetch(statement, *values)
         except asyncpg.UniqueViolationError:  # the key's primary key: claimed meanwhile
             return None
+        return rows[0] if rows else None

@@ -21,10 +21,13 @@ def sql_stores(
     driver: DriverStatements | None = None,
 ) -> Stores:
     """PostgreSQL gets the single-statement fast paths, run on `driver` (by default one
-    holding no connection between calls); SQLite keeps the general path."""
+    holding no connection between calls, with no client-side bound on a statement);
+    SQLite keeps the general path."""
     credits: SqlCreditRepository
     if engine.dialect.name == "postgresql":
-        driver = driver or DriverStatements(engine, pool_limit=0, recycle_seconds=0)
+        driver = driver or DriverStatements(
+            engine, pool_limit=0, recycle_seconds=0, answer_timeout=None
+        )
         credits = PostgresCreditRepository(engine, policy, driver, batch_size=batch_size)
     else:
         credits = SqlCreditRepository(engine, policy, batch_size=batch_size)
