@@ -106,7 +106,7 @@ async def run(ctx: Context) -> None:
     if ctx.quick:
         _check_targets(ctx, _single_runs(results), "single runs (--quick)")
     else:
-        rounds = 3
+        rounds = 5
         _check_targets(ctx, await _target_rounds(ctx, url, rounds), f"median of {rounds} rounds")
 
 
