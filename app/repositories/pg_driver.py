@@ -133,7 +133,12 @@ class DriverStatements:
             await self._after_error(held, error)
             raise
         del self._in_flight[driver]
-        if started - taken_at < self._recycle and self._room_left():
+        if self._given_up and driver in self._given_up:
+            # Answered just as the check gave up on it: the rows stand, the connection
+            # is closed.
+            self._given_up.discard(driver)
+            await _discard(pooled)
+        elif started - taken_at < self._recycle and self._room_left():
             self._idle.append((pooled, driver, statements, taken_at, started))
         else:
             await _check_in(pooled)
@@ -151,8 +156,7 @@ class DriverStatements:
         live or a new one comes, or connecting fails (a transient fault for the retries)."""
         while True:
             if dead is not None:
-                await greenlet_spawn(dead[0].invalidate)
-                await _check_in(dead[0])
+                await _discard(dead[0])
             if self._idle:
                 held = self._idle.pop()
             else:
@@ -172,14 +176,12 @@ class DriverStatements:
         pooled, driver, statements, taken_at, _ = held
         if driver in self._given_up:
             self._given_up.discard(driver)
-            await greenlet_spawn(pooled.invalidate, error)
-            await _check_in(pooled)
+            await _discard(pooled, error)
             raise TimeoutError(
                 f"the database did not answer within {self._answer_timeout:g} s"
             ) from error
         if not _connection_is_sound(driver, error):
-            await greenlet_spawn(pooled.invalidate, error)
-            await _check_in(pooled)
+            await _discard(pooled, error)
         elif time.monotonic() - taken_at < self._recycle and self._room_left():
             self._idle.append((pooled, driver, statements, taken_at, time.monotonic()))
         else:
@@ -208,6 +210,12 @@ async def _check_in(pooled: PoolProxiedConnection) -> None:
     # Checking in may close the connection (an overflow or invalidated one), which
     # awaits the driver: that needs SQLAlchemy's greenlet context.
     await greenlet_spawn(pooled.close)
+
+
+async def _discard(pooled: PoolProxiedConnection, error: BaseException | None = None) -> None:
+    """Invalidates the connection (the pool closes it and makes a new one when needed)."""
+    await greenlet_spawn(pooled.invalidate, error)
+    await _check_in(pooled)
 
 
 def _connection_is_sound(driver: asyncpg.Connection, error: BaseException) -> bool:
