@@ -4,7 +4,15 @@ import sys
 import xml.etree.ElementTree as ElementTree
 
 cases = ElementTree.parse(sys.argv[1]).getroot().iter("testcase")
-postgres = [case for case in cases if "postgres" in case.get("name", "")]
+# tests/conftest.py marks each test that needs PostgreSQL with this property.
+postgres = [
+    case
+    for case in cases
+    if any(
+        prop.get("name") == "tier" and prop.get("value") == "postgres"
+        for prop in case.iter("property")
+    )
+]
 skipped = [case for case in postgres if case.find("skipped") is not None]
 failed = [
     case for case in postgres if case.find("failure") is not None or case.find("error") is not None

@@ -48,6 +48,14 @@ TEMPLATE_DB = "assistant_template"
 T = TypeVar("T")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Named in the JUnit report, so that CI counts every PostgreSQL test, whatever its name
+    # (.ci/check_postgres_tier.py).
+    for item in items:
+        if item.get_closest_marker("postgres") is not None:
+            item.user_properties.append(("tier", "postgres"))
+
+
 def plain_dsn(url: str) -> str:
     """asyncpg wants `postgresql://`, SQLAlchemy `postgresql+asyncpg://`."""
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
