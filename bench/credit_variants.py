@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import random
-import uuid
-from collections.abc import AsyncIterator, Callable
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -71,10 +72,14 @@ class Service(Variant):
 @dataclass
 class Rewrite:
     """Turns the captured parameters into those of another call: another user, a fresh
-    per-call idempotency key, timestamps moved from the capture's clock to now."""
+    per-call idempotency key, timestamps moved from the capture's clock to now. Keys
+    are made as the service makes them (a random prefix, then a counter): a fresh
+    UUID per call would cost the replay a system call the service does not make."""
 
     user: str
     captured_at: datetime
+    _prefix: str = field(default_factory=lambda: f"call:{secrets.token_hex(8)}:")
+    _numbers: Iterator[int] = field(default_factory=itertools.count)
 
     def for_call(self, user: str) -> Callable[[tuple[Any, ...]], list[Any]]:
         shift = utc_now() - self.captured_at
@@ -86,7 +91,9 @@ class Rewrite:
                 if isinstance(value, str) and value == self.user:
                     value = user
                 elif isinstance(value, str) and value.startswith("call:"):
-                    value = keys.setdefault(value, f"call:{uuid.uuid4()}")
+                    if value not in keys:
+                        keys[value] = f"{self._prefix}{next(self._numbers):x}"
+                    value = keys[value]
                 elif isinstance(value, datetime):
                     value = value + shift
                 values.append(value)
