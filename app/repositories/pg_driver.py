@@ -113,7 +113,7 @@ class DriverStatements:
         held = self._idle.pop() if self._idle else None
         if held is None or held[1].is_closed():
             held = await self._checkout(held)
-        pooled, driver, statements, taken_at, _ = held
+        pooled, driver, statements, _, _ = held
         started = time.monotonic()
         self._in_flight[driver] = started + self._answer_timeout
         if self._watch is None:
@@ -138,16 +138,20 @@ class DriverStatements:
             # is closed.
             self._given_up.discard(driver)
             await _discard(pooled)
-        elif started - taken_at < self._recycle and self._room_left():
-            self._idle.append((pooled, driver, statements, taken_at, started))
-        else:
+        elif not self._hold(held, started):
             await _check_in(pooled)
         return rows
 
-    def _room_left(self) -> bool:
+    def _hold(self, held: _Held, used_at: float) -> bool:
+        """Keeps the connection for the next call, unless it is due for recycling or the
+        pool has no room left for others (then the caller hands it back)."""
+        pooled, driver, statements, taken_at, _ = held
         # Through sync_engine each time: dispose() gives the engine a new pool.
         pool: Any = self._engine.sync_engine.pool
-        return bool(pool.checkedout() < self._pool_limit)
+        if used_at - taken_at < self._recycle and pool.checkedout() < self._pool_limit:
+            self._idle.append((pooled, driver, statements, taken_at, used_at))
+            return True
+        return False
 
     async def _checkout(self, dead: _Held | None) -> _Held:
         """A live connection: a held one, else one from the pool. asyncpg closes a
@@ -173,7 +177,7 @@ class DriverStatements:
     async def _after_error(self, held: _Held, error: BaseException) -> None:
         """Hands the connection back, or invalidates it; raises TimeoutError for a
         statement the client gave up on."""
-        pooled, driver, statements, taken_at, _ = held
+        pooled, driver = held[0], held[1]
         if driver in self._given_up:
             self._given_up.discard(driver)
             await _discard(pooled, error)
@@ -182,9 +186,7 @@ class DriverStatements:
             ) from error
         if not _connection_is_sound(driver, error):
             await _discard(pooled, error)
-        elif time.monotonic() - taken_at < self._recycle and self._room_left():
-            self._idle.append((pooled, driver, statements, taken_at, time.monotonic()))
-        else:
+        elif not self._hold(held, time.monotonic()):
             await _check_in(pooled)
 
     def _check(self) -> None:

@@ -30,6 +30,8 @@ from app.schemas import CreditTransaction, TransactionType, UserCredits
 
 accounts = table(UserCreditsRow)
 ledger = table(CreditTransactionRow)
+# A ledger entry as the service shows it: the call key is for retries only.
+_ENTRY_COLUMNS = [column for column in ledger.c if column.name != "call_key"]
 claimed_keys = table(CreditIdempotencyKeyRow)
 
 ACCOUNT = (
@@ -142,7 +144,7 @@ class SqlCreditRepository:
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         async with transaction(self._engine) as conn:
             result = await conn.execute(
-                select(*(c for c in ledger.c if c.name != "call_key"))
+                select(*_ENTRY_COLUMNS)
                 .where(ledger.c.user_id == user_id)
                 .order_by(ledger.c.timestamp.desc(), ledger.c.id.desc())
                 .limit(limit)
