@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # dead pooled connection is already an invalidated connection that the retry layer
     # replaces on the next attempt.
     db_pool_pre_ping: bool = False
+    # Connections of PostgreSQL's single-statement fast path, out of DB_MAX_OVERFLOW; 0 = off.
+    db_fast_path_connections: int = Field(10, ge=0, le=1000)
     db_connect_timeout: float = Field(5, gt=0)
     db_statement_timeout_ms: int = Field(10_000, ge=0)
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)

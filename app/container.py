@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
-from app.cache_tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
+from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
-from app.db import answer_timeout, create_engine, masked_url
+from app.domain.credits import CreditRules
 from app.errors import StorageUnavailableError
-from app.fallback import OutageFallback, with_fallback
-from app.health import database_status
-from app.migrate import upgrade_to_head
-from app.repositories.base import (
-    CacheRepository,
-    ConsentRepository,
-    CreditPolicy,
-    CreditRepository,
-    Stores,
-)
+from app.ops.health import database_status
+from app.ops.migrate import upgrade_to_head
+from app.ops.retention import RetentionJob
+from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
-from app.repositories.pg_driver import DriverStatements
+from app.repositories.pg_connections import FastConnections
 from app.repositories.sql import sql_stores
-from app.resilience import CircuitBreaker, Guard, Guarded, RetryPolicy, is_unavailable
-from app.retention import RetentionJob
 from app.services.assistant import AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
-from app.storage import StorageProvider
+from app.storage.engine import create_engine, fast_connections, masked_url
+from app.storage.fallback import OutageFallback, with_fallback
+from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits
+from app.storage.provider import StorageProvider
+from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +42,12 @@ class Container:
     settings: Settings
     engine: AsyncEngine
     storage: StorageProvider
-    policy: CreditPolicy
+    rules: CreditRules
     answerer: Answerer
     breaker: CircuitBreaker
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
     cache_tiers: CacheTiers
-    driver: DriverStatements | None  # the PostgreSQL fast paths' connections
+    fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
@@ -69,7 +65,7 @@ class Container:
         )
 
     def credit_service(self) -> CreditService:
-        return CreditService(self.storage.stores.credits, self.policy)
+        return CreditService(self.storage.stores.credits)
 
     def consent_service(self) -> UserConsentService:
         return UserConsentService(self.storage.stores.consents)
@@ -120,13 +116,13 @@ class Container:
         await self.cache_tiers.close()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)
-        if self.driver is not None:
-            await self.driver.close()
+        if self.fast is not None:
+            await self.fast.close()
         await self.engine.dispose()
 
 
 def build_container(settings: Settings, *, answerer: Answerer | None = None) -> Container:
-    policy = CreditPolicy(
+    rules = CreditRules(
         guest_max=settings.guest_max_credits,
         registered_max=settings.registered_max_credits,
         reset_period=settings.credit_reset_period,
@@ -141,20 +137,13 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings.storage_backend.value,
         masked_url(settings.database_url),
     )
-    driver = None
-    if not settings.is_sqlite:
-        driver = DriverStatements(
-            engine,
-            pool_limit=settings.db_pool_size + settings.db_max_overflow,
-            recycle_seconds=settings.db_pool_recycle,
-            answer_timeout=answer_timeout(settings),
-        )
-    sql = sql_stores(engine, policy, batch_size=settings.retention_batch_size, driver=driver)
+    fast = fast_connections(engine, settings)
+    sql = sql_stores(engine, rules, batch_size=settings.retention_batch_size, fast=fast)
     guarded = guarded_stores(sql, breaker, settings)
     fallback = None
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
-        fallback = OutageFallback(lambda: memory_stores(policy))
-    memory = memory_stores(policy)
+        fallback = OutageFallback(lambda: memory_stores(rules))
+    memory = memory_stores(rules)
     cache_tiers = build_cache_tiers(settings, memory=memory.cache, database=guarded.cache)
     storage = StorageProvider(
         backend=settings.storage_backend,
@@ -167,12 +156,12 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         settings=settings,
         engine=engine,
         storage=storage,
-        policy=policy,
+        rules=rules,
         answerer=answerer or CatalogueAnswerer(),
         breaker=breaker,
         guarded=guarded,
         cache_tiers=cache_tiers,
-        driver=driver,
+        fast=fast,
         fallback=fallback,
     )
 
@@ -191,7 +180,7 @@ def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) 
     )
     once = Guard(breaker, ONE_ATTEMPT)
     return Stores(
-        credits=cast(CreditRepository, Guarded(stores.credits, retried)),
-        consents=cast(ConsentRepository, Guarded(stores.consents, retried)),
-        cache=cast(CacheRepository, Guarded(stores.cache, once)),
+        credits=GuardedCredits(stores.credits, retried),
+        consents=GuardedConsents(stores.consents, retried),
+        cache=GuardedCache(stores.cache, once),
     )

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from app.container import build_container
-from app.repositories.base import CreditPolicy
+from app.domain.credits import CreditRules
 from app.repositories.memory import memory_stores
 from app.services.query_cache import CacheStats, QueryCacheService
 from bench.context import Context
@@ -54,10 +54,10 @@ OPERATIONS: dict[str, Operation] = {"get (hit)": _hit, "get (miss)": _miss, "set
 
 @asynccontextmanager
 async def _memory(url: str) -> AsyncIterator[tuple[QueryCacheService, CacheStats]]:
-    policy = CreditPolicy(10, 50, timedelta(hours=24))
+    rules = CreditRules(10, 50, timedelta(hours=24))
     stats = CacheStats()
     yield (
-        QueryCacheService(memory_stores(policy).cache, default_ttl_seconds=3600, stats=stats),
+        QueryCacheService(memory_stores(rules).cache, default_ttl_seconds=3600, stats=stats),
         stats,
     )
 

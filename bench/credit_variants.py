@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.clock import utc_now
 from app.container import build_container
-from app.db import create_engine
+from app.domain.credits import CreditRules
 from app.models import CreditTransactionRow, UserCreditsRow
-from app.repositories.base import CreditPolicy
 from app.repositories.memory import memory_stores
 from app.services.credits import CreditService
+from app.storage.engine import create_engine
 from bench import fixtures
 from bench.capture import DriverLog, Sent
 from bench.load import Op, Worker, stateless
@@ -108,7 +108,7 @@ async def capture_deduction(url: str) -> tuple[DriverLog, Rewrite]:
     user = fixtures.user_id(fixtures.POOL_PREFIX, 0)
     at = utc_now()
     # The container's stores, with a fixed clock so the timestamps can be recognised.
-    service = CreditService(container.storage.stores.credits, container.policy, clock=lambda: at)
+    service = CreditService(container.storage.stores.credits, clock=lambda: at)
     try:
         await service.deduct_credits(user)  # the connection's first use: prepares, loads types
         with DriverLog() as log:
@@ -227,8 +227,8 @@ class Memory(Variant):
     in_database = False
 
     async def open(self, url: str) -> None:
-        policy = CreditPolicy(fixtures.HUGE, fixtures.HUGE, timedelta(hours=24))
-        self.service = CreditService(memory_stores(policy).credits, policy)
+        rules = CreditRules(fixtures.HUGE, fixtures.HUGE, timedelta(hours=24))
+        self.service = CreditService(memory_stores(rules).credits)
         for number in range(fixtures.POOL_USERS):  # the same accounts as in the database
             await self.service.get_user_credits(fixtures.user_id(fixtures.POOL_PREFIX, number))
         await self.service.get_user_credits(fixtures.HOT_USER)

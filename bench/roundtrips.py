@@ -94,7 +94,10 @@ def _cells(counts: Counts | None) -> list[str]:
 async def run(ctx: Context) -> None:
     heading("roundtrips: database round trips per call (warm connection)")
     url = await ctx.main_db()
-    container = build_container(bench_settings(url, pool=1, db_max_overflow=0))
+    # One connection each for the general path and the fast path: every call warm.
+    container = build_container(
+        bench_settings(url, pool=1, db_max_overflow=1, db_fast_path_connections=1)
+    )
     fresh = (f"rt-{n:06d}" for n in itertools.count())
     counted: dict[str, tuple[Counts, Counts | None]] = {}
     try:

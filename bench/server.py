@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from app.config import Settings, StorageBackend, normalise_database_url
-from app.db import create_engine
-from app.migrate import upgrade_to_head
+from app.ops.migrate import upgrade_to_head
+from app.storage.engine import create_engine
 
 
 @dataclass
@@ -55,12 +55,14 @@ def asyncpg_dsn(url: str) -> str:
 
 
 def bench_settings(url: str, *, pool: int = 16, **overrides: object) -> Settings:
-    """The service's settings as production would have them, with a pool big enough for
-    the concurrency under test (so the pool is never the bottleneck being measured)."""
+    """The service's settings as production would have them, with pools big enough for
+    the concurrency under test (so no pool is the bottleneck being measured): `pool`
+    connections for the general path and as many for the fast path, out of the overflow."""
     values: dict[str, object] = {
         "database_url": url,
         "db_pool_size": pool,
-        "db_max_overflow": 16,
+        "db_max_overflow": pool + 16,
+        "db_fast_path_connections": pool,
         "storage_backend": StorageBackend.DATABASE,
         "cache_backend": None,
         "run_migrations_on_startup": False,

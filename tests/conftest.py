@@ -26,16 +26,16 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings, StorageBackend
-from app.db import answer_timeout, create_engine
+from app.domain.credits import CreditRules
 from app.main import create_app
-from app.migrate import upgrade_to_head
-from app.repositories.base import CreditPolicy, Stores
+from app.ops.migrate import upgrade_to_head
+from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
-from app.repositories.pg_driver import DriverStatements
 from app.repositories.sql import sql_stores
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
+from app.storage.engine import create_engine, fast_connections
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
@@ -43,7 +43,7 @@ from tests.support.redis import RedisServer, RedisUnavailable, start_local_redis
 
 STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-POLICY = CreditPolicy(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
+RULES = CreditRules(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
 TEMPLATE_DB = "assistant_template"
 T = TypeVar("T")
 
@@ -214,25 +214,23 @@ def clock() -> FakeClock:
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     """The three repositories of one store: memory, SQLite or PostgreSQL."""
     if request.param == "memory":
-        yield memory_stores(POLICY)
+        yield memory_stores(RULES)
         return
     async with fresh_database(request, request.param) as url:
         settings = Settings(database_url=url)
         engine = create_engine(settings)
-        # As the service runs: fast-path connections held between calls.
-        driver = DriverStatements(
-            engine, pool_limit=30, recycle_seconds=3600, answer_timeout=answer_timeout(settings)
-        )
+        fast = fast_connections(engine, settings)  # as the service runs: PostgreSQL's fast path
         try:
-            yield sql_stores(engine, POLICY, driver=driver)
+            yield sql_stores(engine, RULES, fast=fast)
         finally:
-            await driver.close()
+            if fast is not None:
+                await fast.close()
             await engine.dispose()
 
 
 @pytest.fixture
 def ledger_audit() -> LedgerAudit:
-    return LedgerAudit(POLICY)
+    return LedgerAudit(RULES)
 
 
 @pytest.fixture
@@ -242,9 +240,9 @@ async def credit_service(
     """The credit service on the store under test; afterwards the ledger invariant is checked
     for every account the test touched."""
     audited = AuditedCreditRepository(stores.credits, ledger_audit)
-    service = CreditService(audited, POLICY, clock=clock)
+    service = CreditService(audited, clock=clock)
     yield service
-    await ledger_audit.verify(CreditService(stores.credits, POLICY, clock=clock))
+    await ledger_audit.verify(CreditService(stores.credits, clock=clock))
 
 
 @pytest.fixture

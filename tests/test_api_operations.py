@@ -20,6 +20,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.container import Container
+from app.domain.credits import Attempt, Deduct
 from app.main import create_app
 from tests.conftest import _admin, app_settings, fresh_database, run_outside_loop
 
@@ -105,6 +106,9 @@ class TestHealth:
         pool = database["pool"]
         assert {"size", "in_use", "overflow_in_use"} <= set(pool)
         assert all(isinstance(value, int) and value >= 0 for value in pool.values())
+        if database["dialect"] == "postgresql":  # the fast path's own connections
+            assert database["fast_path"]["size"] == 10
+            assert 0 <= database["fast_path"]["busy"] <= database["fast_path"]["open"] <= 10
 
     async def test_readiness_reports_a_closed_circuit_breaker_on_a_healthy_service(
         self, client: httpx.AsyncClient
@@ -280,9 +284,7 @@ class TestMaintenance:
     ) -> None:
         stores = container_of(running_app).storage
         long_ago = datetime.now(UTC) - timedelta(days=200)
-        await stores.stores.credits.deduct(
-            "ancient", 2, is_guest=True, now=long_ago, description=None, idempotency_key=None
-        )
+        await stores.stores.credits.apply("ancient", Deduct(2), Attempt(long_ago, "long-ago"))
         await stores.cache.set(
             hashlib.sha256(b"stale").hexdigest(),
             {"answer": "old", "products": []},

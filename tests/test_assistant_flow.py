@@ -14,7 +14,6 @@ from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
-from tests.conftest import POLICY
 from tests.support.clock import FakeClock
 
 
@@ -35,7 +34,7 @@ class SlowAnswerer:
 
 def assistant(stores: Stores, clock: FakeClock, answerer: SlowAnswerer) -> AssistantService:
     return AssistantService(
-        credits=CreditService(stores.credits, POLICY, clock=clock),
+        credits=CreditService(stores.credits, clock=clock),
         consents=UserConsentService(stores.consents, clock=clock),
         cache=QueryCacheService(
             stores.cache, default_ttl_seconds=60, stats=CacheStats(), clock=clock
@@ -47,7 +46,7 @@ def assistant(stores: Stores, clock: FakeClock, answerer: SlowAnswerer) -> Assis
 
 
 async def total_charged(stores: Stores, users: list[str], clock: FakeClock) -> int:
-    credits = CreditService(stores.credits, POLICY, clock=clock)
+    credits = CreditService(stores.credits, clock=clock)
     rows = [row for user in users for row in await credits.get_transaction_history(user)]
     return -sum(row.amount for row in rows)
 

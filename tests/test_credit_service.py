@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import InsufficientCreditsError
-from app.repositories.base import Stores
+from app.repositories.sql import sql_stores
 from app.services.credits import CreditService
-from tests.conftest import POLICY
+from tests.conftest import RULES
 from tests.support.clock import FakeClock
 from tests.support.ledger import LedgerAudit
 
@@ -225,6 +226,42 @@ class TestResets:
         assert account.last_reset_timestamp == later
         assert await credit_service.get_transaction_history("idle") == []
 
+    async def test_a_due_reset_happens_before_a_refund(
+        self, credit_service: CreditService, clock: FakeClock
+    ) -> None:
+        await credit_service.deduct_credits("refund-late", 8)
+        clock.advance(hours=24)
+        account = await credit_service.refund_credits("refund-late", 2)
+        assert account.available_credits == 10  # refilled; nothing left to refund
+        kinds = [
+            (row.transaction_type, row.amount)
+            for row in await credit_service.get_transaction_history("refund-late")
+        ]
+        assert kinds == [("reset", 8), ("deduction", -8)]
+
+    async def test_a_due_reset_happens_before_an_upgrade(
+        self, credit_service: CreditService, clock: FakeClock
+    ) -> None:
+        await credit_service.deduct_credits("upgrade-late", 7)
+        clock.advance(hours=24)
+        account = await credit_service.upgrade_to_registered("upgrade-late")
+        assert (account.available_credits, account.max_credits) == (50, 50)
+        kinds = [
+            (row.transaction_type, row.amount)
+            for row in await credit_service.get_transaction_history("upgrade-late")
+        ]
+        assert kinds == [("upgrade", 40), ("reset", 7), ("deduction", -7)]
+
+    async def test_a_due_reset_happens_before_a_repeated_key_is_answered(
+        self, credit_service: CreditService, clock: FakeClock
+    ) -> None:
+        await credit_service.deduct_credits("repeat-late", 6, idempotency_key="once")
+        clock.advance(hours=25)
+        account = await credit_service.deduct_credits("repeat-late", 6, idempotency_key="once")
+        assert account.available_credits == 10
+        newest = (await credit_service.get_transaction_history("repeat-late"))[0]
+        assert (newest.transaction_type, newest.amount) == ("reset", 6)
+
     async def test_an_explicit_reset_refills_now(
         self, credit_service: CreditService, clock: FakeClock
     ) -> None:
@@ -272,12 +309,9 @@ class TestHistoryAndRetention:
 
 class TestRetentionInBatches:
     async def test_cleanup_deletes_across_many_batches_and_keeps_recent_rows(
-        self, stores: Stores, clock: FakeClock
+        self, engine: AsyncEngine, clock: FakeClock
     ) -> None:
-        credits = stores.credits
-        if hasattr(credits, "_batch_size"):
-            credits._batch_size = 3  # many batches from a few rows
-        service = CreditService(credits, POLICY, clock=clock)
+        service = CreditService(sql_stores(engine, RULES, batch_size=3).credits, clock=clock)
         for user in ("a", "b", "c", "d"):
             for _ in range(4):
                 await service.deduct_credits(user, 1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.repositories.local_cache import LocalCacheTier, TierStats
+from app.cache.local_tier import LocalCacheTier, TierStats
 from app.repositories.memory import MemoryCacheRepository
 
 T0 = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)

@@ -24,12 +24,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.db import create_engine
-from app.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.models import Base
+from app.ops.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.repositories.sql import sql_stores
 from app.services.credits import CreditService
-from tests.conftest import POLICY, empty_postgres_database
+from app.storage.engine import create_engine
+from tests.conftest import RULES, empty_postgres_database
 from tests.support.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ class TestUpAndDown:
         assert await current_revision(empty_engine) is None
 
         await alembic(empty_engine, "upgrade", "head")
-        credits = CreditService(sql_stores(empty_engine, POLICY).credits, POLICY)
+        credits = CreditService(sql_stores(empty_engine, RULES).credits)
         account = await credits.deduct_credits("after-roundtrip", 2, idempotency_key="k")
         assert account.available_credits == 8
 
@@ -143,7 +143,7 @@ class TestDataSurvivesUpgrades:
         def clock() -> datetime:
             return datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
-        credits = CreditService(sql_stores(empty_engine, POLICY).credits, POLICY, clock=clock)
+        credits = CreditService(sql_stores(empty_engine, RULES).credits, clock=clock)
         account = await credits.get_user_credits("veteran")
         assert (account.available_credits, account.is_guest) == (42, False)
         assert account.last_reset_timestamp == written

@@ -18,8 +18,8 @@ import pytest
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from app.repositories.local_cache import LocalCacheTier
-from app.repositories.redis_cache import RedisCacheRepository, redis_client
+from app.cache.local_tier import LocalCacheTier
+from app.cache.redis_tier import RedisCacheRepository, redis_client
 from app.services.query_cache import CacheStats, QueryCacheService
 from tests.support.redis import RedisServer
 

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.resilience import (
+from app.storage.resilience import (
     BreakerState,
     CircuitBreaker,
     Guard,

@@ -8,19 +8,19 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.ops.retention import RETENTION_LOCK_KEY, RetentionJob
 from app.repositories.sql import sql_stores
-from app.retention import RETENTION_LOCK_KEY, RetentionJob
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
-from tests.conftest import POLICY
+from tests.conftest import RULES
 from tests.support.clock import FakeClock
 
 
 def job(engine: AsyncEngine, clock: FakeClock, *, interval: float = 0) -> RetentionJob:
-    stores = sql_stores(engine, POLICY, batch_size=2)
+    stores = sql_stores(engine, RULES, batch_size=2)
     return RetentionJob(
         database=lambda: engine,
-        credits=lambda: CreditService(stores.credits, POLICY, clock=clock),
+        credits=lambda: CreditService(stores.credits, clock=clock),
         cache=lambda: QueryCacheService(
             stores.cache, default_ttl_seconds=60, stats=CacheStats(), clock=clock
         ),
@@ -30,8 +30,8 @@ def job(engine: AsyncEngine, clock: FakeClock, *, interval: float = 0) -> Retent
 
 
 async def seed(engine: AsyncEngine, clock: FakeClock) -> None:
-    stores = sql_stores(engine, POLICY)
-    credits = CreditService(stores.credits, POLICY, clock=clock)
+    stores = sql_stores(engine, RULES)
+    credits = CreditService(stores.credits, clock=clock)
     cache = QueryCacheService(stores.cache, default_ttl_seconds=60, stats=CacheStats(), clock=clock)
     for n in range(5):
         await credits.deduct_credits(f"old-{n}", 1)
@@ -87,8 +87,8 @@ class TestSchedule:
         scheduled = job(engine, clock, interval=0.05)
         scheduled.start()
         try:
-            stores = sql_stores(engine, POLICY)
-            credits = CreditService(stores.credits, POLICY, clock=clock)
+            stores = sql_stores(engine, RULES)
+            credits = CreditService(stores.credits, clock=clock)
             for _ in range(100):
                 if not await credits.get_transaction_history("old-0"):
                     break

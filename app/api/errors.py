@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from app.errors import AppError, InsufficientCreditsError, StorageUnavailableError
-from app.resilience import is_unavailable
+from app.storage.resilience import is_unavailable
 
 logger = logging.getLogger(__name__)
 

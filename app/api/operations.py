@@ -11,7 +11,7 @@ from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
-from app.health import database_status
+from app.ops.health import database_status
 
 health = APIRouter(prefix="/health", tags=["health"])
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -27,8 +27,8 @@ async def live() -> dict[str, str]:
 async def ready(container: ContainerDep) -> JSONResponse:
     """Readiness: 200 when the active store answers, else 503."""
     database = await database_status(container.engine)
-    # Held by the fast paths between calls: idle, though the pool counts them in use.
-    database["pool"]["held_idle"] = container.driver.idle if container.driver else 0
+    if container.fast is not None:  # PostgreSQL's fast path: its own connections
+        database["fast_path"] = container.fast.figures
     backend = container.storage.backend
     fallback = container.fallback
     on_fallback = fallback is not None and not database["up_to_date"]

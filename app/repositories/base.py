@@ -1,108 +1,26 @@
-"""The repository protocols every store implements, and the credit rules they share."""
+"""The repository protocols every store implements."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
+from app.domain.credits import Attempt, Operation
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
-@dataclass(frozen=True)
-class CreditPolicy:
-    """Budgets and refill period, as configured (SPEC §5)."""
-
-    guest_max: int
-    registered_max: int
-    reset_period: timedelta
-
-    def max_for(self, is_guest: bool) -> int:
-        return self.guest_max if is_guest else self.registered_max
-
-    def reset_cutoff(self, now: datetime) -> datetime:
-        """A reset is due when `last_reset_timestamp <= cutoff`."""
-        return now - self.reset_period
-
-    def account(
-        self,
-        *,
-        user_id: str,
-        is_guest: bool,
-        available_credits: int,
-        max_credits: int,
-        last_reset_timestamp: datetime,
-    ) -> UserCredits:
-        return UserCredits(
-            user_id=user_id,
-            is_guest=is_guest,
-            available_credits=available_credits,
-            max_credits=max_credits,
-            last_reset_timestamp=last_reset_timestamp,
-            next_reset_at=last_reset_timestamp + self.reset_period,
-        )
-
-
-class CallKey(str):
-    """An idempotency key the service made for one call, the client having given none.
-
-    Nothing else can ever send it, so only a retry of that same call can repeat it:
-    a store may record it more cheaply than a client's key, as long as a retry finds it
-    (app/repositories/pg_credits.py)."""
-
-    __slots__ = ()
-
-
-RESET_NOTE = "credits reset"
-UPGRADE_NOTE = "upgraded to registered"
-
-
-def upgraded_balance(available: int, old_max: int, registered_max: int) -> int:
-    """A guest's balance grows by the difference of the maxima, within [0, registered_max]."""
-    return max(0, min(available + registered_max - old_max, registered_max))
-
-
 class CreditRepository(Protocol):
-    """Accounts and their ledger. Every method is one atomic unit of work.
+    """Accounts and their ledger, by the rules of app/domain/credits.py.
 
-    Every method that touches an account creates it on first sight (full balance)
-    and applies a due reset first. Every balance change writes one ledger row in
-    the same unit of work. A change carrying an idempotency key already claimed
-    for that user changes nothing and returns the account as it is.
+    `apply` is one atomic unit of work: it opens an unseen account, applies a due reset,
+    then the operation, and writes every balance change's ledger row with it. A change
+    whose key was applied before for that user changes nothing else.
     """
 
-    async def get_or_create(
-        self, user_id: str, *, is_guest: bool, now: datetime
-    ) -> UserCredits: ...
-
-    async def deduct(
-        self,
-        user_id: str,
-        amount: int,
-        *,
-        is_guest: bool,
-        now: datetime,
-        description: str | None,
-        idempotency_key: str | None,
-    ) -> UserCredits:
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         """Raises InsufficientCreditsError, changing nothing, when the balance is short."""
         ...
-
-    async def refund(
-        self,
-        user_id: str,
-        amount: int,
-        *,
-        now: datetime,
-        description: str | None,
-        idempotency_key: str | None,
-    ) -> UserCredits:
-        """Credits at most up to `max_credits`; the ledger records what was credited."""
-        ...
-
-    async def upgrade(self, user_id: str, *, registered_max: int, now: datetime) -> UserCredits: ...
-
-    async def reset(self, user_id: str, *, now: datetime) -> UserCredits: ...
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         """Newest first."""

@@ -1,170 +1,67 @@
 """The original in-memory store (dicts and lists), as a real adapter of the protocols.
 
-Each method runs its whole read-check-write under one asyncio lock, so racing
-coroutines see the same atomicity the SQL store gets from its statements.
+Each call decides and stores its outcome with no await in between, so on the event
+loop racing coroutines see the atomicity the SQL store gets from its transactions.
 Everything is lost when the process ends.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import itertools
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from app.errors import InsufficientCreditsError
-from app.repositories.base import RESET_NOTE, UPGRADE_NOTE, CreditPolicy, Stores, upgraded_balance
-from app.schemas import CreditTransaction, TransactionType, UserConsent, UserCredits
-
-
-@dataclass
-class _Account:
-    is_guest: bool
-    available: int
-    max: int
-    last_reset: datetime
+from app.domain.credits import Account, Attempt, CreditRules, Entry, Operation
+from app.repositories.base import Stores
+from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
 class MemoryCreditRepository:
-    """Accounts, ledger and idempotency keys in dicts (see CreditRepository)."""
+    """Accounts, ledger and idempotency keys in dicts (see CreditRepository): the
+    domain's rules applied, the outcome stored only once decided."""
 
-    def __init__(self, policy: CreditPolicy) -> None:
-        self._policy = policy
-        self._lock = asyncio.Lock()
-        self._accounts: dict[str, _Account] = {}
+    def __init__(self, rules: CreditRules) -> None:
+        self._rules = rules
+        self._accounts: dict[str, Account] = {}
         self._ledger: dict[str, list[CreditTransaction]] = defaultdict(list)
         self._keys: dict[tuple[str, str], datetime] = {}
         self._ids = itertools.count(1)
 
-    async def get_or_create(self, user_id: str, *, is_guest: bool, now: datetime) -> UserCredits:
-        async with self._lock:
-            return self._view(user_id, self._prepare(user_id, is_guest, now))
-
-    async def deduct(
-        self,
-        user_id: str,
-        amount: int,
-        *,
-        is_guest: bool,
-        now: datetime,
-        description: str | None,
-        idempotency_key: str | None,
-    ) -> UserCredits:
-        async with self._lock:
-            account = self._prepare(user_id, is_guest, now)
-            if not self._claim(user_id, idempotency_key, now):
-                return self._view(user_id, account)
-            if account.available < amount:
-                self._unclaim(user_id, idempotency_key)
-                raise InsufficientCreditsError(user_id, account.available, amount)
-            account.available -= amount
-            self._record(user_id, "deduction", -amount, now, description)
-            return self._view(user_id, account)
-
-    async def refund(
-        self,
-        user_id: str,
-        amount: int,
-        *,
-        now: datetime,
-        description: str | None,
-        idempotency_key: str | None,
-    ) -> UserCredits:
-        async with self._lock:
-            account = self._prepare(user_id, True, now)
-            if self._claim(user_id, idempotency_key, now):
-                credited = min(amount, account.max - account.available)
-                account.available += credited
-                self._record(user_id, "refund", credited, now, description)
-            return self._view(user_id, account)
-
-    async def upgrade(self, user_id: str, *, registered_max: int, now: datetime) -> UserCredits:
-        async with self._lock:
-            account = self._prepare(user_id, True, now)
-            if account.is_guest:
-                before = account.available
-                account.available = upgraded_balance(account.available, account.max, registered_max)
-                account.is_guest, account.max = False, registered_max
-                self._record(user_id, "upgrade", account.available - before, now, UPGRADE_NOTE)
-            return self._view(user_id, account)
-
-    async def reset(self, user_id: str, *, now: datetime) -> UserCredits:
-        async with self._lock:
-            account = self._prepare(user_id, True, now)
-            self._refill(user_id, account, now)
-            return self._view(user_id, account)
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        key = None if attempt.key is None else (user_id, attempt.key)
+        repeated = key is not None and key in self._keys
+        outcome = self._rules.apply(
+            self._accounts.get(user_id), user_id, operation, attempt.at, repeated=repeated
+        )
+        self._accounts[user_id] = outcome.account
+        for entry in outcome.entries:
+            self._ledger[user_id].append(self._row(user_id, entry, attempt.at))
+        if key is not None and not repeated:
+            self._keys[key] = attempt.at
+        return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        async with self._lock:
-            return list(reversed(self._ledger.get(user_id, [])[-limit:]))
+        return list(reversed(self._ledger.get(user_id, [])[-limit:]))
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
-        async with self._lock:
-            deleted = 0
-            for user_id, rows in list(self._ledger.items()):
-                kept = [row for row in rows if row.timestamp >= cutoff]
-                deleted += len(rows) - len(kept)
-                self._ledger[user_id] = kept
-            self._keys = {key: at for key, at in self._keys.items() if at >= cutoff}
-            return deleted
+        deleted = 0
+        for user_id, rows in list(self._ledger.items()):
+            kept = [row for row in rows if row.timestamp >= cutoff]
+            deleted += len(rows) - len(kept)
+            self._ledger[user_id] = kept
+        self._keys = {key: at for key, at in self._keys.items() if at >= cutoff}
+        return deleted
 
-    def _prepare(self, user_id: str, is_guest: bool, now: datetime) -> _Account:
-        account = self._accounts.get(user_id)
-        if account is None:
-            full = self._policy.max_for(is_guest)
-            account = self._accounts[user_id] = _Account(is_guest, full, full, now)
-        elif account.last_reset <= self._policy.reset_cutoff(now):
-            self._refill(user_id, account, now)
-        return account
-
-    def _refill(self, user_id: str, account: _Account, now: datetime) -> None:
-        refill = account.max - account.available
-        account.available, account.last_reset = account.max, now
-        self._record(user_id, "reset", refill, now, RESET_NOTE)
-
-    def _claim(self, user_id: str, key: str | None, now: datetime) -> bool:
-        if key is None:
-            return True
-        if (user_id, key) in self._keys:
-            return False
-        self._keys[(user_id, key)] = now
-        return True
-
-    def _unclaim(self, user_id: str, key: str | None) -> None:
-        if key is not None:
-            del self._keys[(user_id, key)]
-
-    def _record(
-        self,
-        user_id: str,
-        kind: TransactionType,
-        amount: int,
-        now: datetime,
-        description: str | None,
-    ) -> None:
-        if amount == 0:  # nothing moved, nothing to record (the ledger never holds 0)
-            return
-        self._ledger[user_id].append(
-            CreditTransaction(
-                id=next(self._ids),
-                user_id=user_id,
-                transaction_type=kind,
-                amount=amount,
-                timestamp=now,
-                description=description,
-            )
-        )
-
-    def _view(self, user_id: str, account: _Account) -> UserCredits:
-        return self._policy.account(
+    def _row(self, user_id: str, entry: Entry, now: datetime) -> CreditTransaction:
+        return CreditTransaction(
+            id=next(self._ids),
             user_id=user_id,
-            is_guest=account.is_guest,
-            available_credits=account.available,
-            max_credits=account.max,
-            last_reset_timestamp=account.last_reset,
+            transaction_type=entry.kind,
+            amount=entry.amount,
+            timestamp=now,
+            description=entry.description,
         )
 
 
@@ -239,9 +136,9 @@ class MemoryCacheRepository:
         return sum(1 for _, expires_at in self._entries.values() if expires_at > now)
 
 
-def memory_stores(policy: CreditPolicy) -> Stores:
+def memory_stores(rules: CreditRules) -> Stores:
     return Stores(
-        credits=MemoryCreditRepository(policy),
+        credits=MemoryCreditRepository(rules),
         consents=MemoryConsentRepository(),
         cache=MemoryCacheRepository(),
     )

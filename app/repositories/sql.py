@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.repositories.base import CreditPolicy, Stores
+from app.domain.credits import CreditRules
+from app.repositories.base import CreditRepository, Stores
+from app.repositories.pg_connections import FastConnections
 from app.repositories.pg_credits import PostgresCreditRepository
-from app.repositories.pg_driver import DriverStatements
 from app.repositories.sql_base import DEFAULT_BATCH
 from app.repositories.sql_cache import SqlCacheRepository
 from app.repositories.sql_consents import SqlConsentRepository
@@ -15,22 +16,17 @@ from app.repositories.sql_credits import SqlCreditRepository
 
 def sql_stores(
     engine: AsyncEngine,
-    policy: CreditPolicy,
+    rules: CreditRules,
     *,
     batch_size: int = DEFAULT_BATCH,
-    driver: DriverStatements | None = None,
+    fast: FastConnections | None = None,
 ) -> Stores:
-    """PostgreSQL gets the single-statement fast paths, run on `driver` (by default one
-    holding no connection between calls, with no client-side bound on a statement);
-    SQLite keeps the general path."""
-    credits: SqlCreditRepository
-    if engine.dialect.name == "postgresql":
-        driver = driver or DriverStatements(
-            engine, pool_limit=0, recycle_seconds=0, answer_timeout=None
-        )
-        credits = PostgresCreditRepository(engine, policy, driver, batch_size=batch_size)
-    else:
-        credits = SqlCreditRepository(engine, policy, batch_size=batch_size)
+    """With `fast` connections (PostgreSQL), credits take the single-statement fast path
+    first; without, and on SQLite, the general path alone."""
+    general = SqlCreditRepository(engine, rules, batch_size=batch_size)
+    credits: CreditRepository = (
+        general if fast is None else PostgresCreditRepository(general, fast, rules)
+    )
     return Stores(
         credits=credits,
         consents=SqlConsentRepository(engine),

@@ -17,7 +17,7 @@ DEFAULT_BATCH = 5000
 @asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """One unit of work: commits when the block ends, rolls back when it raises.
-    Retries and error translation wrap the whole unit (app/resilience.py)."""
+    Retries and error translation wrap the whole unit (app/storage/resilience.py)."""
     async with engine.begin() as connection:
         yield connection
 

@@ -8,14 +8,15 @@ import secrets
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
-from app.repositories.base import CallKey, CreditPolicy, CreditRepository
+from app.domain.credits import Attempt, Deduct, Read, Refund, Reset, Upgrade
+from app.repositories.base import CreditRepository
 from app.schemas import CreditTransaction, UserCredits
 
 
-class _CallKeys:
+class _OwnKeys:
     """Keys unique to each call, across processes and restarts: 64 random bits drawn
-    once per process, then a counter. Drawing random bits for every call cost a
-    twentieth of the deduction's CPU (a system call each)."""
+    once per process, then a counter. Random bits for every call would cost a system
+    call each."""
 
     def __init__(self) -> None:
         self._prefix = ""
@@ -25,20 +26,14 @@ class _CallKeys:
     def _forget(self) -> None:
         self._prefix = ""
 
-    def __call__(self) -> CallKey:
+    def __call__(self) -> str:
         if not self._prefix:
             self._prefix = f"call:{secrets.token_hex(8)}:"
             self._counter = itertools.count()
-        return CallKey(f"{self._prefix}{next(self._counter):x}")
+        return f"{self._prefix}{next(self._counter):x}"
 
 
-_new_call_key = _CallKeys()
-
-
-def _call_key(idempotency_key: str | None) -> str:
-    """The client's key, or one for this call alone: a retry after a commit whose
-    outcome was lost then finds the key and charges nothing twice."""
-    return idempotency_key if idempotency_key is not None else _new_call_key()
+_own_key = _OwnKeys()
 
 
 def _require_positive(name: str, value: int) -> None:
@@ -49,20 +44,18 @@ def _require_positive(name: str, value: int) -> None:
 class CreditService:
     """Every user's budget of AI queries (SPEC §3).
 
-    Atomicity lives in the repository, which does each call as one unit of work;
-    this class holds the rules that do not depend on the store.
+    The rules are app/domain/credits.py's; the repository applies each call as one
+    unit of work. This class checks the arguments and gives every change its attempt:
+    the instant and the key a retry or a replay sends again.
     """
 
-    def __init__(
-        self, repository: CreditRepository, policy: CreditPolicy, *, clock: Clock = utc_now
-    ) -> None:
+    def __init__(self, repository: CreditRepository, *, clock: Clock = utc_now) -> None:
         self._repository = repository
-        self._policy = policy
         self._clock = clock
 
     async def get_user_credits(self, user_id: str, is_guest: bool = True) -> UserCredits:
         """The account, created with a full balance on first sight; a due reset applied first."""
-        return await self._repository.get_or_create(user_id, is_guest=is_guest, now=self._clock())
+        return await self._repository.apply(user_id, Read(is_guest), Attempt(self._clock()))
 
     async def check_credits(self, user_id: str, required: int = 1, is_guest: bool = True) -> bool:
         _require_positive("required", required)
@@ -83,14 +76,8 @@ class CreditService:
         A repeated `idempotency_key` charges nothing and returns the account as it is.
         """
         _require_positive("amount", amount)
-        return await self._repository.deduct(
-            user_id,
-            amount,
-            is_guest=is_guest,
-            now=self._clock(),
-            description=description,
-            idempotency_key=_call_key(idempotency_key),
-        )
+        deduct = Deduct(amount, is_guest, description)
+        return await self._repository.apply(user_id, deduct, self._keyed(idempotency_key))
 
     async def refund_credits(
         self,
@@ -102,23 +89,16 @@ class CreditService:
     ) -> UserCredits:
         """Gives credits back, never above `max_credits`."""
         _require_positive("amount", amount)
-        return await self._repository.refund(
-            user_id,
-            amount,
-            now=self._clock(),
-            description=description,
-            idempotency_key=_call_key(idempotency_key),
-        )
+        refund = Refund(amount, description)
+        return await self._repository.apply(user_id, refund, self._keyed(idempotency_key))
 
     async def upgrade_to_registered(self, user_id: str) -> UserCredits:
         """A guest becomes registered and gains the difference of the two maxima."""
-        return await self._repository.upgrade(
-            user_id, registered_max=self._policy.registered_max, now=self._clock()
-        )
+        return await self._repository.apply(user_id, Upgrade(), Attempt(self._clock()))
 
     async def reset_credits(self, user_id: str) -> UserCredits:
         """Refills to `max_credits` now and restarts the reset period."""
-        return await self._repository.reset(user_id, now=self._clock())
+        return await self._repository.apply(user_id, Reset(), Attempt(self._clock()))
 
     async def get_transaction_history(
         self, user_id: str, limit: int = 50
@@ -133,3 +113,10 @@ class CreditService:
         return await self._repository.delete_transactions_before(
             self._clock() - timedelta(days=days)
         )
+
+    def _keyed(self, idempotency_key: str | None) -> Attempt:
+        """The client's key, or one for this call alone: a retry after a commit whose
+        answer was lost then finds the key and charges nothing twice."""
+        if idempotency_key is not None:
+            return Attempt(self._clock(), idempotency_key)
+        return Attempt(self._clock(), _own_key(), own_key=True)

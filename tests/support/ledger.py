@@ -6,20 +6,19 @@ sum of its ledger amounts (until retention removes rows).
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
 
-from app.repositories.base import CreditPolicy, CreditRepository
+from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read
+from app.repositories.base import CreditRepository
+from app.schemas import CreditTransaction, UserCredits
 from app.services.credits import CreditService
-
-_CREATES_AS_GUEST = {"refund", "upgrade", "reset"}
-_TOUCHES_ACCOUNT = {"get_or_create", "deduct"} | _CREATES_AS_GUEST
 
 
 class LedgerAudit:
     """Remembers each account a test touched and how it was first created."""
 
-    def __init__(self, policy: CreditPolicy) -> None:
-        self._policy = policy
+    def __init__(self, rules: CreditRules) -> None:
+        self._rules = rules
         self._created_as_guest: dict[str, bool] = {}
         self.enabled = True
 
@@ -36,7 +35,7 @@ class LedgerAudit:
         for user_id, is_guest in self._created_as_guest.items():
             account = await service.get_user_credits(user_id, is_guest)
             history = await service.get_transaction_history(user_id, limit=100_000)
-            created_with = self._policy.max_for(is_guest)
+            created_with = self._rules.full(is_guest)
             ledger_sum = sum(row.amount for row in history)
             assert account.available_credits == created_with + ledger_sum, (
                 f"ledger invariant broken for {user_id}: balance {account.available_credits}, "
@@ -52,13 +51,13 @@ class AuditedCreditRepository:
         self._inner = inner
         self._audit = audit
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._inner, name)
-        if name not in _TOUCHES_ACCOUNT:
-            return method
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        is_guest = operation.is_guest if isinstance(operation, Read | Deduct) else True
+        self._audit.saw(user_id, is_guest)
+        return await self._inner.apply(user_id, operation, attempt)
 
-        async def audited(user_id: str, *args: Any, **kwargs: Any) -> Any:
-            self._audit.saw(user_id, kwargs.get("is_guest", True))
-            return await method(user_id, *args, **kwargs)
+    async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
+        return await self._inner.history(user_id, limit)
 
-        return audited
+    async def delete_transactions_before(self, cutoff: datetime) -> int:
+        return await self._inner.delete_transactions_before(cutoff)

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key serialising migrations across replicas ("shopasst").
 MIGRATION_LOCK_KEY = 0x73686F7061737374
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).parent.parent / "migrations"
 VERSION_TABLE = "alembic_version"
 
 

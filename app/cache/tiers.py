@@ -9,16 +9,16 @@ that, reads are misses at once (QueryCacheService fails open).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
+from app.cache.local_tier import LocalCacheTier, TierStats
+from app.cache.redis_tier import RedisCacheRepository, redis_client
 from app.config import CacheBackend, Settings
 from app.repositories.base import CacheRepository
-from app.repositories.local_cache import LocalCacheTier, TierStats
-from app.repositories.redis_cache import RedisCacheRepository, redis_client
-from app.resilience import CircuitBreaker, Guard, Guarded, RetryPolicy
+from app.storage.guarded import GuardedCache
+from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 
 # The cache is never worth waiting for: one attempt, then a miss.
 ONE_ATTEMPT = RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)
@@ -80,7 +80,5 @@ def build_cache_tiers(
             tiers.redis_breaker, ONE_ATTEMPT, transient=is_redis_fault, unavailable=is_redis_fault
         )
         redis_store = RedisCacheRepository(tiers.redis, settings.redis_namespace)
-        tiers.caches[CacheBackend.REDIS] = tiered(
-            cast(CacheRepository, Guarded(redis_store, guard))
-        )
+        tiers.caches[CacheBackend.REDIS] = tiered(GuardedCache(redis_store, guard))
     return tiers

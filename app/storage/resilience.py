@@ -6,19 +6,15 @@ Failures are classified by exception type and SQLSTATE, never by message text.
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 import logging
 import math
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
@@ -35,6 +31,7 @@ from app.errors import StorageUnavailableError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # too_many_connections, serialization_failure, deadlock_detected, admin_shutdown,
 # crash_shutdown, cannot_connect_now; class 08 (connection exception) is added below.
@@ -47,19 +44,21 @@ UNAVAILABLE_SQLSTATES = frozenset(
 )
 _SQLITE_BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # asyncpg's InternalClientError is a connection in a state it cannot use: one the server
-# told of its termination while it sat idle, before the socket closed. The fast paths
-# invalidate it (app/repositories/pg_driver.py); a new attempt gets another.
+# told of its termination while it sat idle, before the socket closed; its
+# ConnectionDoesNotExistError, one that closed under a statement. The fast path closes
+# such a connection (app/repositories/pg_connections.py); a new attempt gets another.
 _CONNECTION_ERRORS = (
     ConnectionRefusedError,
     ConnectionResetError,
     ConnectionAbortedError,
     asyncpg.InternalClientError,
+    asyncpg.ConnectionDoesNotExistError,
 )
 
 
 def sqlstate(error: BaseException) -> str | None:
     """The SQLSTATE of a driver error, raised by asyncpg itself (the PostgreSQL fast
-    paths) or wrapped by SQLAlchemy."""
+    path) or wrapped by SQLAlchemy."""
     state = getattr(error, "sqlstate", None) or getattr(
         getattr(error, "orig", None), "sqlstate", None
     )
@@ -70,7 +69,7 @@ def is_transient(error: BaseException) -> bool:
     """A fault that a new attempt of the whole unit of work may not meet again."""
     if isinstance(error, _CONNECTION_ERRORS):
         return True
-    if isinstance(error, asyncpg.PostgresError):  # raised by the fast paths, unwrapped
+    if isinstance(error, asyncpg.PostgresError):  # raised by the fast path, unwrapped
         return _retryable(sqlstate(error))
     if not isinstance(error, sa_exc.DBAPIError) or isinstance(error, sa_exc.IntegrityError):
         return False
@@ -92,25 +91,6 @@ def is_unavailable(error: BaseException) -> bool:
     if is_transient(error) or isinstance(error, sa_exc.TimeoutError | TimeoutError | OSError):
         return True
     return sqlstate(error) in UNAVAILABLE_SQLSTATES
-
-
-_retrying: ContextVar[bool] = ContextVar("retrying", default=False)
-
-
-def is_retry() -> bool:
-    """Inside a second or later attempt of a unit of work, or a replay of the fallback's
-    outbox: an earlier attempt may have been applied though its answer was lost."""
-    return _retrying.get()
-
-
-@contextmanager
-def retrying() -> Iterator[None]:
-    """Marks the calls made inside as repeats of an earlier attempt (see is_retry)."""
-    token = _retrying.set(True)
-    try:
-        yield
-    finally:
-        _retrying.reset(token)
 
 
 class BreakerState(StrEnum):
@@ -213,7 +193,9 @@ class Guard:
         self._transient = transient
         self._unavailable = unavailable
 
-    async def run(self, operation: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+    async def run(
+        self, operation: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         """`await operation(*args, **kwargs)`, retried and behind the breaker."""
         if not self.breaker.acquire():
             raise StorageUnavailableError(
@@ -246,9 +228,9 @@ class Guard:
 
     async def _retry(
         self,
-        operation: Callable[..., Awaitable[T]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        operation: Callable[P, Awaitable[T]],
+        args: Any,
+        kwargs: Any,
     ) -> T:
         """The attempts after a first one failed with a transient fault."""
         policy = self._policy
@@ -264,8 +246,7 @@ class Guard:
             before_sleep=_log_retry,
             reraise=True,
         )
-        with retrying():
-            result: T = await controller(operation, *args, **kwargs)
+        result: T = await controller(operation, *args, **kwargs)
         return result
 
 
@@ -277,21 +258,3 @@ def _log_retry(state: RetryCallState) -> None:
         sqlstate(error) if error else None,
         state.attempt_number,
     )
-
-
-class Guarded:
-    """Runs every coroutine method of a repository through the guard, so each call,
-    one whole unit of work, is retried and breaker-protected as one."""
-
-    def __init__(self, inner: object, guard: Guard) -> None:
-        self._inner = inner
-        self._guard = guard
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._inner, name)
-        if not inspect.iscoroutinefunction(method):
-            return method
-        guarded = functools.partial(self._guard.run, method)
-        # Kept, so later look-ups skip __getattr__: this sits on every call's hot path.
-        setattr(self, name, guarded)
-        return guarded

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.config import Settings
+from app.repositories.pg_connections import FastConnections
 
 
 def masked_url(url: str) -> str:
@@ -21,16 +24,46 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if settings.is_sqlite:
         return _sqlite_engine(settings)
     return _pooled_engine(
-        settings,
-        {
-            "timeout": settings.db_connect_timeout,
-            "command_timeout": answer_timeout(settings),
-            "server_settings": {
-                "application_name": "shopping-assistant",
-                "statement_timeout": str(settings.db_statement_timeout_ms),
-            },
-        },
+        settings, {**_postgres_connect_args(settings), "command_timeout": answer_timeout(settings)}
     )
+
+
+def fast_path_size(settings: Settings) -> int:
+    """The fast path's connections (PostgreSQL only), taken out of DB_MAX_OVERFLOW so that
+    both pools together stay within DB_POOL_SIZE + DB_MAX_OVERFLOW."""
+    if settings.is_sqlite:
+        return 0
+    return min(settings.db_fast_path_connections, settings.db_max_overflow)
+
+
+def fast_connections(engine: AsyncEngine, settings: Settings) -> FastConnections | None:
+    """The fast path's connections to the engine's database, as the engine makes them but
+    with no client-side timer per statement; None when the budget leaves none."""
+    size = fast_path_size(settings)
+    if size == 0:
+        return None
+    _, params = engine.dialect.create_connect_args(engine.url)
+    for sqlalchemy_only in ("prepared_statement_cache_size", "prepared_statement_name_func"):
+        params.pop(sqlalchemy_only, None)
+    connect = functools.partial(
+        asyncpg.connect, **params, **_postgres_connect_args(settings), command_timeout=None
+    )
+    return FastConnections(
+        connect,
+        size=size,
+        recycle_seconds=settings.db_pool_recycle,
+        answer_timeout=answer_timeout(settings),
+    )
+
+
+def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
+    return {
+        "timeout": settings.db_connect_timeout,
+        "server_settings": {
+            "application_name": "shopping-assistant",
+            "statement_timeout": str(settings.db_statement_timeout_ms),
+        },
+    }
 
 
 def answer_timeout(settings: Settings) -> float | None:
@@ -46,7 +79,7 @@ def _pooled_engine(settings: Settings, connect_args: dict[str, Any]) -> AsyncEng
         settings.database_url,
         echo=settings.db_echo_sql,
         pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
+        max_overflow=settings.db_max_overflow - fast_path_size(settings),
         pool_timeout=settings.db_pool_timeout,
         pool_recycle=settings.db_pool_recycle,
         pool_pre_ping=settings.db_pool_pre_ping,

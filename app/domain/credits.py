@@ -1,0 +1,237 @@
+"""The credit rules of SPEC §3, each stated once: pure, with no I/O and no clock.
+
+Given an account (None on first sight), an operation and `now`, `CreditRules.apply`
+returns the account after it and the ledger entries it writes, or refuses with
+InsufficientCreditsError. The memory store applies it under its lock, the SQL general
+path applies it to the account row it holds locked, and PostgreSQL's single
+statements mirror its steady state, each naming the rule it mirrors
+(app/repositories/pg_statements.py). The rules, by the names the stores cite:
+
+- FIRST SIGHT: an unseen account opens with the full budget of its tier, no ledger row.
+- DUE RESET: when `now >= last_reset + period`, any access first refills to the maximum
+  and restarts the period, with one `reset` row of the refill (none if nothing moved).
+- DEDUCT: only a balance that covers the amount; otherwise a refusal that changes nothing.
+- REFUND: credits at most up to the maximum; the row records what was credited.
+- UPGRADE: a guest becomes registered, the balance grows by the difference of the maxima.
+- RESET: back to the maximum now, the period restarts.
+- REPEATED KEY: a change whose idempotency key was already applied changes nothing
+  but the due reset, and answers with the account.
+- LEDGER: every balance change is one row of its amount, never a row of 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import assert_never
+
+from app.errors import InsufficientCreditsError
+from app.schemas import TransactionType, UserCredits
+
+RESET_NOTE = "credits reset"
+UPGRADE_NOTE = "upgraded to registered"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    user_id: str
+    is_guest: bool
+    available: int
+    maximum: int
+    last_reset: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A ledger row to write, at the operation's `now`."""
+
+    kind: TransactionType
+    amount: int
+    description: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """An access that changes nothing but FIRST SIGHT and DUE RESET."""
+
+    is_guest: bool = True  # the tier an unseen account opens with
+
+
+@dataclass(frozen=True, slots=True)
+class Deduct:
+    amount: int
+    is_guest: bool = True
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refund:
+    amount: int
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    pass
+
+
+Change = Deduct | Refund | Upgrade | Reset
+Operation = Read | Change
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One call of a credit operation as the service made it: its instant and the key it
+    is known by. Every retry and every replay sends the same attempt, so a store that
+    lost an answer finds out whether the call was applied.
+
+    `own_key`: the service made the key for this call alone, the client having sent
+    none; nothing else can ever send it. `sent`: a statement carrying the key has gone
+    to a database, so an earlier attempt may have been applied though its answer was lost.
+    """
+
+    at: datetime
+    key: str | None = None
+    own_key: bool = False
+    sent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    account: Account
+    entries: tuple[Entry, ...] = ()
+
+
+@dataclass(frozen=True)
+class CreditRules:
+    """Budgets and refill period (SPEC §5), and every rule that uses them."""
+
+    guest_max: int
+    registered_max: int
+    reset_period: timedelta
+
+    def full(self, is_guest: bool) -> int:
+        return self.guest_max if is_guest else self.registered_max
+
+    def reset_cutoff(self, now: datetime) -> datetime:
+        """DUE RESET: due when `last_reset <= cutoff`."""
+        return now - self.reset_period
+
+    def opened(self, user_id: str, is_guest: bool, now: datetime) -> Account:
+        """FIRST SIGHT."""
+        full = self.full(is_guest)
+        return Account(user_id, is_guest, full, full, now)
+
+    def apply(
+        self,
+        account: Account | None,
+        user_id: str,
+        operation: Operation,
+        now: datetime,
+        *,
+        repeated: bool = False,
+    ) -> Outcome:
+        """The account after `operation` and the ledger entries it writes, FIRST SIGHT
+        and DUE RESET first. `repeated`: the operation's key was applied before (REPEATED
+        KEY). Raises InsufficientCreditsError (DEDUCT); the caller then changes nothing."""
+        if account is None:
+            account = self.opened(user_id, _opening_tier(operation), now)
+            settled: tuple[Entry, ...] = ()
+        elif account.last_reset <= self.reset_cutoff(now):
+            account, settled = self._refilled(account, now)
+        else:
+            settled = ()
+        if repeated or isinstance(operation, Read):
+            return Outcome(account, settled)
+        after = self._change(account, operation, now)
+        return Outcome(after.account, settled + after.entries)
+
+    def _change(self, account: Account, change: Change, now: datetime) -> Outcome:
+        match change:
+            case Deduct():
+                return self._deducted(account, change)
+            case Refund():
+                return self._refunded(account, change)
+            case Upgrade():
+                return self._upgraded(account)
+            case Reset():
+                return Outcome(*self._refilled(account, now))
+            case _:
+                assert_never(change)
+
+    @staticmethod
+    def _deducted(account: Account, deduct: Deduct) -> Outcome:
+        """DEDUCT."""
+        if account.available < deduct.amount:
+            raise InsufficientCreditsError(account.user_id, account.available, deduct.amount)
+        after = _with(account, available=account.available - deduct.amount)
+        return Outcome(after, _entry("deduction", -deduct.amount, deduct.description))
+
+    @staticmethod
+    def _refunded(account: Account, refund: Refund) -> Outcome:
+        """REFUND: capped at the maximum."""
+        credited = min(refund.amount, account.maximum - account.available)
+        after = _with(account, available=account.available + credited)
+        return Outcome(after, _entry("refund", credited, refund.description))
+
+    def _upgraded(self, account: Account) -> Outcome:
+        """UPGRADE: a registered account is left as it is."""
+        if not account.is_guest:
+            return Outcome(account)
+        balance = upgraded_balance(account.available, account.maximum, self.registered_max)
+        after = Account(account.user_id, False, balance, self.registered_max, account.last_reset)
+        return Outcome(after, _entry("upgrade", balance - account.available, UPGRADE_NOTE))
+
+    @staticmethod
+    def _refilled(account: Account, now: datetime) -> tuple[Account, tuple[Entry, ...]]:
+        """RESET, and DUE RESET."""
+        after = Account(account.user_id, account.is_guest, account.maximum, account.maximum, now)
+        return after, _entry("reset", account.maximum - account.available, RESET_NOTE)
+
+    def view(self, account: Account) -> UserCredits:
+        return self.credits(
+            account.user_id,
+            account.is_guest,
+            account.available,
+            account.maximum,
+            account.last_reset,
+        )
+
+    def credits(
+        self, user_id: str, is_guest: bool, available: int, maximum: int, last_reset: datetime
+    ) -> UserCredits:
+        """The account as the service shows it (SPEC §2)."""
+        return UserCredits(
+            user_id=user_id,
+            is_guest=is_guest,
+            available_credits=available,
+            max_credits=maximum,
+            last_reset_timestamp=last_reset,
+            next_reset_at=last_reset + self.reset_period,
+        )
+
+
+def upgraded_balance(available: int, old_max: int, registered_max: int) -> int:
+    """UPGRADE: the balance grows by the difference of the maxima, within [0, registered_max]."""
+    return max(0, min(available + registered_max - old_max, registered_max))
+
+
+def _opening_tier(operation: Operation) -> bool:
+    """FIRST SIGHT: reads and deductions name the tier; other changes open a guest."""
+    return operation.is_guest if isinstance(operation, Read | Deduct) else True
+
+
+def _with(account: Account, *, available: int) -> Account:
+    return Account(
+        account.user_id, account.is_guest, available, account.maximum, account.last_reset
+    )
+
+
+def _entry(kind: TransactionType, amount: int, description: str | None) -> tuple[Entry, ...]:
+    """LEDGER: one row per balance change, none when nothing moved."""
+    return (Entry(kind, amount, description),) if amount else ()

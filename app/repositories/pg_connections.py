@@ -1,0 +1,165 @@
+"""The fast path's own asyncpg connections: a handful, taken without waiting.
+
+A fast-path statement's own Python costs about as much as the server's work for it, so
+each Python layer shows in the throughput (README, "How it is built"). These
+connections are asyncpg's, opened with `asyncpg.connect` and used through its
+documented API alone: prepared statements made once per connection
+(`Connection.prepare`), no client-side timer per statement (`command_timeout=None`,
+which asyncpg's own bound would arm and cancel for every statement). They count within
+the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW), and a call
+that finds none free is not kept waiting: `fetch` answers None and the caller takes the
+general path. asyncpg's own pool has no such "take one if free", and waits instead.
+
+The server ends a statement at its statement_timeout; one it never answers (a host
+gone silent) is given up `answer_timeout` seconds after it was sent, by a watch that
+looks at the connections in use every quarter of that time and terminates the late ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+Connect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+class _Held:
+    __slots__ = ("busy_since", "driver", "opened_at", "statements", "timed_out")
+
+    def __init__(self, driver: asyncpg.Connection) -> None:
+        self.driver = driver
+        self.statements: dict[str, Any] = {}  # SQL → its prepared statement on this connection
+        self.opened_at = time.monotonic()
+        self.busy_since = 0.0  # 0: not running a statement
+        self.timed_out = False
+
+
+class FastConnections:
+    """Up to `size` connections, each running one statement at a time in autocommit.
+
+    Errors are asyncpg's own, raised as they come (app/storage/resilience.py classifies
+    them), but for a statement given up on: TimeoutError. A connection whose state is
+    unknown after an error (anything but an error the server reported on a live
+    connection) is closed, never used again; one older than `recycle_seconds` too.
+    """
+
+    def __init__(
+        self,
+        connect: Connect,
+        *,
+        size: int,
+        recycle_seconds: float,
+        answer_timeout: float | None,
+    ) -> None:
+        self._connect = connect
+        self.size = size
+        self._recycle = recycle_seconds if recycle_seconds > 0 else float("inf")  # -1: never
+        self._answer_timeout = answer_timeout
+        self._idle: list[_Held] = []
+        self._open: set[_Held] = set()
+        self._opening = 0
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def figures(self) -> dict[str, int]:
+        """For /health/ready: the budget, connections open, and those running a statement."""
+        return {
+            "size": self.size,
+            "open": len(self._open),
+            "busy": len(self._open) - len(self._idle),
+        }
+
+    async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+        """The statement's rows; None, sending nothing, when no connection is free."""
+        held = self._idle.pop() if self._idle else None
+        while held is not None and held.driver.is_closed():  # the server went away meanwhile
+            self._drop(held)
+            held = self._idle.pop() if self._idle else None
+        if held is None:
+            if len(self._open) + self._opening >= self.size:
+                return None
+            held = await self._opened()
+        held.busy_since = time.monotonic()
+        try:
+            statement = held.statements.get(sql)
+            if statement is None:
+                statement = held.statements[sql] = await held.driver.prepare(sql)
+            try:
+                rows: list[asyncpg.Record] = await statement.fetch(*args)
+            except asyncpg.InvalidCachedStatementError:
+                # A migration changed what the statement reads: prepare it anew, once.
+                statement = held.statements[sql] = await held.driver.prepare(sql)
+                rows = await statement.fetch(*args)
+        except BaseException as error:
+            held.busy_since = 0.0
+            if held.timed_out:
+                self._drop(held)
+                raise TimeoutError(
+                    f"the database did not answer within {self._answer_timeout:g} s"
+                ) from error
+            if _is_sound(held.driver, error):
+                self._idle.append(held)
+            else:
+                self._drop(held)
+            raise
+        held.busy_since = 0.0
+        if time.monotonic() - held.opened_at < self._recycle:
+            self._idle.append(held)
+        else:
+            self._drop(held)
+        return rows
+
+    async def close(self) -> None:
+        """Closes every connection (before the engine is disposed)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        idle, self._idle = self._idle, []
+        for held in self._open - set(idle):
+            held.driver.terminate()  # still running a statement no one will wait for
+        self._open.clear()
+        await asyncio.gather(
+            *(held.driver.close(timeout=2) for held in idle), return_exceptions=True
+        )
+
+    async def _opened(self) -> _Held:
+        self._opening += 1
+        try:
+            held = _Held(await self._connect())
+        finally:
+            self._opening -= 1
+        self._open.add(held)
+        if self._answer_timeout is not None and self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watching())
+        return held
+
+    def _drop(self, held: _Held) -> None:
+        self._open.discard(held)
+        held.driver.terminate()
+
+    async def _watching(self) -> None:
+        assert self._answer_timeout is not None
+        while True:
+            await asyncio.sleep(self._answer_timeout / 4)
+            late = time.monotonic() - self._answer_timeout
+            for held in self._open:
+                if 0 < held.busy_since <= late and not held.timed_out:
+                    held.timed_out = True
+                    held.driver.terminate()  # fails the waiting call at once
+
+
+def _is_sound(driver: asyncpg.Connection, error: BaseException) -> bool:
+    """Only an error the server reported about the statement leaves the connection fit
+    for the next call. Connection and shutdown errors (classes 08, 57P) come just before
+    the server closes it, before asyncpg has noticed: never sound."""
+    state = getattr(error, "sqlstate", None) or ""
+    return (
+        isinstance(error, asyncpg.PostgresError)
+        and not state.startswith(("08", "57P"))
+        and not driver.is_closed()
+        and not driver.is_in_transaction()
+    )

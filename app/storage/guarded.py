@@ -1,0 +1,89 @@
+"""Each repository behind the guard: every call, one whole unit of work, retried on
+transient faults and protected by the circuit breaker (app/storage/resilience.py).
+
+One wrapper per protocol, each method written out: a method added to a protocol and
+not here fails the type check where the wrapper is used as that protocol.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from app.domain.credits import Attempt, Operation
+from app.repositories.base import CacheRepository, ConsentRepository, CreditRepository
+from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.storage.resilience import Guard
+
+
+class GuardedCredits:
+    """A CreditRepository behind the guard. A retry sends the same attempt (app/domain/
+    credits.py), so a change whose answer was lost is not applied twice."""
+
+    def __init__(self, inner: CreditRepository, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        return await self._guard.run(self._inner.apply, user_id, operation, attempt)
+
+    async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
+        return await self._guard.run(self._inner.history, user_id, limit)
+
+    async def delete_transactions_before(self, cutoff: datetime) -> int:
+        return await self._guard.run(self._inner.delete_transactions_before, cutoff)
+
+
+class GuardedConsents:
+    """A ConsentRepository behind the guard."""
+
+    def __init__(self, inner: ConsentRepository, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def get(self, user_id: str) -> UserConsent | None:
+        return await self._guard.run(self._inner.get, user_id)
+
+    async def upsert(
+        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+    ) -> UserConsent:
+        return await self._guard.run(
+            self._inner.upsert,
+            user_id,
+            terms_accepted=terms_accepted,
+            marketing_consent=marketing_consent,
+            now=now,
+        )
+
+    async def set_marketing(
+        self, user_id: str, marketing_consent: bool, *, now: datetime
+    ) -> UserConsent | None:
+        return await self._guard.run(self._inner.set_marketing, user_id, marketing_consent, now=now)
+
+    async def page(self, limit: int, offset: int) -> list[UserConsent]:
+        return await self._guard.run(self._inner.page, limit, offset)
+
+
+class GuardedCache:
+    """A CacheRepository behind the guard."""
+
+    def __init__(self, inner: CacheRepository, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def get(self, key: str, *, now: datetime) -> dict[str, Any] | None:
+        return await self._guard.run(self._inner.get, key, now=now)
+
+    async def set(
+        self, key: str, result: dict[str, Any], *, now: datetime, expires_at: datetime
+    ) -> None:
+        await self._guard.run(self._inner.set, key, result, now=now, expires_at=expires_at)
+
+    async def delete_expired(self, *, now: datetime) -> int:
+        return await self._guard.run(self._inner.delete_expired, now=now)
+
+    async def clear(self) -> None:
+        await self._guard.run(self._inner.clear)
+
+    async def count(self, *, now: datetime) -> int:
+        return await self._guard.run(self._inner.count, now=now)

@@ -1,0 +1,330 @@
+"""The credit contract, model-checked on every store (SPEC §3).
+
+A Hypothesis state machine drives random sequences of credit calls through the
+service: reads, checks, deductions, refunds, upgrades, resets, repeated idempotency
+keys, a retry of a call whose answer was lost, history, retention, with a clock moved
+across reset boundaries (to the microsecond included). Its oracle is the domain's rules
+(app/domain/credits.py) over plain dicts: after each step the store must answer as the
+model does and every user's ledger must be the model's. Because the stores share those
+rules, each step also checks what SPEC §3 says independently of them: a balance within
+[0, maximum], the maximum of the tier, a refill once a period has passed, and the ledger
+summing to the balance.
+
+Stores: memory, SQLite, and PostgreSQL with its fast path and without it. Each example
+works on users of its own in one database per store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from app.config import Settings
+from app.domain.credits import (
+    Account,
+    Attempt,
+    CreditRules,
+    Deduct,
+    Operation,
+    Read,
+    Refund,
+    Reset,
+    Upgrade,
+)
+from app.errors import InsufficientCreditsError
+from app.repositories.base import CreditRepository
+from app.repositories.memory import memory_stores
+from app.repositories.sql import sql_stores
+from app.schemas import UserCredits
+from app.services.credits import CreditService
+from app.storage.engine import create_engine, fast_connections
+from tests.conftest import RULES, fresh_database
+from tests.support.clock import FakeClock
+
+T = TypeVar("T")
+CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+MACHINE_SETTINGS = settings(
+    max_examples=int(os.environ.get("MODEL_EXAMPLES", "40")),
+    stateful_step_count=30,
+    deadline=None,
+    derandomize=CI,  # the same sequences on every CI run and every mutant
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+USERS = st.sampled_from(["ann", "bob", "cyd"])
+KEYS = st.none() | st.sampled_from(["k1", "k2", "k3"])
+AMOUNTS = st.integers(min_value=1, max_value=12)
+# Across a reset boundary, onto it to the microsecond, and short of it.
+HOURS = st.sampled_from([0.5, 6, 23.99, 24, 25, 49]) | st.just(-1)
+_examples = itertools.count()
+
+
+@dataclass
+class Target:
+    """One store under test, and the event loop its calls run on."""
+
+    runner: asyncio.Runner
+    credits: CreditRepository
+
+    def run(self, call: Coroutine[Any, Any, T]) -> T:
+        return self.runner.run(call)
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("postgres-general", marks=pytest.mark.postgres),
+    ]
+)
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    with asyncio.Runner() as runner:
+        if request.param == "memory":
+            yield Target(runner, memory_stores(RULES).credits)
+            return
+        database = fresh_database(request, "sqlite" if request.param == "sqlite" else "postgres")
+        url = runner.run(database.__aenter__())
+        config = Settings(database_url=url)
+        engine = create_engine(config)
+        fast = fast_connections(engine, config) if request.param == "postgres" else None
+        try:
+            yield Target(runner, sql_stores(engine, RULES, fast=fast).credits)
+        finally:
+            if fast is not None:
+                runner.run(fast.close())
+            runner.run(engine.dispose())
+            runner.run(database.__aexit__(None, None, None))
+
+
+class Model:
+    """The oracle: the domain's rules, the accounts, ledgers and keys in dicts."""
+
+    def __init__(self, rules: CreditRules) -> None:
+        self.rules = rules
+        self.accounts: dict[str, Account] = {}
+        self.ledgers: dict[str, list[tuple[str, int, datetime, str | None]]] = defaultdict(list)
+        self.keys: dict[tuple[str, str], datetime] = {}
+        self.opened_as_guest: dict[str, bool] = {}
+
+    def apply(
+        self, user_id: str, operation: Operation, at: datetime, key: str | None = None
+    ) -> UserCredits:
+        repeated = key is not None and (user_id, key) in self.keys
+        outcome = self.rules.apply(
+            self.accounts.get(user_id), user_id, operation, at, repeated=repeated
+        )
+        # SPEC §3: reads and deductions name the tier; refunds, upgrades, resets have none.
+        opens_as_guest = operation.is_guest if isinstance(operation, Read | Deduct) else True
+        self.opened_as_guest.setdefault(user_id, opens_as_guest)
+        self.accounts[user_id] = outcome.account
+        self.ledgers[user_id] += [(e.kind, e.amount, at, e.description) for e in outcome.entries]
+        if key is not None and not repeated:
+            self.keys[(user_id, key)] = at
+        return self.rules.view(outcome.account)
+
+    def history(self, user_id: str, limit: int) -> list[tuple[str, int, datetime, str | None]]:
+        return list(reversed(self.ledgers[user_id]))[:limit]
+
+    def cleanup(self, cutoff: datetime) -> None:
+        for user_id, rows in self.ledgers.items():
+            self.ledgers[user_id] = [row for row in rows if row[2] >= cutoff]
+        self.keys = {key: at for key, at in self.keys.items() if at >= cutoff}
+
+
+class CreditMachine(RuleBasedStateMachine):
+    target: ClassVar[Target]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prefix = f"ex{next(_examples)}-"
+        self.clock = FakeClock()
+        self.service = CreditService(self.target.credits, clock=self.clock)
+        self.model = Model(RULES)
+        self.seen: dict[str, UserCredits] = {}  # each user's account as last answered
+        self.lost_answers = itertools.count()
+        self.trimmed = False  # retention removed ledger rows
+
+    # --- steps -------------------------------------------------------------------------
+
+    @rule(hours=HOURS)
+    def advance(self, hours: float) -> None:
+        """Moves the clock; -1: exactly to the first user's next reset, to the microsecond."""
+        if hours >= 0:
+            self.clock.advance(hours=hours)
+        elif self.seen:
+            self.clock.now = max(self.clock.now, next(iter(self.seen.values())).next_reset_at)
+
+    @rule(user=USERS, is_guest=st.booleans())
+    def read(self, user: str, is_guest: bool) -> None:
+        self._expect(
+            user,
+            Read(is_guest),
+            None,
+            lambda uid: self.service.get_user_credits(uid, is_guest),
+        )
+
+    @rule(user=USERS, required=st.integers(min_value=1, max_value=60), is_guest=st.booleans())
+    def check(self, user: str, required: int, is_guest: bool) -> None:
+        uid = self.prefix + user
+        expected = self.model.apply(uid, Read(is_guest), self.clock.now)
+        answered = self.target.run(self.service.check_credits(uid, required, is_guest))
+        assert answered == (expected.available_credits >= required)
+        self._saw(uid, expected)
+
+    @rule(
+        user=USERS,
+        amount=AMOUNTS,
+        is_guest=st.booleans(),
+        description=st.sampled_from([None, "a query"]),
+        key=KEYS,
+    )
+    def deduct(
+        self, user: str, amount: int, is_guest: bool, description: str | None, key: str | None
+    ) -> None:
+        self._expect(
+            user,
+            Deduct(amount, is_guest, description),
+            key,
+            lambda uid: self.service.deduct_credits(
+                uid, amount, is_guest=is_guest, description=description, idempotency_key=key
+            ),
+        )
+
+    @rule(user=USERS, amount=AMOUNTS, key=KEYS)
+    def refund(self, user: str, amount: int, key: str | None) -> None:
+        self._expect(
+            user,
+            Refund(amount),
+            key,
+            lambda uid: self.service.refund_credits(uid, amount, idempotency_key=key),
+        )
+
+    @rule(user=USERS)
+    def upgrade(self, user: str) -> None:
+        self._expect(user, Upgrade(), None, self.service.upgrade_to_registered)
+
+    @rule(user=USERS)
+    def reset(self, user: str) -> None:
+        self._expect(user, Reset(), None, self.service.reset_credits)
+
+    @rule(user=USERS, amount=AMOUNTS, is_guest=st.booleans())
+    def deduct_whose_answer_was_lost(self, user: str, amount: int, is_guest: bool) -> None:
+        """A deduction without a client key, sent twice with the same attempt, as a retry
+        after a lost answer does: applied once."""
+        uid = self.prefix + user
+        attempt = Attempt(self.clock.now, f"own-{next(self.lost_answers)}", own_key=True)
+        deduct = Deduct(amount, is_guest)
+        for _ in range(2):
+            self._compare(
+                uid,
+                lambda: self.model.apply(uid, deduct, attempt.at, attempt.key),
+                self.target.credits.apply(uid, deduct, attempt),
+            )
+
+    @rule(user=USERS, limit=st.integers(min_value=1, max_value=4))
+    def history(self, user: str, limit: int) -> None:
+        uid = self.prefix + user
+        rows = self.target.run(self.service.get_transaction_history(uid, limit))
+        assert [_row(row) for row in rows] == self.model.history(uid, limit)
+
+    @precondition(lambda self: bool(self.seen))
+    @rule(days=st.integers(min_value=1, max_value=2))
+    def cleanup(self, days: int) -> None:
+        self.target.run(self.service.cleanup_old_transactions(days))
+        self.model.cleanup(self.clock.now - timedelta(days=days))
+        self.trimmed = True
+
+    # --- after every step ----------------------------------------------------------------
+
+    @invariant()
+    def every_ledger_is_the_models(self) -> None:
+        for uid in self.seen:
+            rows = self.target.run(self.service.get_transaction_history(uid, 1000))
+            assert [_row(row) for row in rows] == self.model.history(uid, 1000), uid
+
+    @invariant()
+    def every_ledger_sums_to_the_balance(self) -> None:
+        """SPEC §3: the opening balance plus the ledger, until retention removes rows."""
+        if self.trimmed:
+            return
+        for uid, account in self.seen.items():
+            opening = RULES.full(self.model.opened_as_guest[uid])
+            ledger = sum(row[1] for row in self.model.history(uid, 1000))
+            assert account.available_credits == opening + ledger, uid
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _expect(
+        self,
+        user: str,
+        operation: Operation,
+        key: str | None,
+        call: Callable[[str], Coroutine[Any, Any, UserCredits]],
+    ) -> None:
+        uid = self.prefix + user
+        self._compare(uid, lambda: self.model.apply(uid, operation, self.clock.now, key), call(uid))
+
+    def _compare(
+        self,
+        uid: str,
+        model: Callable[[], UserCredits],
+        store: Coroutine[Any, Any, UserCredits],
+    ) -> None:
+        try:
+            expected: UserCredits | InsufficientCreditsError = model()
+        except InsufficientCreditsError as refused:
+            expected = refused
+        try:
+            answered: UserCredits | InsufficientCreditsError = self.target.run(store)
+        except InsufficientCreditsError as refused:
+            answered = refused
+        if isinstance(expected, InsufficientCreditsError):
+            assert isinstance(answered, InsufficientCreditsError), answered
+            assert (answered.available, answered.required) == (
+                expected.available,
+                expected.required,
+            )
+            assert expected.required > expected.available  # SPEC: refused only when short
+            return
+        assert answered == expected
+        self._saw(uid, answered)
+
+    def _saw(self, uid: str, account: UserCredits) -> None:
+        """What SPEC §3 says of any account, whatever the rules."""
+        assert 0 <= account.available_credits <= account.max_credits
+        assert account.max_credits == RULES.full(account.is_guest)
+        assert account.next_reset_at == account.last_reset_timestamp + RULES.reset_period
+        before = self.seen.get(uid)
+        if before is not None and self.clock.now >= before.next_reset_at:
+            assert account.last_reset_timestamp == self.clock.now  # refilled on this access
+        self.seen[uid] = account
+
+
+def _row(row: Any) -> tuple[str, int, datetime, str | None]:
+    return (row.transaction_type, row.amount, row.timestamp, row.description)
+
+
+def test_the_credit_rules_hold_on_every_store(target: Target) -> None:
+    class Machine(CreditMachine):
+        pass
+
+    Machine.target = target
+    run_state_machine_as_test(Machine, settings=MACHINE_SETTINGS)
