@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint clean
+.PHONY: run test lint mutants clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ run: $(STAMP)  ## Serve on http://127.0.0.1:8000 (SQLite by default, migrations 
 
 test: $(STAMP)  ## The whole suite: memory, SQLite and a throwaway PostgreSQL the tests start
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+mutants: $(STAMP)  ## Named mutations of the credit code and SQL; every one must fail the tests
+	$(BIN)/python -m tests.mutants
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests

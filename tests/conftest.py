@@ -36,12 +36,16 @@ from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.storage.engine import create_engine, fast_connections
+from tests.support.app_client import client_for
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
 from tests.support.redis import RedisServer, RedisUnavailable, start_local_redis, start_redis
 
 STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+# The repositories' tests also run PostgreSQL without its fast path: the general path
+# alone, as the fast path leaves it whatever it declines.
+REPOSITORY_STORES = [*STORES, pytest.param("postgres-general", marks=pytest.mark.postgres)]
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 RULES = CreditRules(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
 TEMPLATE_DB = "assistant_template"
@@ -210,16 +214,18 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=REPOSITORY_STORES)
 async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
-    """The three repositories of one store: memory, SQLite or PostgreSQL."""
+    """The three repositories of one store: memory, SQLite, or PostgreSQL with the
+    credits' fast path (as the service runs) or without."""
     if request.param == "memory":
         yield memory_stores(RULES)
         return
-    async with fresh_database(request, request.param) as url:
+    kind = "sqlite" if request.param == "sqlite" else "postgres"
+    async with fresh_database(request, kind) as url:
         settings = Settings(database_url=url)
         engine = create_engine(settings)
-        fast = fast_connections(engine, settings)  # as the service runs: PostgreSQL's fast path
+        fast = fast_connections(engine, settings) if request.param != "postgres-general" else None
         try:
             yield sql_stores(engine, RULES, fast=fast)
         finally:
@@ -286,6 +292,5 @@ async def running_app(request: pytest.FixtureRequest) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def client(running_app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=running_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with client_for(running_app) as client:
         yield client

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from app.assistant.answerer import CatalogueAnswerer
-from app.main import create_app
 from tests.conftest import app_settings, fresh_database
+from tests.support.app_client import running
 
 QUERY = "/api/v1/assistant/query"
 CREDITS = "/api/v1/credits"
@@ -203,12 +203,11 @@ async def failing_client(
     request: pytest.FixtureRequest, failing_answerer: FailingAnswerer
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The application on SQLite with an answerer that fails its first call."""
-    async with fresh_database(request, "sqlite") as url:
-        app = create_app(app_settings("sqlite", url), answerer=failing_answerer)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                yield client
+    async with (
+        fresh_database(request, "sqlite") as url,
+        running(app_settings("sqlite", url), answerer=failing_answerer) as (_, client),
+    ):
+        yield client
 
 
 class TestAnswerFailure:

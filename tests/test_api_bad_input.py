@@ -19,8 +19,8 @@ import pytest
 from fastapi import FastAPI
 
 from app.container import Container
-from app.main import create_app
 from tests.conftest import app_settings
+from tests.support.app_client import running
 
 CREDITS = "/api/v1/credits"
 CONSENTS = "/api/v1/consents"
@@ -72,11 +72,9 @@ def container_of(app: FastAPI) -> Container:
 @pytest.fixture
 async def memory_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The application on the memory store (it never connects to its database)."""
-    app = create_app(app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db"))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    settings = app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db")
+    async with running(settings) as (_, client):
+        yield client
 
 
 # --- user_id ----------------------------------------------------------------------------

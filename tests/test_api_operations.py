@@ -4,7 +4,6 @@ toggle, maintenance, the cache admin routes, and the OpenAPI document."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import socket
@@ -13,7 +12,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -23,6 +21,8 @@ from app.container import Container
 from app.domain.credits import Attempt, Deduct
 from app.main import create_app
 from tests.conftest import _admin, app_settings, fresh_database, run_outside_loop
+from tests.support.app_client import client_for, running
+from tests.support.relay import Relay, relayed
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 CREDITS = "/api/v1/credits"
@@ -160,11 +160,8 @@ async def tokenless_client(
     settings = app_settings(
         "memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db", admin_token=request.param
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with running(settings) as (_, client):
+        yield client
 
 
 class TestAdminWithoutToken:
@@ -383,8 +380,7 @@ def openapi(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     app = create_app(app_settings("memory", url))
 
     async def fetch() -> httpx.Response:  # no lifespan: nothing connects
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with client_for(app) as client:
             return await client.get("/openapi.json")
 
     response = run_outside_loop(fetch())
@@ -432,78 +428,13 @@ class TestOpenAPI:
         assert openapi["paths"]["/admin/storage"]["get"].get("security")
 
 
-class TcpProxy:
-    """Forwards TCP to the test PostgreSQL server; `cut()` is the database going away
-    (open connections reset, new ones refused), `restore()` brings it back."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(*self._target)
-        self._writers += [client_w, server_w]
-        for reader, writer in ((client_r, server_w), (server_r, client_w)):
-            task = asyncio.create_task(self._pipe(reader, writer))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        self._writers.clear()
-        await self._server.wait_closed()
-
-    async def restore(self) -> None:
-        await self.start()
-
-    async def close(self) -> None:
-        with contextlib.suppress(AssertionError):
-            await self.cut()
-        for task in list(self._tasks):
-            task.cancel()
-
-
 @pytest.fixture
-async def proxied_app(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FastAPI, TcpProxy]]:
-    """The application on PostgreSQL, reached through a TcpProxy the test can cut."""
-    async with fresh_database(request, "postgres") as url:
-        parts = urlsplit(url)
-        assert parts.hostname and parts.port
-        proxy = TcpProxy(parts.hostname, parts.port)
-        await proxy.start()
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
-        proxied_url = urlunsplit(parts._replace(netloc=netloc))
-        app = create_app(app_settings("postgres", proxied_url, db_breaker_reset_seconds=0.3))
-        try:
-            async with app.router.lifespan_context(app):
-                yield app, proxy
-        finally:
-            await proxy.close()
-
-
-def unraised_client(app: FastAPI) -> httpx.AsyncClient:
-    """A client that gets the 500 response an unhandled error produces, not the error."""
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
+async def proxied_app(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FastAPI, Relay]]:
+    """The application on PostgreSQL, reached through a relay the test can cut."""
+    async with fresh_database(request, "postgres") as url, relayed(url) as (via, relay):
+        app = create_app(app_settings("postgres", via, db_breaker_reset_seconds=0.3))
+        async with app.router.lifespan_context(app):
+            yield app, relay
 
 
 STORE_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
@@ -541,10 +472,10 @@ async def eventually_served(client: httpx.AsyncClient, path: str) -> httpx.Respo
 @pytest.mark.postgres
 class TestDatabaseOutage:
     async def test_store_routes_answer_503_with_retry_after_while_the_database_is_gone(
-        self, proxied_app: tuple[FastAPI, TcpProxy]
+        self, proxied_app: tuple[FastAPI, Relay]
     ) -> None:
         app, proxy = proxied_app
-        async with unraised_client(app) as client:
+        async with client_for(app, raise_app_exceptions=False) as client:
             assert (await client.post(f"{CREDITS}/outage/deduct")).status_code == 200
             await proxy.cut()
             await assert_unavailable_quickly(client)
@@ -559,7 +490,7 @@ class TestDatabaseOutage:
             assert (await client.get("/health/ready")).status_code == 200
 
     async def test_store_routes_answer_503_when_the_database_refuses_connections(
-        self, request: pytest.FixtureRequest, proxied_app: tuple[FastAPI, TcpProxy]
+        self, request: pytest.FixtureRequest, proxied_app: tuple[FastAPI, Relay]
     ) -> None:
         app, _ = proxied_app
         name = container_of(app).engine.url.database
@@ -568,7 +499,7 @@ class TestDatabaseOutage:
             f"ALTER DATABASE {name} ALLOW_CONNECTIONS false",
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
         )
-        async with unraised_client(app) as client:
+        async with client_for(app, raise_app_exceptions=False) as client:
             assert (await client.get("/health/ready")).status_code == 503
             await assert_unavailable_quickly(client)
 
@@ -582,7 +513,10 @@ class TestSwitchingToADatabaseThatIsDown:
             port = probe.getsockname()[1]
         url = f"postgresql+asyncpg://nobody@127.0.0.1:{port}/nothing"
         app = create_app(app_settings("memory", url))
-        async with app.router.lifespan_context(app), unraised_client(app) as client:
+        async with (
+            app.router.lifespan_context(app),
+            client_for(app, raise_app_exceptions=False) as client,
+        ):
             await client.post(f"{CREDITS}/stayer/deduct")
             ready = await client.get("/health/ready")
             assert ready.status_code == 200

@@ -10,10 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
 
-from app.main import create_app
 from tests.conftest import app_settings
+from tests.support.app_client import running
 from tests.support.redis import RedisServer
 
 QUERY = "/api/v1/assistant/query"
@@ -27,11 +26,8 @@ async def replica(
     settings = app_settings(
         "database", database_url, cache_backend="redis", redis_url=redis_url, **overrides
     )
-    app: FastAPI = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with running(settings) as (_, client):
+        yield client
 
 
 async def ask(

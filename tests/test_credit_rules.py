@@ -106,7 +106,7 @@ class TestUpgrade:
         )
 
     def test_a_registered_account_is_left_as_it_is(self) -> None:
-        member = Account("u", False, 7, 50, T0)
+        member = Account("u", False, 7, 40, T0)  # registered under an earlier budget
         assert RULES.apply(member, "u", Upgrade(), T0) == Outcome(member)
 
     def test_the_balance_stays_within_the_registered_maximum(self) -> None:

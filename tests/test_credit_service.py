@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.config import Settings
 from app.errors import InsufficientCreditsError
 from app.repositories.sql import sql_stores
 from app.services.credits import CreditService
+from app.storage.engine import create_engine, fast_connections
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
 from tests.support.ledger import LedgerAudit
@@ -73,6 +76,14 @@ class TestDeduction:
         assert (raised.value.available, raised.value.required) == (2, 3)
         assert (await credit_service.get_user_credits("bob")).available_credits == 2
         assert len(await credit_service.get_transaction_history("bob")) == 1
+
+    async def test_more_than_the_whole_budget_is_refused_with_what_is_left(
+        self, credit_service: CreditService
+    ) -> None:
+        await credit_service.deduct_credits("greedy", 9)
+        with pytest.raises(InsufficientCreditsError) as raised:
+            await credit_service.deduct_credits("greedy", 11)
+        assert (raised.value.available, raised.value.required) == (1, 11)
 
     async def test_the_whole_balance_can_be_spent_but_not_more(
         self, credit_service: CreditService
@@ -184,6 +195,33 @@ class TestUpgrade:
         account = await credit_service.upgrade_to_registered("twice")
         assert account.available_credits == 50
         assert len(await credit_service.get_transaction_history("twice")) == 1
+
+
+class TestBudgetsChanged:
+    """An operator raises a budget: accounts keep the maximum they were opened with."""
+
+    async def test_a_member_registered_under_an_earlier_budget_is_not_upgraded_again(
+        self, database_url: str, clock: FakeClock
+    ) -> None:
+        settings = Settings(database_url=database_url)
+        engine = create_engine(settings)
+        fast = fast_connections(engine, settings)  # as the service runs on PostgreSQL
+        earlier = replace(RULES, registered_max=40)
+        try:
+            before = CreditService(sql_stores(engine, earlier, fast=fast).credits, clock=clock)
+            await before.deduct_credits("member", 5, is_guest=False)
+            credits = CreditService(sql_stores(engine, RULES, fast=fast).credits, clock=clock)
+            account = await credits.upgrade_to_registered("member")
+            assert (account.is_guest, account.available_credits, account.max_credits) == (
+                False,
+                35,
+                40,
+            )
+            assert [row.amount for row in await credits.get_transaction_history("member")] == [-5]
+        finally:
+            if fast is not None:
+                await fast.close()
+            await engine.dispose()
 
 
 class TestResets:

@@ -19,9 +19,9 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app.main import create_app
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import _server_or_skip, app_settings, plain_dsn, run_outside_loop
+from tests.support.app_client import running
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_local_cluster
 
 pytestmark = pytest.mark.postgres
@@ -65,11 +65,8 @@ def fault_url(fault_server: PostgresServer) -> Iterator[str]:
 
 @asynccontextmanager
 async def started(url: str, **overrides: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
-    app = create_app(app_settings("database", url, **{**FAULT_SETTINGS, **overrides}))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield app, client
+    async with running(app_settings("database", url, **{**FAULT_SETTINGS, **overrides})) as pair:
+        yield pair
 
 
 @pytest.fixture

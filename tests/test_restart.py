@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
-from app.main import create_app
 from tests.conftest import app_settings
+from tests.support.app_client import running
 
 
 async def _session(url: str, *requests: tuple[str, str, dict[str, Any] | None]) -> list[Any]:
     """Start the application, send the requests, stop it; the JSON bodies in order."""
-    app = create_app(app_settings("database", url))
     bodies = []
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            for method, path, body in requests:
-                response = await client.request(method, path, json=body)
-                assert response.status_code == 200, response.text
-                bodies.append(response.json())
+    async with running(app_settings("database", url)) as (_, client):
+        for method, path, body in requests:
+            response = await client.request(method, path, json=body)
+            assert response.status_code == 200, response.text
+            bodies.append(response.json())
     return bodies
 
 

@@ -1,5 +1,6 @@
-"""A TCP relay in front of the database whose traffic the test can cut: to the
-service, a database host that has gone silent (packets lost, no reset, no answer)."""
+"""A TCP relay in front of the database, whose traffic a test can stop in the two ways
+a database goes away: `hold` (a host gone silent: packets lost, no reset, no answer)
+and `cut` (connections reset, new ones refused), each undone by `release` / `restore`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ class Relay:
         self._flowing = True
         self._pumps: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
+        self._server: asyncio.Server | None = None
+        self.port = 0
 
     def hold(self) -> None:
         """From now on whatever is sent, either way, is lost, until `release`."""
@@ -26,15 +28,27 @@ class Relay:
         self._flowing = True
 
     async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
+        """Listens (again, on the same port once it has one); returns the port."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def cut(self) -> None:
+        """Resets every open connection and refuses new ones, until `restore`."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def restore(self) -> None:
+        await self.start()
 
     async def close(self) -> None:
         self.release()
-        if self.server is not None:
-            self.server.close()
-        for writer in self._writers:
-            writer.close()
+        await self.cut()
         for pump in self._pumps:
             pump.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
@@ -48,7 +62,7 @@ class Relay:
             pump.add_done_callback(self._pumps.discard)
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, OSError):
             while data := await source.read(65536):
                 if not self._flowing:
                     continue

@@ -1,0 +1,471 @@
+"""`make mutants`: named mutations of the credit code and SQL, each of which the tests
+must catch. For each mutant a copy of the project gets one change (a guard dropped, a
+due-reset step dropped, a sign flipped, a ledger insert or a key look-up dropped, the
+refund cap dropped, …) and the tests relevant to it run there; the mutant is killed when
+they fail. Prints killed/survived per mutant; exits 1 unless every mutant is killed.
+
+A mutation names the text it replaces, after an anchor where that text is not unique:
+a mutant whose text is no longer in the code is an error, not a pass, so the list cannot
+rot silently. PostgreSQL comes from TEST_DATABASE_URL or a throwaway cluster started
+once for the whole run (tests/support/postgres.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("app", "tests", "alembic.ini", "pyproject.toml")
+
+DOMAIN = "app/domain/credits.py"
+MEMORY = "app/repositories/memory.py"
+GENERAL = "app/repositories/sql_credits.py"
+STATEMENTS = "app/repositories/pg_statements.py"
+FAST = "app/repositories/pg_credits.py"
+SERVICE_CODE = "app/services/credits.py"
+FALLBACK = "app/storage/fallback.py"
+
+MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
+SERVICE = "tests/test_credit_service.py"
+RULES_TESTS = ("tests/test_credit_rules.py",)
+MEMORY_TESTS = (f"{SERVICE}", f"{MODEL}[memory]", "-k", "memory")
+GENERAL_TESTS = (
+    SERVICE,
+    f"{MODEL}[sqlite]",
+    f"{MODEL}[postgres-general]",
+    "tests/test_concurrency.py",
+    "-k",
+    "sqlite or general",
+)
+FAST_TESTS = (
+    SERVICE,
+    "tests/test_concurrency.py",
+    f"{MODEL}[postgres]",
+    "tests/test_fast_path_connections.py::TestLostAnswers",
+    "-k",
+    "postgres and not general",
+)
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: tuple[str, ...]
+    anchor: str = ""  # the mutation applies to the first `original` after it
+
+    def apply(self, root: Path) -> None:
+        source = (root / self.path).read_text()
+        start = source.index(self.anchor) if self.anchor else 0
+        at = source.find(self.original, start)
+        if at < 0 or (not self.anchor and source.count(self.original) != 1):
+            raise LookupError(f"{self.name}: the text to mutate is not (once) in {self.path}")
+        mutated = source[:at] + self.mutated + source[at + len(self.original) :]
+        (root / self.path).write_text(mutated)
+
+
+def _statement(name: str, anchor: str, original: str, mutated: str) -> Mutant:
+    return Mutant(
+        name, STATEMENTS, original, mutated, FAST_TESTS, anchor=f"\n{anchor} = Statement("
+    )
+
+
+MUTANTS = [
+    # The rules themselves.
+    Mutant(
+        "rules: no due reset",
+        DOMAIN,
+        "elif account.last_reset <= self.reset_cutoff(now):",
+        "elif False:",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: the due reset a tick late",
+        DOMAIN,
+        "elif account.last_reset <= self.reset_cutoff(now):",
+        "elif account.last_reset < self.reset_cutoff(now):",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a deduction may overdraw",
+        DOMAIN,
+        "if account.available < deduct.amount:",
+        "if False:",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a deduction's row has the wrong sign",
+        DOMAIN,
+        '_entry("deduction", -deduct.amount,',
+        '_entry("deduction", deduct.amount,',
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a deduction adds",
+        DOMAIN,
+        "available=account.available - deduct.amount",
+        "available=account.available + deduct.amount",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: no refund cap",
+        DOMAIN,
+        "credited = min(refund.amount, account.maximum - account.available)",
+        "credited = refund.amount",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a registered account upgraded again",
+        DOMAIN,
+        "if not account.is_guest:",
+        "if False:",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a repeated key applied again",
+        DOMAIN,
+        "if repeated or isinstance(operation, Read):",
+        "if isinstance(operation, Read):",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a reset writes no row",
+        DOMAIN,
+        'return after, _entry("reset", account.maximum - account.available, RESET_NOTE)',
+        "return after, ()",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: rows of 0 written",
+        DOMAIN,
+        "return (Entry(kind, amount, description),) if amount else ()",
+        "return (Entry(kind, amount, description),)",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: every account opens as a guest",
+        DOMAIN,
+        "return operation.is_guest if isinstance(operation, Read | Deduct) else True",
+        "return True",
+        RULES_TESTS,
+    ),
+    # The memory store.
+    Mutant(
+        "memory: keys never claimed",
+        MEMORY,
+        "self._keys[key] = attempt.at",
+        "pass",
+        MEMORY_TESTS,
+    ),
+    Mutant(
+        "memory: ledger rows dropped",
+        MEMORY,
+        "for entry in outcome.entries:",
+        "for entry in ():",
+        MEMORY_TESTS,
+    ),
+    # The SQL general path.
+    Mutant(
+        "general: the account row not held",
+        GENERAL,
+        ".with_for_update()",
+        "",
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: a racing first sight not decided again",
+        GENERAL,
+        "return created.first() is not None",
+        "return True",
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: the decided account not written",
+        GENERAL,
+        "if after != before:",
+        "if False:",
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: ledger rows dropped",
+        GENERAL,
+        "for entry in entries:",
+        "for entry in ():",
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: no look-up of a claimed key",
+        GENERAL,
+        "claimed_keys.c.idempotency_key == attempt.key",
+        'claimed_keys.c.idempotency_key == ""',
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: no look-up of an own key on the ledger",
+        GENERAL,
+        "if not attempt.sent:",
+        "if True:",
+        GENERAL_TESTS,
+    ),
+    # PostgreSQL's statements.
+    _statement(
+        "statements: READ without its reset guard",
+        "READ",
+        "AND last_reset_timestamp > $2::timestamptz",
+        "AND $2::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: DEDUCT without its balance guard",
+        "DEDUCT",
+        "AND available_credits >= $4::integer",
+        "AND $4::integer IS NOT NULL",
+    ),
+    _statement(
+        "statements: DEDUCT without its reset guard",
+        "DEDUCT",
+        "AND last_reset_timestamp > $3::timestamptz",
+        "AND $3::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: DEDUCT's row with the wrong sign",
+        "DEDUCT",
+        "'deduction', -$4::integer",
+        "'deduction', $4::integer",
+    ),
+    _statement(
+        "statements: DEDUCT writes no row",
+        "DEDUCT",
+        "$5::text FROM changed",
+        "$5::text FROM changed WHERE false",
+    ),
+    _statement(
+        "statements: DEDUCT claims no key",
+        "DEDUCT",
+        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed",
+        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed WHERE false",
+    ),
+    _statement(
+        "statements: DEDUCT_OWN_KEY without its balance guard",
+        "DEDUCT_OWN_KEY",
+        "AND available_credits >= $4::integer",
+        "AND $4::integer IS NOT NULL",
+    ),
+    _statement(
+        "statements: DEDUCT_OWN_KEY without its reset guard",
+        "DEDUCT_OWN_KEY",
+        "AND last_reset_timestamp > $3::timestamptz",
+        "AND $3::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: DEDUCT_OWN_KEY writes no row",
+        "DEDUCT_OWN_KEY",
+        "      FROM changed\n)",
+        "      FROM changed WHERE false\n)",
+    ),
+    _statement(
+        "statements: REFUND without its reset guard",
+        "REFUND",
+        "AND last_reset_timestamp > $3::timestamptz",
+        "AND $3::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: REFUND without its cap",
+        "REFUND",
+        "LEAST(a.available_credits + $4::integer, a.max_credits)",
+        "a.available_credits + $4::integer",
+    ),
+    _statement(
+        "statements: REFUND writes no row",
+        "REFUND",
+        "WHERE credited <> 0",
+        "WHERE false",
+    ),
+    _statement(
+        "statements: REFUND claims no key",
+        "REFUND",
+        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed",
+        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed WHERE false",
+    ),
+    _statement(
+        "statements: UPGRADE without its reset guard",
+        "UPGRADE",
+        "AND last_reset_timestamp > $3::timestamptz",
+        "AND $3::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: UPGRADE of a registered account",
+        "UPGRADE",
+        "WHERE a.user_id = b.user_id AND a.is_guest",
+        "WHERE a.user_id = b.user_id",
+    ),
+    _statement(
+        "statements: UPGRADE writes no row",
+        "UPGRADE",
+        "WHERE gained <> 0",
+        "WHERE false",
+    ),
+    _statement(
+        "statements: UPGRADE answers a registered account due for a reset",
+        "UPGRADE",
+        "AND NOT is_guest AND last_reset_timestamp > $3::timestamptz",
+        "AND NOT is_guest AND $3::timestamptz IS NOT NULL",
+    ),
+    _statement(
+        "statements: RESET does not restart the period",
+        "RESET",
+        "last_reset_timestamp = $2::timestamptz,",
+        "last_reset_timestamp = a.last_reset_timestamp,",
+    ),
+    _statement(
+        "statements: RESET writes no row",
+        "RESET",
+        "WHERE refill <> 0",
+        "WHERE false",
+    ),
+    _statement(
+        "statements: CREATE writes no row",
+        "CREATE",
+        "WHERE $6::varchar IS NOT NULL",
+        "WHERE $6::varchar IS NULL",
+    ),
+    _statement(
+        "statements: CREATE claims no key",
+        "CREATE",
+        "WHERE $10::varchar IS NOT NULL",
+        "WHERE $10::varchar IS NULL",
+    ),
+    _statement(
+        "statements: HISTORY out of order within an instant",
+        "HISTORY",
+        "ORDER BY timestamp DESC, id DESC",
+        "ORDER BY timestamp DESC, id ASC",
+    ),
+    # What travels with a call, and the outage fallback.
+    Mutant(
+        "service: a deduction without a client key gets no key of its own",
+        SERVICE_CODE,
+        "return Attempt(self._clock(), _own_key(), own_key=True)",
+        "return Attempt(self._clock())",
+        ("tests/test_fast_path_connections.py::TestLostAnswers",),
+    ),
+    Mutant(
+        "fallback: a change served during an outage not recorded",
+        FALLBACK,
+        "None if isinstance(operation, Read) else CreditChange(user_id, operation, attempt)",
+        "None",
+        ("tests/test_fallback.py",),
+    ),
+    # The fast path's own decisions.
+    Mutant(
+        "fast path: a retry of an own key sent on the fast path again",
+        FAST,
+        "if attempt.sent:  # may have been applied",
+        "if False:  # may have been applied",
+        FAST_TESTS,
+    ),
+    Mutant(
+        "fast path: a refusal on first sight trusted for an account that exists",
+        FAST,
+        "return None  # refused if the account is new",
+        "raise  # refused if the account is new",
+        FAST_TESTS,
+    ),
+    Mutant(
+        "fast path: a claimed key's abort raised, not declined",
+        FAST,
+        "except asyncpg.UniqueViolationError:  # the key's primary key: claimed before\n"
+        "            return None",
+        "except asyncpg.UniqueViolationError:  # the key's primary key: claimed before\n"
+        "            raise",
+        FAST_TESTS,
+    ),
+]
+
+
+def _copy(into: Path) -> Path:
+    root = into / "project"
+    ignore = shutil.ignore_patterns("__pycache__", ".pytest_cache", "*.db", "*.db-*")
+    root.mkdir(parents=True)
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=ignore)
+        else:
+            shutil.copy2(source, root / name)
+    return root
+
+
+def _pytest(root: Path, tests: tuple[str, ...], env: dict[str, str]) -> tuple[int, str]:
+    """pytest's exit code (1: tests failed) and the end of what it printed."""
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
+    return done.returncode, "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+
+
+def _environment() -> tuple[dict[str, str], object | None]:
+    """The children's environment, with a PostgreSQL for all of them."""
+    env = {**os.environ, "CI": "true", "REQUIRE_POSTGRES": "1", "MODEL_EXAMPLES": "25"}
+    if env.get("TEST_DATABASE_URL"):
+        return env, None
+    sys.path.insert(0, str(ROOT))
+    from tests.support.postgres import start_postgres
+
+    server = start_postgres()
+    env["TEST_DATABASE_URL"] = server.admin_url
+    return env, server
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__)
+    parser.add_argument("-k", default="", help="only the mutants whose name contains this")
+    args = parser.parse_args()
+    chosen = [mutant for mutant in MUTANTS if args.k in mutant.name]
+    env, server = _environment()
+    failures = 0
+    try:
+        with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+            pristine = _copy(Path(scratch) / "pristine")
+            everything = tuple(
+                sorted({t for m in chosen for t in m.tests if t.startswith("tests")})
+            )
+            code, output = _pytest(pristine, everything, env)
+            if code != 0:
+                print(f"{output}\nthe tests fail without any mutation: nothing to learn")
+                return 1
+            for mutant in chosen:
+                started = time.monotonic()
+                with tempfile.TemporaryDirectory(prefix="mutant-") as place:
+                    root = _copy(Path(place))
+                    try:
+                        mutant.apply(root)
+                    except LookupError as stale:
+                        verdict, failures = f"ERROR ({stale})", failures + 1
+                    else:
+                        code, output = _pytest(root, mutant.tests, env)
+                        killed = code == 1  # tests ran and failed
+                        verdict = {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (exit {code})")
+                        failures += not killed
+                        if not killed:
+                            print(output)
+                print(
+                    f"{verdict:<10} {time.monotonic() - started:5.1f} s  {mutant.name}", flush=True
+                )
+    finally:
+        if server is not None:
+            server.stop()  # type: ignore[attr-defined]
+    print(f"{len(chosen) - failures} of {len(chosen)} mutants killed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
