@@ -60,6 +60,22 @@ class TestReplicasShareAnswers:
             assert stats["local_tier"]["hits_shared"] == 1  # bob's answer came from Redis
             assert stats["local_tier"]["entries"] == 1
 
+    async def test_a_copy_read_from_redis_expires_with_its_entry_not_later(
+        self, database_url: str, redis_server: RedisServer
+    ) -> None:
+        settings = {
+            "redis_namespace": f"test:{uuid.uuid4().hex[:12]}",
+            "query_cache_ttl_seconds": 1,
+        }
+        async with (
+            replica(database_url, redis_server.url, **settings) as first,
+            replica(database_url, redis_server.url, **settings) as second,
+        ):
+            await ask(first, "ann", "waterproof hiking boots")
+            assert (await ask(second, "bob", "waterproof hiking boots"))["cached"] is True
+            await asyncio.sleep(1.2)  # the entry has expired; the local copies must not outlive it
+            assert (await ask(second, "cyd", "waterproof hiking boots"))["cached"] is False
+
     async def test_clearing_on_one_replica_clears_for_the_other(
         self, database_url: str, redis_server: RedisServer
     ) -> None:

@@ -17,7 +17,7 @@ from app.cache.local_tier import LocalCacheTier, TierStats
 from app.cache.redis_tier import RedisCacheRepository, redis_client
 from app.config import CacheBackend, Settings
 from app.repositories.base import CacheRepository
-from app.storage.guarded import GuardedCache
+from app.storage.guarded import GuardedEntryCache
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 
 # The cache is never worth waiting for: one attempt, then a miss.
@@ -80,5 +80,5 @@ def build_cache_tiers(
             tiers.redis_breaker, ONE_ATTEMPT, transient=is_redis_fault, unavailable=is_redis_fault
         )
         redis_store = RedisCacheRepository(tiers.redis, settings.redis_namespace)
-        tiers.caches[CacheBackend.REDIS] = tiered(GuardedCache(redis_store, guard))
+        tiers.caches[CacheBackend.REDIS] = tiered(GuardedEntryCache(redis_store, guard))
     return tiers

@@ -8,12 +8,17 @@ not here fails the type check where the wrapper is used as that protocol.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
+from app.cache.local_tier import EntryReader
 from app.domain.credits import Attempt, Operation
 from app.repositories.base import CacheRepository, ConsentRepository, CreditRepository
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 from app.storage.resilience import Guard
+
+
+class ExpiringCache(CacheRepository, EntryReader, Protocol):
+    """A cache repository that can also tell an entry's expiry."""
 
 
 class GuardedCredits:
@@ -87,3 +92,15 @@ class GuardedCache:
 
     async def count(self, *, now: datetime) -> int:
         return await self._guard.run(self._inner.count, now=now)
+
+
+class GuardedEntryCache(GuardedCache):
+    """A cache that can tell an entry's expiry (Redis) behind the guard, still telling it:
+    the local tier in front then keeps a copy no longer than the entry lives."""
+
+    def __init__(self, inner: ExpiringCache, guard: Guard) -> None:
+        super().__init__(inner, guard)
+        self._expiring = inner
+
+    async def get_entry(self, key: str, *, now: datetime) -> tuple[dict[str, Any], datetime] | None:
+        return await self._guard.run(self._expiring.get_entry, key, now=now)
