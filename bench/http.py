@@ -1,12 +1,15 @@
-"""Section `http`: the deduct route served by `python -m app` (uvicorn, one worker).
+"""Section `http`: the project's routes over HTTP, against the least a Python HTTP
+service can do for them.
 
-The server runs as production starts it, once with the memory backend (the
-baseline) and once with the database backend, and this process drives it at c=8
-with two clients in turn: a bare keep-alive HTTP/1.1 client (the figures the
-target uses) and httpx.AsyncClient. On a small machine the client competes with
-the server and PostgreSQL for the same cores, so the CPU each side spent per
-request is printed too: a client that needs a core of its own (httpx does, at
-about a millisecond per request) distorts both backends' figures and their ratio.
+Three servers run at once, each started as production starts the project (`python -m`,
+uvicorn, one worker, access log off, app/__main__.py): the project on the database
+backend, the project on the memory backend, and the limit, a bare Starlette app doing
+each route's minimal statement on an asyncpg pool (bench/bare_app.py). This process
+drives them with a bare keep-alive HTTP/1.1 client at c=8, rounds alternating between the
+servers so that load from elsewhere on the machine falls on all alike; the medians count.
+Then each route at a fixed offered load, half the limit's throughput: p50 and p99 from
+when each request was due. Then the deduction with two worker processes beside one, and
+httpx's figures beside the raw client's (httpx costs the client CPU the server then lacks).
 """
 
 from __future__ import annotations
@@ -15,24 +18,57 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import IO
 
 import httpx
 
+from app.assistant.answerer import CatalogueAnswerer
 from bench import fixtures
 from bench.context import Context
-from bench.http_clients import CONCURRENCY, httpx_driver, raw_driver
-from bench.load import LoadResult, Worker, run_load
-from bench.report import LOAD_HEADERS, heading, load_cells, rate, say, table
+from bench.http_clients import (
+    CONCURRENCY,
+    DEDUCT,
+    POOL,
+    READ,
+    Request,
+    cache_hit,
+    httpx_driver,
+    paced,
+    raw_driver,
+)
+from bench.load import LoadResult, run_load
+from bench.report import heading, ms, rate, say, table
 
-BACKENDS = ("memory", "database")  # memory first: it is the baseline
-CLIENTS = ("raw", "httpx")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Questions the packaged catalogue answers with products (so their answers are cached).
+QUESTIONS = [
+    "red running shoes",
+    "waterproof hiking boots",
+    "wireless headphones",
+    "yoga mat",
+    "coffee maker",
+    "winter jacket",
+    "backpack for travel",
+    "smart watch",
+    "desk lamp",
+    "water bottle",
+]
+TARGETS = {"deduct": 0.85, "read": 0.85, "cache hit": 0.7}
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    pid: int
+    client: httpx.AsyncClient
 
 
 def _free_port() -> int:
@@ -42,17 +78,24 @@ def _free_port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (0 where there is no /proc)."""
+    """utime + stime of a process and its children, from /proc (0 where there is none)."""
+    total = 0.0
+    for task in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{task}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _children(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def _log_file() -> IO[bytes]:
-    return tempfile.TemporaryFile()
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
 
 
 def _tail(log: IO[bytes]) -> str:
@@ -60,20 +103,22 @@ def _tail(log: IO[bytes]) -> str:
     return "\n".join(log.read().decode(errors="replace").strip().splitlines()[-15:])
 
 
-def _environment(backend: str, url: str, port: int) -> dict[str, str]:
+def _environment(url: str, port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DATABASE_URL=url,
-        STORAGE_BACKEND=backend,
         CACHE_BACKEND="",
         HOST="127.0.0.1",
         PORT=str(port),
         LOG_LEVEL="WARNING",
+        ACCESS_LOG="false",
+        WEB_CONCURRENCY="1",
         RUN_MIGRATIONS_ON_STARTUP="true",
         # Accounts the memory backend creates on first sight must not run dry either.
         GUEST_MAX_CREDITS=str(fixtures.HUGE),
         REGISTERED_MAX_CREDITS=str(fixtures.HUGE),
     )
+    env.update(extra)
     env.pop("ADMIN_TOKEN", None)
     return env
 
@@ -90,121 +135,252 @@ async def _wait_ready(client: httpx.AsyncClient, process: asyncio.subprocess.Pro
     raise RuntimeError("the server did not become ready within 60 s")
 
 
-Measured = tuple[LoadResult, float, float]  # result, server and client CPU s per request
-
-
-async def _drive(ctx: Context, worker: Worker, pid: int) -> Measured:
-    server_cpu, client_cpu = _cpu_seconds(pid), time.process_time()
-    result = await run_load(worker, CONCURRENCY, ctx.duration, ctx.warmup)
-    server_cpu = _cpu_seconds(pid) - server_cpu
-    client_cpu = time.process_time() - client_cpu
-    requests = max(1, result.ok_total + result.errors)
-    return result, server_cpu / requests, client_cpu / requests
-
-
 @asynccontextmanager
-async def _served(backend: str, url: str) -> AsyncIterator[tuple[int, int, httpx.AsyncClient]]:
-    """`python -m app` on `backend`, ready; yields its port, its pid and an httpx client."""
+async def _served(name: str, module: str, url: str, **extra: str) -> AsyncIterator[Server]:
+    """`python -m <module>` ready to serve, and an httpx client to it."""
     port = _free_port()
-    log = _log_file()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "app",
-        cwd=ROOT,
-        env=_environment(backend, url, port),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,  # uvicorn's access log: written, not kept
-        stderr=log,
-    )
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    with tempfile.TemporaryFile() as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            cwd=ROOT,
+            env=_environment(url, port, **extra),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log,
+        )
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30
+            ) as client:
+                try:
+                    await _wait_ready(client, process)
+                except RuntimeError as error:
+                    raise RuntimeError(f"{name}: {error}; server log:\n{_tail(log)}") from None
+                yield Server(name, port, process.pid, client)
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 15)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+async def _prepare(url: str, project: Server) -> list[str]:
+    """Every user of the pool consents; the questions' answers are cached (asked once
+    through the project, which stores them where the limit reads them too)."""
+    conn = await fixtures.connect(url)
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=30
-        ) as client:
-            try:
-                await _wait_ready(client, process)
-            except RuntimeError as error:
-                raise RuntimeError(f"{backend}: {error}; server log:\n{_tail(log)}") from None
-            yield port, process.pid, client
+        await conn.execute(
+            """
+            INSERT INTO user_consents (user_id, terms_accepted, marketing_consent,
+                                       timestamp, updated_at)
+            SELECT user_id, true, false, now(), now() FROM user_credits WHERE user_id LIKE $1
+            ON CONFLICT (user_id) DO NOTHING
+            """,
+            fixtures.POOL_PREFIX + "%",
+        )
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 15)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        log.close()
+        await conn.close()
+    answerer = CatalogueAnswerer()
+    cached = []
+    for question in QUESTIONS:
+        if not (await answerer.answer(question, {}))["products"]:
+            continue
+        body = {"user_id": POOL[0], "query": question}
+        response = await project.client.post("/api/v1/assistant/query", json=body)
+        response.raise_for_status()
+        cached.append(question)
+    if not cached:
+        raise RuntimeError("no question of the list is answered with products")
+    return cached
 
 
-def _median(rounds: list[Measured]) -> Measured | None:
+@dataclass
+class Measured:
+    result: LoadResult
+    server_cpu: float  # seconds of the server's CPU per request
+    client_cpu: float
+
+
+async def _drive(
+    ctx: Context, server: Server, request: Request, *, httpx_client: bool = False
+) -> Measured:
+    worker = (
+        httpx_driver(server.client, request) if httpx_client else raw_driver(server.port, request)
+    )
+    server_cpu, client_cpu = _cpu_seconds(server.pid), time.process_time()
+    result = await run_load(worker, CONCURRENCY, ctx.duration, ctx.warmup)
+    requests = max(1, result.ok_total + result.errors)
+    return Measured(
+        result,
+        (_cpu_seconds(server.pid) - server_cpu) / requests,
+        (time.process_time() - client_cpu) / requests,
+    )
+
+
+def _median(rounds: list[Measured]) -> Measured:
     """The round with the median throughput (its latencies and CPU stay consistent)."""
-    ordered = sorted(rounds, key=lambda measured: measured[0].ops_per_s)
-    return ordered[len(ordered) // 2] if ordered else None
+    return sorted(rounds, key=lambda measured: measured.result.ops_per_s)[len(rounds) // 2]
 
 
 async def run(ctx: Context) -> None:
-    heading(f"http: POST /api/v1/credits/{{user}}/deduct, uvicorn 1 worker, c={CONCURRENCY}")
+    heading(f"http: the project's routes against the bare limit, uvicorn 1 worker, c={CONCURRENCY}")
     url = await ctx.main_db()
-    rounds = 1 if ctx.quick else 3
-    raw: dict[str, list[Measured]] = {backend: [] for backend in BACKENDS}
-    results: dict[tuple[str, str], Measured] = {}
+    rounds = 1 if ctx.quick else 7
     async with contextlib.AsyncExitStack() as stack:
-        servers = {}
-        for backend in BACKENDS:  # both at once, so the rounds can alternate between them
-            try:
-                servers[backend] = await stack.enter_async_context(_served(backend, url))
-            except Exception as error:
-                say(f"  {backend}: failed: {type(error).__name__}: {error}")
-        # Alternating rounds: load from elsewhere on the machine falls on both alike.
+        project = await stack.enter_async_context(
+            _served("project", "app", url, STORAGE_BACKEND="database")
+        )
+        memory = await stack.enter_async_context(
+            _served("memory backend", "app", url, STORAGE_BACKEND="memory")
+        )
+        limit = await stack.enter_async_context(_served("limit", "bench.bare_app", url))
+        no_reset = await stack.enter_async_context(
+            _served("limit, no pool reset", "bench.bare_app", url, BARE_POOL_RESET="false")
+        )
+        routes = {
+            "deduct": DEDUCT,
+            "read": READ,
+            "cache hit": cache_hit(await _prepare(url, project)),
+        }
+        runs: dict[tuple[str, str], list[Measured]] = {}
         for _ in range(rounds):
-            for backend, (port, pid, _client) in servers.items():
-                raw[backend].append(await _drive(ctx, raw_driver(port), pid))
-        for backend, (_port, pid, client) in servers.items():
-            results[(backend, "httpx")] = await _drive(ctx, httpx_driver(client), pid)
-    for backend in BACKENDS:
-        median = _median(raw[backend])
-        if median is not None:
-            results[(backend, "raw")] = median
-    for (backend, client), measured in results.items():
-        if measured[0].first_error:
-            say(f"  {backend}, {client}: first error: {measured[0].first_error}")
-    _report(ctx, results, raw, rounds)
+            for route, request in routes.items():
+                servers = [limit, no_reset, project] + ([memory] if route == "deduct" else [])
+                for server in servers:
+                    measured = await _drive(ctx, server, request)
+                    runs.setdefault((route, server.name), []).append(measured)
+                    if measured.result.first_error:
+                        say(f"  {route}, {server.name}: first error: {measured.result.first_error}")
+        medians = {key: _median(measured) for key, measured in runs.items()}
+        _throughput(ctx, medians, runs, rounds)
+        await _latency(ctx, routes, medians, limit, project)
+        if not ctx.quick:
+            await _workers(ctx, url, project)
+            await _clients(ctx, project, limit)
 
 
-def _report(
+def _throughput(
     ctx: Context,
-    results: dict[tuple[str, str], Measured],
-    raw: dict[str, list[Measured]],
+    medians: dict[tuple[str, str], Measured],
+    runs: dict[tuple[str, str], list[Measured]],
     rounds: int,
 ) -> None:
+    say(f"  throughput: requests/s, the median of {rounds} alternating round(s)")
+    say("  CPU = microseconds per request spent by the server process / by this client")
     rows = []
-    for client in CLIENTS:
-        base = results.get(("memory", client), (None, 0.0, 0.0))[0]
-        for backend in BACKENDS:
-            result, server_cpu, client_cpu = results.get((backend, client), (None, 0.0, 0.0))
-            cpu = [f"{server_cpu * 1e6:,.0f}", f"{client_cpu * 1e6:,.0f}"] if result else ["-"] * 2
-            rows.append([backend, client, *load_cells(result, base), *cpu])
-    say("  ratio = requests/s over the memory backend with the same client;")
-    say("  CPU = microseconds per request spent by the server process / by this (client) process")
-    if rounds > 1:
-        say(f"  raw: the median of {rounds} rounds alternating between the two servers")
-        for backend in BACKENDS:
-            say(f"    {backend:8} " + ", ".join(rate(m[0].ops_per_s) for m in raw[backend]))
-    table(["STORAGE_BACKEND", "client", *LOAD_HEADERS, "server CPU", "client CPU"], rows)
-    say(
-        "  the target uses the raw client: httpx spends about a millisecond of CPU per request,\n"
-        "  which on a small machine caps the load it can offer below what the server can serve"
-    )
-    database, memory = results.get(("database", "raw")), results.get(("memory", "raw"))
-    met = None
-    detail = "not measured"
-    if database and memory and database[0].ops and memory[0].ops:
-        share = database[0].ops_per_s / memory[0].ops_per_s
-        met = share >= 0.7
-        detail = (
-            f"{rate(database[0].ops_per_s)} vs {rate(memory[0].ops_per_s)} req/s = {share:.2f}x"
+    for (route, name), measured in medians.items():
+        base = medians[(route, "limit")].result.ops_per_s
+        result = measured.result
+        rows.append(
+            [
+                route,
+                name,
+                rate(result.ops_per_s),
+                f"{result.ops_per_s / base:.2f}x" if base else "-",
+                ms(result.p50),
+                ms(result.p99),
+                str(result.errors),
+                f"{measured.server_cpu * 1e6:,.0f}",
+                f"{measured.client_cpu * 1e6:,.0f}",
+                " ".join(rate(m.result.ops_per_s) for m in runs[(route, name)]),
+            ]
         )
-        detail += ", single runs (--quick)" if rounds == 1 else f", median of {rounds} rounds"
-    ctx.targets.check("HTTP deduct, database >= 0.7x memory backend", detail, met)
+    table(
+        [
+            "route",
+            "server",
+            "req/s",
+            "vs limit",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "server CPU",
+            "client CPU",
+            "rounds",
+        ],
+        rows,
+    )
+    how = "single runs (--quick)" if rounds == 1 else f"median of {rounds} rounds"
+    for route, factor in TARGETS.items():
+        project, limit = medians[(route, "project")].result, medians[(route, "limit")].result
+        share = project.ops_per_s / limit.ops_per_s if limit.ops_per_s else 0.0
+        detail = f"{rate(project.ops_per_s)} vs {rate(limit.ops_per_s)} req/s = {share:.2f}x, {how}"
+        ctx.targets.check(f"HTTP {route} >= {factor}x the bare limit", detail, share >= factor)
+    stronger = []
+    for route in TARGETS:
+        project = medians[(route, "project")].result.ops_per_s
+        limit = medians[(route, "limit, no pool reset")].result.ops_per_s
+        stronger.append(f"{route} {project / limit:.2f}x")
+    say(f"  the project against the limit without asyncpg's pool reset: {', '.join(stronger)}")
+    database, memory = (
+        medians[("deduct", "project")].result,
+        medians[("deduct", "memory backend")].result,
+    )
+    share = database.ops_per_s / memory.ops_per_s if memory.ops_per_s else 0.0
+    detail = f"{rate(database.ops_per_s)} vs {rate(memory.ops_per_s)} req/s = {share:.2f}x, {how}"
+    ctx.targets.check("HTTP deduct, database >= 0.7x memory backend", detail, share >= 0.7)
+
+
+async def _latency(
+    ctx: Context,
+    routes: dict[str, Request],
+    medians: dict[tuple[str, str], Measured],
+    limit: Server,
+    project: Server,
+) -> None:
+    say("\n  latency at a fixed offered load, half the limit's throughput (from when each was due)")
+    rows = []
+    for route, request in routes.items():
+        offered = medians[(route, "limit")].result.ops_per_s / 2
+        cells = [route, rate(offered)]
+        for server in (limit, project):
+            latencies = sorted(await paced(server.port, request, offered, ctx.duration))
+            cells += [ms(_percentile(latencies, 0.5)), ms(_percentile(latencies, 0.99))]
+        rows.append(cells)
+    table(["route", "offered req/s", "limit p50", "limit p99", "project p50", "project p99"], rows)
+
+
+def _percentile(ordered: list[float], fraction: float) -> float | None:
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else None
+
+
+async def _workers(ctx: Context, url: str, one: Server) -> None:
+    """The deduction on two worker processes beside one, rounds alternating."""
+    rounds: dict[str, list[float]] = {"1 worker": [], "2 workers": []}
+    extra = {"STORAGE_BACKEND": "database", "WEB_CONCURRENCY": "2"}
+    async with _served("2 workers", "app", url, **extra) as two:
+        for _ in range(3):
+            for name, server in (("1 worker", one), ("2 workers", two)):
+                rounds[name].append((await _drive(ctx, server, DEDUCT)).result.ops_per_s)
+    say("\n  the deduction, uvicorn --workers 2 beside 1 (median of 3 alternating rounds)")
+    single = statistics.median(rounds["1 worker"])
+    rows = []
+    for name, values in rounds.items():
+        median = statistics.median(values)
+        rows.append([name, rate(median), f"{median / single:.2f}x", " ".join(map(rate, values))])
+    table(["workers", "req/s", "vs 1 worker", "rounds"], rows)
+
+
+async def _clients(ctx: Context, project: Server, limit: Server) -> None:
+    """httpx beside the raw client, on the deduction: what a full client library costs."""
+    rows = []
+    for server in (limit, project):
+        for client in ("raw", "httpx"):
+            measured = await _drive(ctx, server, DEDUCT, httpx_client=client == "httpx")
+            rows.append(
+                [
+                    server.name,
+                    client,
+                    rate(measured.result.ops_per_s),
+                    f"{measured.server_cpu * 1e6:,.0f}",
+                    f"{measured.client_cpu * 1e6:,.0f}",
+                ]
+            )
+    say("\n  the deduction through httpx beside the raw client (single runs)")
+    table(["server", "client", "req/s", "server CPU", "client CPU"], rows)
