@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,7 +20,7 @@ from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.sql import sql_stores
-from app.services.assistant import AssistantService
+from app.services.assistant import Answer, AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
@@ -35,9 +34,19 @@ from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavai
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Services:
+    """The four services over one store, built once: a request only picks them up."""
+
+    credits: CreditService
+    consents: UserConsentService
+    cache: QueryCacheService
+    assistant: AssistantService
+
+
 @dataclass
 class Container:
-    """Everything a request needs, long-lived; services are cheap views over it."""
+    """Everything a request needs, long-lived."""
 
     settings: Settings
     engine: AsyncEngine
@@ -50,10 +59,12 @@ class Container:
     fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
-    answers_in_flight: SingleFlight[dict[str, Any]] = field(default_factory=SingleFlight)
+    answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     retention: RetentionJob = field(init=False)
+    _services: dict[StorageBackend, Services] = field(init=False)
 
     def __post_init__(self) -> None:
+        self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.retention = RetentionJob(
             database=lambda: (
                 self.engine if self.storage.backend is StorageBackend.DATABASE else None
@@ -64,28 +75,41 @@ class Container:
             interval_seconds=self.settings.retention_interval_seconds,
         )
 
+    @property
+    def services(self) -> Services:
+        """The services over the store the flag picks now."""
+        return self._services[self.storage.backend]
+
     def credit_service(self) -> CreditService:
-        return CreditService(self.storage.stores.credits)
+        return self.services.credits
 
     def consent_service(self) -> UserConsentService:
-        return UserConsentService(self.storage.stores.consents)
+        return self.services.consents
 
     def cache_service(self) -> QueryCacheService:
-        return QueryCacheService(
-            self.storage.cache,
+        return self.services.cache
+
+    def assistant_service(self) -> AssistantService:
+        return self.services.assistant
+
+    def _services_on(self, backend: StorageBackend) -> Services:
+        stores = self.storage.stores_of(backend)
+        credits = CreditService(stores.credits)
+        consents = UserConsentService(stores.consents)
+        cache = QueryCacheService(
+            self.storage.cache_of(backend),
             default_ttl_seconds=self.settings.query_cache_ttl_seconds,
             stats=self.cache_stats,
         )
-
-    def assistant_service(self) -> AssistantService:
-        return AssistantService(
-            credits=self.credit_service(),
-            consents=self.consent_service(),
-            cache=self.cache_service(),
+        assistant = AssistantService(
+            credits=credits,
+            consents=consents,
+            cache=cache,
             answerer=self.answerer,
             query_cost=self.settings.query_credit_cost,
             in_flight=self.answers_in_flight,
         )
+        return Services(credits, consents, cache, assistant)
 
     async def prepare_database(self) -> None:
         """Migrate (when enabled) and check that the schema is at head."""

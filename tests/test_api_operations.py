@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from app.container import Container
 from app.domain.credits import Attempt, Deduct
-from app.main import create_app
+from app.main import API_PREFIX, API_ROUTERS, create_app
 from tests.conftest import _admin, app_settings, fresh_database, run_outside_loop
 from tests.support.app_client import client_for, running
 from tests.support.relay import Relay, relayed
@@ -421,6 +421,22 @@ class TestOpenAPI:
         parameters = openapi["paths"]["/api/v1/credits/{user_id}/deduct"]["post"]["parameters"]
         headers = {p["name"]: p for p in parameters if p["in"] == "header"}
         assert "Idempotency-Key" in headers
+
+    def test_the_api_routes_are_documented_as_include_router_documents_them(
+        self, openapi: dict[str, Any]
+    ) -> None:
+        """The API routes are added to the application directly (app/main.py), for speed;
+        the document must not tell the difference."""
+        included = FastAPI(title=openapi["info"]["title"], version=openapi["info"]["version"])
+        for router in API_ROUTERS:
+            included.include_router(router, prefix=API_PREFIX)
+        expected = included.openapi()
+        api_paths = {
+            path: item for path, item in openapi["paths"].items() if path in expected["paths"]
+        }
+        assert api_paths == expected["paths"]
+        for name, schema in expected["components"]["schemas"].items():
+            assert openapi["components"]["schemas"][name] == schema
 
     def test_the_admin_routes_declare_bearer_authentication(self, openapi: dict[str, Any]) -> None:
         schemes = openapi["components"]["securitySchemes"].values()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from app.api.deps import Consents
+from app.api.deps import services
 from app.api.errors import responses
 from app.api.inputs import ConsentRequest, MarketingConsentRequest, UserId
+from app.api.rendering import rendered
 from app.errors import ConsentNotFoundError
 from app.schemas import UserConsent
 
@@ -14,24 +15,27 @@ router = APIRouter(prefix="/consents", tags=["consents"])
 
 
 @router.put("/{user_id}", response_model=UserConsent, responses=responses())
-async def record(user_id: UserId, body: ConsentRequest, consents: Consents) -> UserConsent:
+async def record(user_id: UserId, body: ConsentRequest, request: Request) -> Response:
     """Record or replace the user's consent; the first-recorded timestamp is kept."""
-    return await consents.record_consent(
+    consent = await services(request).consents.record_consent(
         user_id, terms_accepted=body.terms_accepted, marketing_consent=body.marketing_consent
     )
+    return rendered(consent)
 
 
 @router.get("/{user_id}", response_model=UserConsent, responses=responses(404))
-async def get(user_id: UserId, consents: Consents) -> UserConsent:
-    consent = await consents.get_consent(user_id)
+async def get(user_id: UserId, request: Request) -> Response:
+    consent = await services(request).consents.get_consent(user_id)
     if consent is None:
         raise ConsentNotFoundError(user_id)
-    return consent
+    return rendered(consent)
 
 
 @router.patch("/{user_id}", response_model=UserConsent, responses=responses(404))
 async def update_marketing(
-    user_id: UserId, body: MarketingConsentRequest, consents: Consents
-) -> UserConsent:
+    user_id: UserId, body: MarketingConsentRequest, request: Request
+) -> Response:
     """Change the marketing opt-in of a recorded consent."""
-    return await consents.update_marketing_consent(user_id, body.marketing_consent)
+    return rendered(
+        await services(request).consents.update_marketing_consent(user_id, body.marketing_consent)
+    )

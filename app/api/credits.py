@@ -2,61 +2,62 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 
-from app.api.deps import Credits
+from app.api.deps import services
 from app.api.errors import responses
 from app.api.inputs import DeductRequest, HistoryLimit, IdempotencyKey, RefundRequest, UserId
+from app.api.rendering import rendered, rendered_ledger
 from app.schemas import CreditTransaction, UserCredits
 
 router = APIRouter(prefix="/credits", tags=["credits"])
 
 
 @router.get("/{user_id}", response_model=UserCredits, responses=responses())
-async def get_credits(user_id: UserId, credits: Credits, is_guest: bool = True) -> UserCredits:
+async def get_credits(user_id: UserId, request: Request, is_guest: bool = True) -> Response:
     """The user's balance; the account is created with a full budget on first sight."""
-    return await credits.get_user_credits(user_id, is_guest)
+    return rendered(await services(request).credits.get_user_credits(user_id, is_guest))
 
 
 @router.post("/{user_id}/deduct", response_model=UserCredits, responses=responses(402))
 async def deduct(
     user_id: UserId,
-    credits: Credits,
+    request: Request,
     idempotency_key: IdempotencyKey = None,
     body: DeductRequest | None = None,
-) -> UserCredits:
+) -> Response:
     """Charge credits; a repeated Idempotency-Key charges nothing."""
     body = body or DeductRequest()
-    return await credits.deduct_credits(
+    account = await services(request).credits.deduct_credits(
         user_id,
         body.amount,
         is_guest=body.is_guest,
         description=body.description,
         idempotency_key=idempotency_key,
     )
+    return rendered(account)
 
 
 @router.post("/{user_id}/refund", response_model=UserCredits, responses=responses())
 async def refund(
-    user_id: UserId, body: RefundRequest, credits: Credits, idempotency_key: IdempotencyKey = None
-) -> UserCredits:
+    user_id: UserId, body: RefundRequest, request: Request, idempotency_key: IdempotencyKey = None
+) -> Response:
     """Give credits back, never above the user's maximum."""
-    return await credits.refund_credits(
+    account = await services(request).credits.refund_credits(
         user_id, body.amount, description=body.description, idempotency_key=idempotency_key
     )
+    return rendered(account)
 
 
 @router.post("/{user_id}/upgrade", response_model=UserCredits, responses=responses())
-async def upgrade(user_id: UserId, credits: Credits) -> UserCredits:
+async def upgrade(user_id: UserId, request: Request) -> Response:
     """A guest becomes registered and gains the difference of the two budgets."""
-    return await credits.upgrade_to_registered(user_id)
+    return rendered(await services(request).credits.upgrade_to_registered(user_id))
 
 
 @router.get(
     "/{user_id}/transactions", response_model=list[CreditTransaction], responses=responses()
 )
-async def transactions(
-    user_id: UserId, credits: Credits, limit: HistoryLimit = 50
-) -> list[CreditTransaction]:
+async def transactions(user_id: UserId, request: Request, limit: HistoryLimit = 50) -> Response:
     """The ledger, newest first."""
-    return await credits.get_transaction_history(user_id, limit)
+    return rendered_ledger(await services(request).credits.get_transaction_history(user_id, limit))

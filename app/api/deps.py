@@ -1,4 +1,11 @@
-"""FastAPI dependencies: services from the container, and the admin guard."""
+"""The services a route uses, and the admin routes' dependencies.
+
+The API routes take their services from the request (`services(request)`), not as
+dependencies: the services are built once per store and live on the application, and
+FastAPI's resolution of a dependency is a measurable share of a request on these routes
+(bench/README.md). The admin routes keep dependencies. Each is a coroutine: FastAPI runs
+a plain `def` in a worker thread (tests/test_api_async.py).
+"""
 
 from __future__ import annotations
 
@@ -8,47 +15,36 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.container import Container
+from app.container import Container, Services
 from app.errors import AdminForbiddenError
-from app.services.assistant import AssistantService
-from app.services.consents import UserConsentService
-from app.services.credits import CreditService
 from app.services.query_cache import QueryCacheService
 
 
-def get_container(request: Request) -> Container:
+def container_of(request: Request) -> Container:
     container: Container = request.app.state.container
     return container
 
 
+def services(request: Request) -> Services:
+    """The services over the store the flag picks now."""
+    return container_of(request).services
+
+
+async def get_container(request: Request) -> Container:
+    return container_of(request)
+
+
+async def _cache(request: Request) -> QueryCacheService:
+    return services(request).cache
+
+
 ContainerDep = Annotated[Container, Depends(get_container)]
-
-
-def _credits(container: ContainerDep) -> CreditService:
-    return container.credit_service()
-
-
-def _consents(container: ContainerDep) -> UserConsentService:
-    return container.consent_service()
-
-
-def _cache(container: ContainerDep) -> QueryCacheService:
-    return container.cache_service()
-
-
-def _assistant(container: ContainerDep) -> AssistantService:
-    return container.assistant_service()
-
-
-Credits = Annotated[CreditService, Depends(_credits)]
-Consents = Annotated[UserConsentService, Depends(_consents)]
 Cache = Annotated[QueryCacheService, Depends(_cache)]
-Assistant = Annotated[AssistantService, Depends(_assistant)]
 
 _bearer = HTTPBearer(auto_error=False, description="ADMIN_TOKEN")
 
 
-def require_admin(
+async def require_admin(
     container: ContainerDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:

@@ -46,3 +46,10 @@ class StorageProvider:
     @property
     def cache(self) -> CacheRepository:
         return self._caches[self.cache_backend]
+
+    def stores_of(self, backend: StorageBackend) -> Stores:
+        return self._stores[backend]
+
+    def cache_of(self, backend: StorageBackend) -> CacheRepository:
+        """The cache that serves while `backend` is the active store."""
+        return self._caches[self._cache_backend or CacheBackend(backend.value)]

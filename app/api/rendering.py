@@ -1,0 +1,26 @@
+"""Responses of what the services built, serialised once by pydantic.
+
+A route that returns a model lets FastAPI validate it against the route's response model
+again and serialise it through its own encoder; for objects the service has just built
+and validated that is work done twice, a measurable share of a request (bench/README.md).
+Routes return `rendered(...)` instead and keep `response_model` for the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import Response
+from pydantic import BaseModel, TypeAdapter
+
+from app.schemas import CreditTransaction
+
+_LEDGER = TypeAdapter(list[CreditTransaction])
+
+
+def rendered(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def rendered_ledger(rows: Sequence[CreditTransaction]) -> Response:
+    return Response(_LEDGER.dump_json(list(rows)), media_type="application/json")
