@@ -344,6 +344,14 @@ MUTANTS = [
         "WHERE $10::varchar IS NOT NULL",
         "WHERE $10::varchar IS NULL",
     ),
+    Mutant(
+        "statements: ADMISSION answers an account due for a reset",
+        STATEMENTS,
+        "AND a.last_reset_timestamp > $2::timestamptz",
+        "AND $2::timestamptz IS NOT NULL",
+        ("tests/test_assistant_flow.py", "-k", "postgres and not general"),
+        anchor="\nADMISSION = Statement(",
+    ),
     _statement(
         "statements: HISTORY out of order within an instant",
         "HISTORY",
@@ -364,6 +372,13 @@ MUTANTS = [
         "None if isinstance(operation, Read) else CreditChange(user_id, operation, attempt)",
         "None",
         ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "assistant: a query that waited shows the account read before the wait",
+        "app/services/assistant.py",
+        "credits=await self._account(user_id, is_guest))",
+        "credits=account or await self._account(user_id, is_guest))",
+        ("tests/test_assistant_flow.py",),
     ),
     # The fast path's own decisions.
     Mutant(

@@ -32,12 +32,14 @@ class SlowAnswerer:
         return {"answer": f"answer to {query}", "products": [{"id": "sku-1"}]}
 
 
-def assistant(stores: Stores, clock: FakeClock, answerer: SlowAnswerer) -> AssistantService:
+def assistant(
+    stores: Stores, clock: FakeClock, answerer: SlowAnswerer, *, ttl: int = 60
+) -> AssistantService:
     return AssistantService(
         credits=CreditService(stores.credits, clock=clock),
         consents=UserConsentService(stores.consents, clock=clock),
         cache=QueryCacheService(
-            stores.cache, default_ttl_seconds=60, stats=CacheStats(), clock=clock
+            stores.cache, default_ttl_seconds=ttl, stats=CacheStats(), clock=clock
         ),
         answerer=answerer,
         query_cost=1,
@@ -110,3 +112,50 @@ class TestCachedAnswersStayFree:
         second = await service.ask("again", "LAMP ", is_guest=True, context={})
         assert (first.cached, second.cached, answerer.calls) == (False, True, 1)
         assert second.credits.available_credits == first.credits.available_credits == 9
+
+
+class TestCacheHitsShowTheCurrentAccount:
+    """A cache hit reads the consent and the account together where the store can
+    (PostgreSQL's fast path): the account shown must still be the current one."""
+
+    async def test_a_hit_after_a_due_reset_shows_the_refilled_balance(
+        self, stores: Stores, clock: FakeClock
+    ) -> None:
+        service = assistant(stores, clock, SlowAnswerer(), ttl=3 * 86_400)
+        credits = CreditService(stores.credits, clock=clock)
+        await UserConsentService(stores.consents, clock=clock).record_consent("regular")
+        await service.ask("regular", "lamp", is_guest=True, context={})
+        await credits.deduct_credits("regular", 5)
+        hit = await service.ask("regular", "lamp", is_guest=True, context={})
+        assert (hit.cached, hit.credits.available_credits) == (True, 4)
+        clock.advance(hours=24)
+        reply = await service.ask("regular", "lamp", is_guest=True, context={})
+        assert reply.cached
+        assert reply.credits.available_credits == 10
+        assert reply.credits.last_reset_timestamp == clock.now
+
+    async def test_a_hit_for_a_user_never_seen_opens_the_account_of_their_tier(
+        self, stores: Stores, clock: FakeClock
+    ) -> None:
+        service = assistant(stores, clock, SlowAnswerer())
+        consents = UserConsentService(stores.consents, clock=clock)
+        for user in ("first", "member"):
+            await consents.record_consent(user)
+        await service.ask("first", "desk lamp", is_guest=True, context={})
+        reply = await service.ask("member", "desk lamp", is_guest=False, context={})
+        assert reply.cached
+        assert (reply.credits.is_guest, reply.credits.available_credits) == (False, 50)
+
+    async def test_a_query_that_waited_for_its_twin_shows_the_balance_after_the_charge(
+        self, stores: Stores, clock: FakeClock
+    ) -> None:
+        service = assistant(stores, clock, SlowAnswerer())
+        await UserConsentService(stores.consents, clock=clock).record_consent("twice")
+        credits = CreditService(stores.credits, clock=clock)
+        # Connections for both twins' first reads, which then both come before the charge.
+        await asyncio.gather(*(credits.get_user_credits("twice") for _ in range(3)))
+        first, second = await asyncio.gather(
+            *(service.ask("twice", "garden hose", is_guest=True, context={}) for _ in range(2))
+        )
+        assert sorted([first.cached, second.cached]) == [False, True]  # one waited
+        assert first.credits.available_credits == second.credits.available_credits == 9

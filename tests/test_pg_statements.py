@@ -1,6 +1,6 @@
 """The fast path's statements as PostgreSQL reads them: each prepares on the migrated
-schema with exactly the parameters it declares, in order, and returns an account row
-in the order the repository unpacks it."""
+schema with exactly the parameters it declares, in order, and returns its columns in the
+order the repositories unpack them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from app.repositories.pg_statements import ALL, HISTORY, Statement
+from app.repositories.pg_statements import ADMISSION, ALL, CONSENT, HISTORY, Statement
 from tests.conftest import fresh_database, plain_dsn
 
 pytestmark = pytest.mark.postgres
@@ -21,6 +21,20 @@ ACCOUNT_COLUMNS = [
     "max_credits",
     "last_reset_timestamp",
 ]
+RETURNED = {
+    HISTORY.name: ["id", "user_id", "transaction_type", "amount", "timestamp", "description"],
+    CONSENT.name: ["user_id", "terms_accepted", "marketing_consent", "timestamp", "updated_at"],
+    ADMISSION.name: [
+        "terms_accepted",
+        "marketing_consent",
+        "timestamp",
+        "updated_at",
+        "is_guest",
+        "available_credits",
+        "max_credits",
+        "last_reset_timestamp",
+    ],
+}
 
 
 @pytest.fixture
@@ -41,17 +55,7 @@ async def test_each_statement_takes_the_parameters_it_declares(
     declared = [kind for _, kind in statement.params]
     assert [parameter.name for parameter in prepared.get_parameters()] == declared
     returned = [attribute.name for attribute in prepared.get_attributes()]
-    if statement is HISTORY:
-        assert returned == [
-            "id",
-            "user_id",
-            "transaction_type",
-            "amount",
-            "timestamp",
-            "description",
-        ]
-    else:
-        assert returned == ACCOUNT_COLUMNS
+    assert returned == RETURNED.get(statement.name, ACCOUNT_COLUMNS)
 
 
 def test_every_statement_has_a_name_of_its_own_and_names_its_parameters() -> None:

@@ -205,8 +205,10 @@ class CreditRules:
     def credits(
         self, user_id: str, is_guest: bool, available: int, maximum: int, last_reset: datetime
     ) -> UserCredits:
-        """The account as the service shows it (SPEC §2)."""
-        return UserCredits(
+        """The account as the service shows it (SPEC §2). Built without validation
+        (pydantic's `model_construct`): every value comes typed from the rules or from the
+        database's typed columns, and validating them again costs every credit call."""
+        return UserCredits.model_construct(
             user_id=user_id,
             is_guest=is_guest,
             available_credits=available,

@@ -52,6 +52,15 @@ class ConsentRepository(Protocol):
         """Ordered by user_id."""
         ...
 
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        """What the assistant reads of a user before answering: the consent, and the
+        account too where the same read gives it (PostgreSQL's fast path, an account
+        with no reset due); None for the account otherwise, which the caller then asks
+        the credit service for."""
+        ...
+
 
 class CacheRepository(Protocol):
     """Cached answers by key, each with its expiry."""

@@ -104,6 +104,11 @@ class MemoryConsentRepository:
         ordered = sorted(self._consents.values(), key=lambda consent: consent.user_id)
         return ordered[offset : offset + limit]
 
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        return self._consents.get(user_id), None
+
 
 class MemoryCacheRepository:
     """Cached answers in a dict (see CacheRepository). Results are copied in and out,

@@ -1,4 +1,5 @@
-"""The PostgreSQL fast path's statements, each written out whole, with its parameters.
+"""The PostgreSQL fast path's statements, each written out whole, with its parameters:
+the credit operations' and the consent read the assistant makes before every answer.
 
 Each statement is one round trip in autocommit: data-modifying CTEs change the
 balance, write the ledger row and claim the key together, atomically. Each mirrors
@@ -243,4 +244,29 @@ SELECT id, user_id, transaction_type, amount, timestamp, description
 """,
 )
 
-ALL = (READ, CREATE, DEDUCT, DEDUCT_OWN_KEY, REFUND, UPGRADE, RESET, HISTORY)
+CONSENT = Statement(
+    "consent",
+    (("user_id", "varchar"),),
+    """
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+  FROM user_consents
+ WHERE user_id = $1::varchar
+""",
+)
+
+ADMISSION = Statement(
+    "admission",
+    (("user_id", "varchar"), ("reset_cutoff", "timestamptz")),
+    """
+-- What the assistant reads before answering: the consent, and the account while no
+-- reset is due (DUE RESET), each an indexed read, in one round trip.
+SELECT c.terms_accepted, c.marketing_consent, c.timestamp, c.updated_at,
+       a.is_guest, a.available_credits, a.max_credits, a.last_reset_timestamp
+  FROM (SELECT $1::varchar AS user_id) AS u
+  LEFT JOIN user_consents AS c ON c.user_id = u.user_id
+  LEFT JOIN user_credits AS a
+    ON a.user_id = u.user_id AND a.last_reset_timestamp > $2::timestamptz
+""",
+)
+
+ALL = (READ, CREATE, DEDUCT, DEDUCT_OWN_KEY, REFUND, UPGRADE, RESET, HISTORY, CONSENT, ADMISSION)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import CreditRules
-from app.repositories.base import CreditRepository, Stores
+from app.repositories.base import Stores
 from app.repositories.pg_connections import FastConnections
+from app.repositories.pg_consents import PostgresConsentRepository
 from app.repositories.pg_credits import PostgresCreditRepository
 from app.repositories.sql_base import DEFAULT_BATCH
 from app.repositories.sql_cache import SqlCacheRepository
@@ -21,14 +22,14 @@ def sql_stores(
     batch_size: int = DEFAULT_BATCH,
     fast: FastConnections | None = None,
 ) -> Stores:
-    """With `fast` connections (PostgreSQL), credits take the single-statement fast path
-    first; without, and on SQLite, the general path alone."""
+    """With `fast` connections (PostgreSQL), credit operations and consent reads take the
+    single-statement fast path first; without, and on SQLite, the general path alone."""
     general = SqlCreditRepository(engine, rules, batch_size=batch_size)
-    credits: CreditRepository = (
-        general if fast is None else PostgresCreditRepository(general, fast, rules)
-    )
+    consents = SqlConsentRepository(engine)
+    if fast is None:
+        return Stores(general, consents, SqlCacheRepository(engine, batch_size=batch_size))
     return Stores(
-        credits=credits,
-        consents=SqlConsentRepository(engine),
+        credits=PostgresCreditRepository(general, fast, rules),
+        consents=PostgresConsentRepository(consents, fast, rules),
         cache=SqlCacheRepository(engine, batch_size=batch_size),
     )

@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.models import UserConsentRow, table
 from app.repositories.sql_base import insert, transaction
-from app.schemas import UserConsent
+from app.schemas import UserConsent, UserCredits
 
 consents = table(UserConsentRow)
 
@@ -63,6 +63,11 @@ class SqlConsentRepository:
                 )
             ).first()
         return None if row is None else UserConsent.model_validate(row._mapping)
+
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        return await self.get(user_id), None
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         async with transaction(self._engine) as conn:

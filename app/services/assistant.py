@@ -27,19 +27,27 @@ class AssistantReply(BaseModel):
     credits: UserCredits
 
 
-class _Answer(BaseModel):
+class Answer(BaseModel):
     """The shape an answerer must return; anything else counts as a failed answer."""
 
     answer: str
     products: list[dict[str, Any]]
 
 
-def _answer_or_none(document: dict[str, Any]) -> _Answer | None:
+def _answer_or_none(document: dict[str, Any]) -> Answer | None:
     """A cached document in the answer's shape, or None (then it is treated as a miss)."""
     try:
-        return _Answer.model_validate(document)
+        return Answer.model_validate(document)
     except ValidationError:
         return None
+
+
+def _reply(answer: Answer, *, cached: bool, credits: UserCredits) -> AssistantReply:
+    """The reply, built without validating again what is validated already: the answer
+    (an Answer) and the account (the credit service's)."""
+    return AssistantReply.model_construct(
+        answer=answer.answer, products=answer.products, cached=cached, credits=credits
+    )
 
 
 class AssistantService:
@@ -53,7 +61,7 @@ class AssistantService:
         cache: QueryCacheService,
         answerer: Answerer,
         query_cost: int,
-        in_flight: SingleFlight[dict[str, Any]],
+        in_flight: SingleFlight[Answer],
     ) -> None:
         self._credits = credits
         self._consents = consents
@@ -67,8 +75,10 @@ class AssistantService:
     ) -> AssistantReply:
         """Raises ConsentRequiredError, InsufficientCreditsError or AnswerFailedError
         (after refunding the charge). Identical queries in flight at once are answered
-        once: the callers that waited get the answer as a free cache hit."""
-        if not await self._consents.has_accepted_terms(user_id):
+        once: the callers that waited get the answer as a free cache hit. The consent and
+        the account come in one read where the store can (a cache hit then costs one)."""
+        accepted, account = await self._consents.admission(user_id)
+        if not accepted:
             raise ConsentRequiredError(user_id)
         key = cache_key(query, context)
         # Checking for a leader and becoming one happen with no await in between,
@@ -77,23 +87,23 @@ class AssistantService:
             waited, shared = await self._in_flight.wait(key)
             if not waited:
                 break
-            if shared is not None:
-                return await self._hit(user_id, is_guest, _Answer.model_validate(shared))
+            if shared is not None:  # the leader may have charged this very user: read anew
+                return _reply(shared, cached=True, credits=await self._account(user_id, is_guest))
             # The leader failed: wait for another one, or lead this time.
         with self._in_flight.lead(key) as publish:
-            cached = await self._cache.get_cached_result(query, context)
+            cached = await self._cache.get_by_key(key)
             hit = _answer_or_none(cached) if cached is not None else None
             if hit is not None:
-                publish(hit.model_dump())
-                return await self._hit(user_id, is_guest, hit)
+                publish(hit)
+                return _reply(
+                    hit, cached=True, credits=account or await self._account(user_id, is_guest)
+                )
             reply = await self._answer(user_id, query, is_guest=is_guest, context=context)
-            publish(reply.model_dump(include={"answer", "products"}))
+            publish(Answer.model_construct(answer=reply.answer, products=reply.products))
             return reply
 
-    async def _hit(self, user_id: str, is_guest: bool, answer: _Answer) -> AssistantReply:
-        """A cached answer: free."""
-        account = await self._credits.get_user_credits(user_id, is_guest)
-        return AssistantReply(**answer.model_dump(), cached=True, credits=account)
+    async def _account(self, user_id: str, is_guest: bool) -> UserCredits:
+        return await self._credits.get_user_credits(user_id, is_guest)
 
     async def _answer(
         self, user_id: str, query: str, *, is_guest: bool, context: dict[str, Any]
@@ -108,7 +118,7 @@ class AssistantService:
             idempotency_key=charge,
         )
         try:
-            answer = _Answer.model_validate(await self._answerer.answer(query, context))
+            answer = Answer.model_validate(await self._answerer.answer(query, context))
         except BaseException as error:
             # Shielded: a client that disconnects mid-answer still gets its credit back.
             account = await asyncio.shield(self._refund(user_id, charge))
@@ -120,7 +130,7 @@ class AssistantService:
             raise
         if answer.products:  # an empty answer may succeed next time: not worth keeping
             await self._cache.cache_result(query, answer.model_dump(), context)
-        return AssistantReply(**answer.model_dump(), cached=False, credits=account)
+        return _reply(answer, cached=False, credits=account)
 
     async def _refund(self, user_id: str, charge: str) -> UserCredits:
         return await self._credits.refund_credits(

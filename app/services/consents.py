@@ -5,7 +5,7 @@ from __future__ import annotations
 from app.clock import Clock, utc_now
 from app.errors import ConsentNotFoundError
 from app.repositories.base import ConsentRepository
-from app.schemas import UserConsent
+from app.schemas import UserConsent, UserCredits
 
 
 class UserConsentService:
@@ -39,11 +39,20 @@ class UserConsentService:
         return consent
 
     async def has_accepted_terms(self, user_id: str) -> bool:
-        consent = await self._repository.get(user_id)
-        return consent is not None and consent.terms_accepted
+        return _accepted(await self._repository.get(user_id))
+
+    async def admission(self, user_id: str) -> tuple[bool, UserCredits | None]:
+        """Whether the user accepted the terms, and their account where the store read it
+        in the same round trip (else None: ask the credit service)."""
+        consent, account = await self._repository.admission(user_id, now=self._clock())
+        return _accepted(consent), account
 
     async def list_consents(self, limit: int = 100, offset: int = 0) -> list[UserConsent]:
         """Stable order by user_id."""
         if limit < 1 or offset < 0:
             raise ValueError("limit must be at least 1 and offset at least 0")
         return await self._repository.page(limit, offset)
+
+
+def _accepted(consent: UserConsent | None) -> bool:
+    return consent is not None and consent.terms_accepted

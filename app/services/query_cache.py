@@ -57,8 +57,12 @@ class QueryCacheService:
     async def get_cached_result(
         self, query: str, context: dict[str, Any] | None = None
     ) -> dict[str, Any] | None:
+        return await self.get_by_key(cache_key(query, context))
+
+    async def get_by_key(self, key: str) -> dict[str, Any] | None:
+        """As get_cached_result, for a caller that has the key already (`cache_key`)."""
         try:
-            result = await self._repository.get(cache_key(query, context), now=self._clock())
+            result = await self._repository.get(key, now=self._clock())
         except Exception:
             self._stats.errors += 1
             logger.warning("query cache read failed; treated as a miss", exc_info=True)

@@ -241,6 +241,14 @@ class FallbackConsents(_FallingBack):
             lambda: self._fallback.memory.consents.page(limit, offset),
         )
 
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        return await self._either(
+            self._database.consents.admission(user_id, now=now),
+            lambda: self._fallback.memory.consents.admission(user_id, now=now),
+        )
+
 
 def with_fallback(database: Stores, fallback: OutageFallback) -> Stores:
     """Credits and consents fall back to memory; the cache already fails open."""

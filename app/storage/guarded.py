@@ -68,6 +68,11 @@ class GuardedConsents:
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._guard.run(self._inner.page, limit, offset)
 
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        return await self._guard.run(self._inner.admission, user_id, now=now)
+
 
 class GuardedCache:
     """A CacheRepository behind the guard."""
