@@ -1,13 +1,19 @@
-"""`python -m app`: serve the API with uvicorn.
+"""`python -m app`: serve the API with uvicorn; `python -m app state export|import`: move
+the database's state out or in as NDJSON (SPEC §7).
 
 HOST and PORT from the environment (default 127.0.0.1:8000); WEB_CONCURRENCY worker
 processes (uvicorn's own variable, default 1), each with its own pools (README,
 "Running on PostgreSQL"); ACCESS_LOG=false turns uvicorn's access log off.
 """
 
+import argparse
+import asyncio
 import os
+import sys
 
 import uvicorn
+
+from app.ops.state_cli import export_state, import_state
 
 
 def serve(application: str = "app.main:app") -> None:
@@ -22,5 +28,23 @@ def serve(application: str = "app.main:app") -> None:
     )
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="The assistant backend.")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the API (the default)")
+    state = commands.add_parser("state", help="export or import the database's state")
+    actions = state.add_subparsers(dest="action", required=True)
+    actions.add_parser("export", help="write every account, ledger row and consent to stdout")
+    importing = actions.add_parser("import", help="merge an export into the database")
+    importing.add_argument("file", help="an export (NDJSON), or - for stdin")
+    args = parser.parse_args(argv)
+    if args.command == "state":
+        if args.action == "export":
+            return asyncio.run(export_state(sys.stdout.buffer))
+        return asyncio.run(import_state(args.file))
     serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

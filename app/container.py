@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,10 +19,11 @@ from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.migrate import upgrade_to_head
 from app.ops.retention import RetentionJob
-from app.repositories.base import Stores
-from app.repositories.memory import memory_stores
+from app.repositories.base import StateRepository, Stores
+from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.sql import sql_stores
+from app.repositories.sql_state import SqlStateRepository
 from app.services.assistant import Answer, AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -27,9 +31,12 @@ from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
 from app.storage.engine import create_engine, fast_connections, masked_url
 from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits
+from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
+from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
 from app.storage.provider import StorageProvider
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
+from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
+from app.storage.stream import merge_spooled, spooled
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +62,21 @@ class Container:
     answerer: Answerer
     breaker: CircuitBreaker
     guarded: Stores  # the database stores behind retries and the breaker, without fallback
+    states: dict[StorageBackend, StateRepository]  # each store's users, to move them
     cache_tiers: CacheTiers
     fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
+    gate: WriteGate = field(default_factory=WriteGate)
     retention: RetentionJob = field(init=False)
     _services: dict[StorageBackend, Services] = field(init=False)
+    _flag_changing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
+        # Every store's services write through the gate to the primary of the moment.
+        self._credits = RoutedCredits(self.storage, self.gate)
+        self._consents = RoutedConsents(self.storage, self.gate)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.retention = RetentionJob(
             database=lambda: (
@@ -93,9 +106,8 @@ class Container:
         return self.services.assistant
 
     def _services_on(self, backend: StorageBackend) -> Services:
-        stores = self.storage.stores_of(backend)
-        credits = CreditService(stores.credits)
-        consents = UserConsentService(stores.consents)
+        credits = CreditService(self._credits)
+        consents = UserConsentService(self._consents)
         cache = QueryCacheService(
             self.storage.cache_of(backend),
             default_ttl_seconds=self.settings.query_cache_ttl_seconds,
@@ -128,12 +140,52 @@ class Container:
                 f"revision={status['revision']}, head={status['head']}"
             )
 
-    async def switch_storage(self, backend: StorageBackend) -> None:
-        """Flip the flag; to the database only once it answers at the schema head."""
-        if backend is StorageBackend.DATABASE:
-            await self.prepare_database()
-        self.storage.switch(backend)
-        logger.info("storage backend switched to %s", backend.value)
+    async def switch_storage(
+        self, backend: StorageBackend, *, carry_state: bool = True
+    ) -> HandoverReport | None:
+        """Flip the flag; to the database only once it answers at the schema head. With
+        `carry_state`, a new primary gets the old one's users first (app/storage/
+        handover.py) and the report says what was carried; HandoverFailedError leaves
+        the flag. HandoverInProgressError while another change runs."""
+        async with self._moving_state():
+            if backend is StorageBackend.DATABASE:
+                await self.prepare_database()
+            old = self.storage.backend
+            if not carry_state or backend is old:
+                self.storage.switch(backend)
+                logger.info("storage backend switched to %s", backend.value)
+                return None
+            report = await hand_over(
+                self.states[old],
+                self.states[backend],
+                self.gate,
+                lambda: self.storage.switch(backend),
+            )
+            logger.info(
+                "storage backend handed over from %s to %s: %s",
+                old.value,
+                backend.value,
+                report.body(),
+            )
+            return report
+
+    async def import_state(
+        self, chunks: AsyncIterable[bytes], backend: StorageBackend
+    ) -> HandoverReport:
+        """Validates a whole NDJSON stream, then merges it into `backend`'s store
+        (app/storage/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
+        async with spooled(chunks) as stream, self._moving_state():
+            if backend is StorageBackend.DATABASE:
+                await self.prepare_database()
+            return await merge_spooled(stream, self.states[backend])
+
+    @asynccontextmanager
+    async def _moving_state(self) -> AsyncIterator[None]:
+        """One flag change or import at a time; HandoverInProgressError for another."""
+        if self._flag_changing.locked():
+            raise HandoverInProgressError()
+        async with self._flag_changing:
+            yield
 
     async def close(self) -> None:
         await self.retention.stop()
@@ -145,12 +197,16 @@ class Container:
         await self.engine.dispose()
 
 
-def build_container(settings: Settings, *, answerer: Answerer | None = None) -> Container:
-    rules = CreditRules(
+def credit_rules(settings: Settings) -> CreditRules:
+    return CreditRules(
         guest_max=settings.guest_max_credits,
         registered_max=settings.registered_max_credits,
         reset_period=settings.credit_reset_period,
     )
+
+
+def build_container(settings: Settings, *, answerer: Answerer | None = None) -> Container:
+    rules = credit_rules(settings)
     engine = create_engine(settings)
     breaker = CircuitBreaker(
         failure_threshold=settings.db_breaker_failure_threshold,
@@ -167,7 +223,8 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
     fallback = None
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(lambda: memory_stores(rules))
-    memory = memory_stores(rules)
+    memory_data = MemoryData()
+    memory = memory_stores(rules, memory_data)
     cache_tiers = build_cache_tiers(settings, memory=memory.cache, database=guarded.cache)
     storage = StorageProvider(
         backend=settings.storage_backend,
@@ -184,6 +241,12 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         answerer=answerer or CatalogueAnswerer(),
         breaker=breaker,
         guarded=guarded,
+        states={
+            StorageBackend.MEMORY: MemoryStateRepository(memory_data),
+            StorageBackend.DATABASE: GuardedState(
+                SqlStateRepository(engine), retried_guard(breaker, settings)
+            ),
+        },
         cache_tiers=cache_tiers,
         fast=fast,
         fallback=fallback,
@@ -193,7 +256,18 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
 def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) -> Stores:
     """Every database call behind the breaker; credits and consents retried on transient
     faults, the never-critical cache not (a miss is cheaper than waiting)."""
-    retried = Guard(
+    retried = retried_guard(breaker, settings)
+    once = Guard(breaker, ONE_ATTEMPT)
+    return Stores(
+        credits=GuardedCredits(stores.credits, retried),
+        consents=GuardedConsents(stores.consents, retried),
+        cache=GuardedCache(stores.cache, once),
+    )
+
+
+def retried_guard(breaker: CircuitBreaker, settings: Settings) -> Guard:
+    """The breaker and retries on transient faults, as the settings say."""
+    return Guard(
         breaker,
         RetryPolicy(
             attempts=settings.db_retry_attempts,
@@ -201,10 +275,4 @@ def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) 
             initial_backoff=settings.db_retry_initial_backoff,
             max_backoff=settings.db_retry_max_backoff,
         ),
-    )
-    once = Guard(breaker, ONE_ATTEMPT)
-    return Stores(
-        credits=GuardedCredits(stores.credits, retried),
-        consents=GuardedConsents(stores.consents, retried),
-        cache=GuardedCache(stores.cache, once),
     )

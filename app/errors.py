@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AppError(Exception):
     """Base of every error the service raises on purpose."""
@@ -13,6 +15,11 @@ class AppError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def details(self) -> Any:
+        """What the error body carries besides the message, if anything."""
+        return None
+
 
 class InsufficientCreditsError(AppError):
     status_code = 402
@@ -23,6 +30,10 @@ class InsufficientCreditsError(AppError):
         self.user_id = user_id
         self.available = available
         self.required = required
+
+    @property
+    def details(self) -> Any:
+        return {"available": self.available, "required": self.required}
 
 
 class ConsentNotFoundError(AppError):

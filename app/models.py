@@ -105,9 +105,12 @@ class CreditTransactionRow(Base):
     amount: Mapped[int] = mapped_column(Integer, nullable=False)
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     description: Mapped[str | None] = mapped_column(Text, nullable=True)
-    # The key made for the service call that wrote the row (migration 0003): read only
-    # by a retry of that call, so it has no index of its own.
-    call_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH), nullable=True)
+    # The idempotency key of the change that wrote the row (migrations 0003, 0004): read by
+    # a retry of a call with a key of its own, and carried when the state moves to another
+    # store. No index of its own: a retry finds it among the user's rows.
+    idempotency_key: Mapped[str | None] = mapped_column(
+        String(IDEMPOTENCY_KEY_LENGTH), nullable=True
+    )
 
 
 class CreditIdempotencyKeyRow(Base):

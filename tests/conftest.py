@@ -158,7 +158,7 @@ async def fresh_database(request: pytest.FixtureRequest, kind: str) -> AsyncIter
     """URL of a new database at the schema head: a copied SQLite file, or a PostgreSQL
     database cloned from the migrated template. Dropped afterwards."""
     if kind == "sqlite":
-        path = Path(request.getfixturevalue("tmp_path")) / "test.db"
+        path = Path(request.getfixturevalue("tmp_path")) / f"test-{uuid.uuid4().hex[:8]}.db"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         yield f"sqlite+aiosqlite:///{path}"
         return

@@ -32,10 +32,18 @@ STATEMENTS = "app/repositories/pg_statements.py"
 FAST = "app/repositories/pg_credits.py"
 SERVICE_CODE = "app/services/credits.py"
 FALLBACK = "app/storage/fallback.py"
+STATE = "app/domain/state.py"
+ROUTING = "app/storage/routing.py"
+HANDOVER = "app/storage/handover.py"
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
 SERVICE = "tests/test_credit_service.py"
 RULES_TESTS = ("tests/test_credit_rules.py",)
+HANDOVER_TESTS = (
+    "tests/test_state_rules.py",
+    "tests/test_write_gate.py",
+    "tests/test_handover.py",
+)
 MEMORY_TESTS = (f"{SERVICE}", f"{MODEL}[memory]", "-k", "memory")
 GENERAL_TESTS = (
     SERVICE,
@@ -159,20 +167,77 @@ MUTANTS = [
         "return True",
         RULES_TESTS,
     ),
+    Mutant(
+        "rules: the change's own row carries no key",
+        DOMAIN,
+        "return entry_index >= self.settled",
+        "return False",
+        RULES_TESTS,
+    ),
     # The memory store.
     Mutant(
         "memory: keys never claimed",
         MEMORY,
-        "self._keys[key] = attempt.at",
+        "data.keys[key] = attempt.at",
         "pass",
         MEMORY_TESTS,
     ),
     Mutant(
         "memory: ledger rows dropped",
         MEMORY,
-        "for entry in outcome.entries:",
-        "for entry in ():",
+        "for index, entry in enumerate(outcome.entries):",
+        "for index, entry in enumerate(()):",
         MEMORY_TESTS,
+    ),
+    Mutant(
+        "memory: a merge adds every row again",
+        MEMORY,
+        "added = missing_rows(state.ledger, held)",
+        "added = list(state.ledger)",
+        HANDOVER_TESTS,
+    ),
+    # Moving state between stores.
+    Mutant(
+        "state: equal rows counted once",
+        STATE,
+        "lacking.subtract(Counter(held))",
+        "lacking = Counter(set(lacking) - set(held))",
+        HANDOVER_TESTS,
+    ),
+    Mutant(
+        "state: the earlier consent wins",
+        STATE,
+        "held.updated_at >= incoming.updated_at",
+        "held.updated_at <= incoming.updated_at",
+        HANDOVER_TESTS,
+    ),
+    Mutant(
+        "state: a different balance verified",
+        STATE,
+        "if kept.available != account.available:",
+        "if False:",
+        HANDOVER_TESTS,
+    ),
+    Mutant(
+        "handover: writes not held for the final step",
+        ROUTING,
+        "self._open.clear()",
+        "pass",
+        HANDOVER_TESTS,
+    ),
+    Mutant(
+        "handover: users written during the copy not copied again",
+        HANDOVER,
+        "await copy_users(source, target, touched.take(), report)",
+        "touched.take()",
+        HANDOVER_TESTS,
+    ),
+    Mutant(
+        "handover: the flag flipped despite a mismatch",
+        HANDOVER,
+        "if report.verification.mismatches:",
+        "if False:",
+        HANDOVER_TESTS,
     ),
     # The SQL general path.
     Mutant(
@@ -199,8 +264,8 @@ MUTANTS = [
     Mutant(
         "general: ledger rows dropped",
         GENERAL,
-        "for entry in entries:",
-        "for entry in ():",
+        "for index, entry in enumerate(outcome.entries):",
+        "for index, entry in enumerate(()):",
         GENERAL_TESTS,
     ),
     Mutant(
@@ -245,8 +310,8 @@ MUTANTS = [
     _statement(
         "statements: DEDUCT writes no row",
         "DEDUCT",
-        "$5::text FROM changed",
-        "$5::text FROM changed WHERE false",
+        "      FROM changed\n)",
+        "      FROM changed WHERE false\n)",
     ),
     _statement(
         "statements: DEDUCT claims no key",

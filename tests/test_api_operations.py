@@ -56,8 +56,12 @@ async def storage(client: httpx.AsyncClient) -> dict[str, Any]:
     return body
 
 
-async def switch(client: httpx.AsyncClient, backend: str) -> dict[str, Any]:
-    response = await client.put("/admin/storage", json={"backend": backend}, headers=ADMIN)
+async def switch(
+    client: httpx.AsyncClient, backend: str, *, carry_state: bool = False
+) -> dict[str, Any]:
+    """Flips the flag, by default without carrying the state (tests/test_handover.py)."""
+    request = {"backend": backend, "carry_state": carry_state}
+    response = await client.put("/admin/storage", json=request, headers=ADMIN)
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
@@ -248,8 +252,9 @@ class TestStorageToggle:
             {"backend": None},
             {"backend": 1},
             {},
+            {"backend": "memory", "carry_state": "yes"},
         ],
-        ids=["redis", "upper-case", "empty", "null", "number", "missing"],
+        ids=["redis", "upper-case", "empty", "null", "number", "missing", "carry-state-text"],
     )
     async def test_an_unknown_backend_is_422_and_changes_nothing(
         self, client: httpx.AsyncClient, body: dict[str, Any]

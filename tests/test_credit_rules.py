@@ -49,7 +49,7 @@ class TestFirstSight:
 class TestDueReset:
     def test_a_reset_is_due_exactly_one_period_after_the_last(self) -> None:
         assert RULES.apply(guest(3), "u", Read(), DUE) == Outcome(
-            guest(10, DUE), (Entry("reset", 7, "credits reset"),)
+            guest(10, DUE), (Entry("reset", 7, "credits reset"),), settled=1
         )
 
     def test_no_reset_a_microsecond_before(self) -> None:
@@ -68,6 +68,8 @@ class TestDueReset:
         outcome = RULES.apply(guest(3), "u", change, DUE)
         assert outcome.account.available == available
         assert outcome.entries[0] == Entry("reset", 7, "credits reset")
+        assert not outcome.keyed(0)  # the due reset's row carries no key of the change
+        assert all(outcome.keyed(index) for index in range(1, len(outcome.entries)))
 
 
 class TestDeduct:

@@ -12,7 +12,7 @@ import pytest
 from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset, Upgrade
 from app.errors import StorageUnavailableError
 from app.repositories.base import CreditRepository, Stores
-from app.repositories.memory import MemoryConsentRepository, memory_stores
+from app.repositories.memory import MemoryConsentRepository, MemoryData, memory_stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -60,7 +60,7 @@ class DownableCredits:
 
 class DownableConsents(MemoryConsentRepository):
     def __init__(self, outage: Outage) -> None:
-        super().__init__()
+        super().__init__(MemoryData())
         self._outage = outage
 
     async def upsert(

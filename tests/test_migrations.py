@@ -154,6 +154,29 @@ class TestDataSurvivesUpgrades:
         ).available_credits == 40
 
 
+class TestLedgerKeys:
+    async def test_0004_keeps_every_rows_key_down_and_up_again(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await upgrade_to_head(empty_engine)
+        credits = CreditService(sql_stores(empty_engine, RULES).credits)
+        await credits.deduct_credits("keeper", 2, idempotency_key="client-key")
+        await credits.refund_credits("keeper", 1, idempotency_key="refund-key")
+        rows = "SELECT {} FROM credit_transactions ORDER BY id"
+
+        await alembic(empty_engine, "downgrade", "0003")
+        async with empty_engine.connect() as connection:
+            kept = (await connection.execute(text(rows.format("call_key")))).scalars().all()
+        assert kept == ["client-key", "refund-key"]
+
+        await alembic(empty_engine, "upgrade", "head")
+        async with empty_engine.connect() as connection:
+            kept = (await connection.execute(text(rows.format("idempotency_key")))).scalars()
+            assert kept.all() == ["client-key", "refund-key"]
+        again = await credits.deduct_credits("keeper", 2, idempotency_key="client-key")
+        assert again.available_credits == 9
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

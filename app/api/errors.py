@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from app.errors import AppError, InsufficientCreditsError, StorageUnavailableError
+from app.errors import AppError, StorageUnavailableError
 from app.storage.resilience import is_unavailable
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ async def _app_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, AppError)
     if isinstance(error, StorageUnavailableError):
         return _unavailable(error)
-    details = None
-    if isinstance(error, InsufficientCreditsError):
-        details = {"available": error.available, "required": error.required}
-    return error_response(error.status_code, error.code, error.message, details=details)
+    return error_response(error.status_code, error.code, error.message, details=error.details)
 
 
 def _invalid(message: str, problems: list[Any]) -> JSONResponse:
@@ -133,5 +130,6 @@ _DESCRIPTIONS = {
     402: "Insufficient credits",
     403: "Forbidden (admin token or consent missing)",
     404: "Not found",
+    409: "Conflict with a change in progress or a failed verification",
     502: "The answerer failed; the charge was refunded",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Header, Path, Query
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StringConstraints
 
 from app.config import StorageBackend
 from app.json_documents import storable_json
@@ -91,3 +91,6 @@ class AssistantQueryRequest(BaseModel):
 
 class StorageRequest(BaseModel):
     backend: StorageBackend
+    carry_state: StrictBool = Field(
+        True, description="Copy the old primary's credits and consents into the new one first"
+    )

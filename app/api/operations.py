@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
 from app.ops.health import database_status
+from app.storage.stream import export_lines
+
+NDJSON = "application/x-ndjson"
 
 health = APIRouter(prefix="/health", tags=["health"])
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -50,23 +53,65 @@ async def ready(container: ContainerDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if serving else 503)
 
 
-def _storage_view(container: ContainerDep) -> dict[str, str]:
+def _storage_view(container: ContainerDep) -> dict[str, Any]:
+    storage = container.storage
     return {
-        "backend": container.storage.backend.value,
-        "cache_backend": container.storage.cache_backend.value,
+        "backend": storage.backend.value,
+        "shadow": None,
+        "changed_at": storage.changed_at.isoformat(),
+        "comparison": {"compared": 0, "mismatches": 0, "consistency": 1.0, "samples": []},
+        "repair_queue": 0,
+        "cache_backend": storage.cache_backend.value,
     }
 
 
 @admin.get("/storage", responses=responses(403))
-async def get_storage(container: ContainerDep) -> dict[str, str]:
+async def get_storage(container: ContainerDep) -> dict[str, Any]:
     return _storage_view(container)
 
 
-@admin.put("/storage", responses=responses(403))
-async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str, str]:
-    """Switch the store at run time. The stores do not share data; nothing is copied."""
-    await container.switch_storage(body.backend)
-    return _storage_view(container)
+@admin.put("/storage", responses=responses(403, 409))
+async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str, Any]:
+    """Switch the store at run time. With `carry_state` (the default) the new primary
+    first gets the old one's credits and consents, verified user by user (SPEC §7);
+    409 `handover_failed` with the report leaves the flag as it was."""
+    report = await container.switch_storage(body.backend, carry_state=body.carry_state)
+    view = _storage_view(container)
+    if report is not None:
+        view["handover"] = report.body()
+    return view
+
+
+@admin.get(
+    "/state/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {NDJSON: {}}}, **responses(403)},
+)
+async def export_state(
+    container: ContainerDep, store: StorageBackend | None = None
+) -> StreamingResponse:
+    """The store's accounts, ledger and consents as NDJSON (SPEC §7), streamed a batch
+    of users at a time; `store` defaults to the primary. A stream cut short has no
+    footer, so no import takes it for whole."""
+    backend = store or container.storage.backend
+    lines = export_lines(container.states[backend], container.rules, backend.value)
+    return StreamingResponse(lines, media_type=NDJSON)
+
+
+@admin.post(
+    "/state/import",
+    responses=responses(403, 409),
+    openapi_extra={"requestBody": {"content": {NDJSON: {}}, "required": True}},
+)
+async def import_state(
+    request: Request, container: ContainerDep, store: StorageBackend | None = None
+) -> dict[str, Any]:
+    """Merges an export into the store (`store` defaults to the primary) as a hand-over
+    would, and answers the verification report. The whole stream is validated first:
+    a bad one is 422 `invalid_stream` with its line number, and nothing is applied."""
+    backend = store or container.storage.backend
+    report = await container.import_state(request.stream(), backend)
+    return report.body()
 
 
 @admin.post("/maintenance/cleanup", responses=responses(403))

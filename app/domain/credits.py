@@ -105,6 +105,11 @@ class Attempt:
 class Outcome:
     account: Account
     entries: tuple[Entry, ...] = ()
+    settled: int = 0  # how many leading entries are a due reset's; the rest are the operation's
+
+    def keyed(self, entry_index: int) -> bool:
+        """Is this entry the operation's own (the one its idempotency key goes with)?"""
+        return entry_index >= self.settled
 
 
 @dataclass(frozen=True)
@@ -147,9 +152,9 @@ class CreditRules:
         else:
             settled = ()
         if repeated or isinstance(operation, Read):
-            return Outcome(account, settled)
+            return Outcome(account, settled, len(settled))
         after = self._change(account, operation, now)
-        return Outcome(after.account, settled + after.entries)
+        return Outcome(after.account, settled + after.entries, len(settled))
 
     def _change(self, account: Account, change: Change, now: datetime) -> Outcome:
         match change:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.credits import Attempt, Operation
+from app.domain.state import UserState
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
@@ -79,6 +81,23 @@ class CacheRepository(Protocol):
 
     async def count(self, *, now: datetime) -> int:
         """Entries that have not expired."""
+        ...
+
+
+class StateRepository(Protocol):
+    """A store's users as a whole, to move them to another store (app/domain/state.py)."""
+
+    def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
+        """Every user with an account or a consent, in batches, ordered by user_id."""
+        ...
+
+    async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        """The state of each named user, one consistent read; users the store does not
+        hold come back empty."""
+        ...
+
+    async def merge(self, states: Sequence[UserState]) -> int:
+        """MERGE the states in, as one unit of work; counts the ledger rows added."""
         ...
 
 

@@ -2,7 +2,8 @@
 
 Each call decides and stores its outcome with no await in between, so on the event
 loop racing coroutines see the atomicity the SQL store gets from its transactions.
-Everything is lost when the process ends.
+Everything is lost when the process ends, unless handed over to another store first
+(SPEC §7).
 """
 
 from __future__ import annotations
@@ -10,66 +11,91 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from app.domain.credits import Account, Attempt, CreditRules, Entry, Operation
+from app.domain.credits import Account, Attempt, CreditRules, Operation
+from app.domain.state import LedgerRecord, UserState, later_consent, missing_rows
 from app.repositories.base import Stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
+
+
+@dataclass
+class MemoryData:
+    """One process's state, shared by the memory store's repositories."""
+
+    accounts: dict[str, Account] = field(default_factory=dict)
+    ledger: defaultdict[str, list[LedgerRecord]] = field(default_factory=lambda: defaultdict(list))
+    keys: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    consents: dict[str, UserConsent] = field(default_factory=dict)
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
 
 class MemoryCreditRepository:
     """Accounts, ledger and idempotency keys in dicts (see CreditRepository): the
     domain's rules applied, the outcome stored only once decided."""
 
-    def __init__(self, rules: CreditRules) -> None:
+    def __init__(self, rules: CreditRules, data: MemoryData) -> None:
         self._rules = rules
-        self._accounts: dict[str, Account] = {}
-        self._ledger: dict[str, list[CreditTransaction]] = defaultdict(list)
-        self._keys: dict[tuple[str, str], datetime] = {}
-        self._ids = itertools.count(1)
+        self._data = data
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        data = self._data
         key = None if attempt.key is None else (user_id, attempt.key)
-        repeated = key is not None and key in self._keys
+        repeated = key is not None and key in data.keys
         outcome = self._rules.apply(
-            self._accounts.get(user_id), user_id, operation, attempt.at, repeated=repeated
+            data.accounts.get(user_id), user_id, operation, attempt.at, repeated=repeated
         )
-        self._accounts[user_id] = outcome.account
-        for entry in outcome.entries:
-            self._ledger[user_id].append(self._row(user_id, entry, attempt.at))
+        data.accounts[user_id] = outcome.account
+        for index, entry in enumerate(outcome.entries):
+            data.ledger[user_id].append(
+                LedgerRecord(
+                    user_id,
+                    entry.kind,
+                    entry.amount,
+                    attempt.at,
+                    entry.description,
+                    attempt.key if outcome.keyed(index) else None,
+                    next(data.ids),
+                )
+            )
         if key is not None and not repeated:
-            self._keys[key] = attempt.at
+            data.keys[key] = attempt.at
         return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        return list(reversed(self._ledger.get(user_id, [])[-limit:]))
+        rows = self._data.ledger.get(user_id, [])[-limit:]
+        return [_transaction(row) for row in reversed(rows)]
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
+        data = self._data
         deleted = 0
-        for user_id, rows in list(self._ledger.items()):
+        for user_id, rows in list(data.ledger.items()):
             kept = [row for row in rows if row.timestamp >= cutoff]
             deleted += len(rows) - len(kept)
-            self._ledger[user_id] = kept
-        self._keys = {key: at for key, at in self._keys.items() if at >= cutoff}
+            data.ledger[user_id] = kept
+        data.keys = {key: at for key, at in data.keys.items() if at >= cutoff}
         return deleted
 
-    def _row(self, user_id: str, entry: Entry, now: datetime) -> CreditTransaction:
-        return CreditTransaction(
-            id=next(self._ids),
-            user_id=user_id,
-            transaction_type=entry.kind,
-            amount=entry.amount,
-            timestamp=now,
-            description=entry.description,
-        )
+
+def _transaction(row: LedgerRecord) -> CreditTransaction:
+    return CreditTransaction.model_construct(
+        id=row.id,
+        user_id=row.user_id,
+        transaction_type=row.kind,
+        amount=row.amount,
+        timestamp=row.timestamp,
+        description=row.description,
+    )
 
 
 class MemoryConsentRepository:
     """Consents in a dict (see ConsentRepository)."""
 
-    def __init__(self) -> None:
-        self._consents: dict[str, UserConsent] = {}
+    def __init__(self, data: MemoryData) -> None:
+        self._consents = data.consents
 
     async def get(self, user_id: str) -> UserConsent | None:
         return self._consents.get(user_id)
@@ -141,9 +167,57 @@ class MemoryCacheRepository:
         return sum(1 for _, expires_at in self._entries.values() if expires_at > now)
 
 
-def memory_stores(rules: CreditRules) -> Stores:
+class MemoryStateRepository:
+    """The memory store's users as a whole (see StateRepository). A read or a merge runs
+    with no await inside, so it sees and leaves the state as one."""
+
+    def __init__(self, data: MemoryData) -> None:
+        self._data = data
+
+    async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
+        users = sorted(self._data.accounts.keys() | self._data.consents.keys())
+        for start in range(0, len(users), batch_size):
+            yield users[start : start + batch_size]
+
+    async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        data = self._data
+        return [
+            UserState(
+                user_id,
+                data.accounts.get(user_id),
+                tuple(data.ledger.get(user_id, ())),
+                data.consents.get(user_id),
+            )
+            for user_id in user_ids
+        ]
+
+    async def merge(self, states: Sequence[UserState]) -> int:
+        data = self._data
+        added_rows = 0
+        for state in states:
+            user_id = state.user_id
+            if state.account is not None:
+                data.accounts[user_id] = state.account
+            held = data.ledger[user_id]
+            added = missing_rows(state.ledger, held)
+            if added:
+                held.extend(replace(row, id=next(data.ids)) for row in added)
+                held.sort(key=lambda row: (row.timestamp, row.id))
+            for row in state.ledger:
+                if row.idempotency_key is not None:
+                    data.keys.setdefault((user_id, row.idempotency_key), row.timestamp)
+            added_rows += len(added)
+            consent = later_consent(state.consent, data.consents.get(user_id))
+            if consent is not None:
+                data.consents[user_id] = consent
+        return added_rows
+
+
+def memory_stores(rules: CreditRules, data: MemoryData | None = None) -> Stores:
+    """The memory store's repositories, over `data` (fresh when not given)."""
+    data = MemoryData() if data is None else data
     return Stores(
-        credits=MemoryCreditRepository(rules),
-        consents=MemoryConsentRepository(),
+        credits=MemoryCreditRepository(rules, data),
+        consents=MemoryConsentRepository(data),
         cache=MemoryCacheRepository(),
     )

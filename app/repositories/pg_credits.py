@@ -121,7 +121,7 @@ class PostgresCreditRepository:
             entry and entry.kind,
             entry and entry.amount,
             entry and entry.description,
-            attempt.key if on_ledger else None,
+            attempt.key,
             None if on_ledger else attempt.key,
         )
 

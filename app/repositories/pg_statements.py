@@ -49,12 +49,13 @@ CREATE = Statement(
         ("entry_type", "varchar"),
         ("entry_amount", "int4"),
         ("entry_description", "text"),
-        ("call_key", "varchar"),
+        ("entry_key", "varchar"),
         ("claimed_key", "varchar"),
     ),
     """
 -- FIRST SIGHT: the account as the rules opened it, the operation applied, with its
--- ledger row (none when $6 is null) and its key; nothing when the account exists.
+-- ledger row (none when $6 is null) carrying its key, and the key claimed unless it is
+-- the call's own; nothing when the account exists.
 WITH created AS (
     INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
                               last_reset_timestamp, created_at, updated_at)
@@ -64,7 +65,7 @@ WITH created AS (
  RETURNING user_id, is_guest, available_credits, max_credits, last_reset_timestamp
 ), entry AS (
     INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp,
-                                     description, call_key)
+                                     description, idempotency_key)
     SELECT user_id, $6::varchar, $7::integer, $2::timestamptz, $8::text, $9::varchar
       FROM created
      WHERE $6::varchar IS NOT NULL
@@ -89,8 +90,8 @@ DEDUCT = Statement(
         ("key", "varchar"),
     ),
     """
--- DEDUCT while no reset is due (DUE RESET); LEDGER; REPEATED KEY: the key is claimed,
--- and a key claimed before aborts the statement.
+-- DEDUCT while no reset is due (DUE RESET); LEDGER, the row carrying the key; REPEATED
+-- KEY: the key is claimed, and a key claimed before aborts the statement.
 WITH changed AS (
     UPDATE user_credits
        SET available_credits = available_credits - $4::integer, updated_at = $2::timestamptz
@@ -99,8 +100,10 @@ WITH changed AS (
        AND last_reset_timestamp > $3::timestamptz
  RETURNING user_id, is_guest, available_credits, max_credits, last_reset_timestamp
 ), entry AS (
-    INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description)
-    SELECT user_id, 'deduction', -$4::integer, $2::timestamptz, $5::text FROM changed
+    INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp,
+                                     description, idempotency_key)
+    SELECT user_id, 'deduction', -$4::integer, $2::timestamptz, $5::text, $6::varchar
+      FROM changed
 ), claim AS (
     INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
     SELECT user_id, $6::varchar, $2::timestamptz FROM changed
@@ -113,8 +116,8 @@ DEDUCT_OWN_KEY = Statement(
     "deduct_own_key",
     DEDUCT.params,
     """
--- DEDUCT as above, for a key the service made for this call: kept on the ledger row,
--- not claimed (app/repositories/sql_credits.py); only a retry can repeat it, and a
+-- DEDUCT as above, for a key the service made for this call: kept on the ledger row
+-- only, not claimed (app/repositories/sql_credits.py); only a retry can repeat it, and a
 -- retry goes to the general path, which looks for it there.
 WITH changed AS (
     UPDATE user_credits
@@ -125,7 +128,7 @@ WITH changed AS (
  RETURNING user_id, is_guest, available_credits, max_credits, last_reset_timestamp
 ), entry AS (
     INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp,
-                                     description, call_key)
+                                     description, idempotency_key)
     SELECT user_id, 'deduction', -$4::integer, $2::timestamptz, $5::text, $6::varchar
       FROM changed
 )
@@ -138,7 +141,7 @@ REFUND = Statement(
     DEDUCT.params,
     """
 -- REFUND, capped at the maximum, while no reset is due (DUE RESET); LEDGER: a row of what
--- was credited, none when nothing was; REPEATED KEY as in DEDUCT. The row is read FOR
+-- was credited with the key, none when nothing was; REPEATED KEY as in DEDUCT. The row is read FOR
 -- UPDATE first, so that nothing comes between the balance before and the change.
 WITH before AS (
     SELECT user_id, available_credits FROM user_credits
@@ -153,8 +156,9 @@ WITH before AS (
  RETURNING a.user_id, a.is_guest, a.available_credits, a.max_credits, a.last_reset_timestamp,
            a.available_credits - b.available_credits AS credited
 ), entry AS (
-    INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description)
-    SELECT user_id, 'refund', credited, $2::timestamptz, $5::text FROM changed
+    INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp,
+                                     description, idempotency_key)
+    SELECT user_id, 'refund', credited, $2::timestamptz, $5::text, $6::varchar FROM changed
      WHERE credited <> 0
 ), claim AS (
     INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)

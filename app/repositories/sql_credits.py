@@ -9,10 +9,11 @@ lose or double a change; the concurrency tests race them on every store. First s
 is INSERT … ON CONFLICT DO NOTHING: of two racing first calls one creates the account,
 the other decides again on it.
 
-Where a key is kept (REPEATED KEY): a deduction's own key (one the service made for the
-call) on its ledger row, `call_key`; any other key in credit_idempotency_keys, unique
-per user, so that a change which moved nothing (a refund into a full balance) still
-claims its key.
+Where a key is kept (REPEATED KEY): every change's key on its ledger row
+(`idempotency_key`, carried when the state moves to another store); a deduction's own key
+(one the service made for the call) only there; any other key also claimed in
+credit_idempotency_keys, unique per user, so that a change which moved nothing (a refund
+into a full balance) still claims its key.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.credits import Account, Attempt, CreditRules, Deduct, Entry, Operation
+from app.domain.credits import Account, Attempt, CreditRules, Deduct, Operation, Outcome
 from app.models import CreditIdempotencyKeyRow, CreditTransactionRow, UserCreditsRow, table
 from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
 from app.schemas import CreditTransaction, UserCredits
 
 accounts = table(UserCreditsRow)
 ledger = table(CreditTransactionRow)
-# A ledger entry as the service shows it: the call key is for retries only.
-_ENTRY_COLUMNS = [column for column in ledger.c if column.name != "call_key"]
+# A ledger entry as the service shows it: the key is for retries and moves only.
+_ENTRY_COLUMNS = [column for column in ledger.c if column.name != "idempotency_key"]
 claimed_keys = table(CreditIdempotencyKeyRow)
 
 _ACCOUNT = (
@@ -65,7 +66,7 @@ class SqlCreditRepository:
                 if await self._store(conn, before, outcome.account, attempt.at):
                     break
                 # A racing first sight created the account: decide again on it.
-            await self._record(conn, user_id, outcome.entries, operation, attempt)
+            await self._record(conn, user_id, outcome, attempt)
             if attempt.key is not None and not repeated and not key_on_ledger(operation, attempt):
                 await conn.execute(
                     claimed_keys.insert().values(
@@ -122,7 +123,7 @@ class SqlCreditRepository:
                 attempt.sent = True
                 return False
             found = select(ledger.c.id).where(
-                ledger.c.user_id == user_id, ledger.c.call_key == attempt.key
+                ledger.c.user_id == user_id, ledger.c.idempotency_key == attempt.key
             )
         else:
             found = select(claimed_keys.c.user_id).where(
@@ -158,15 +159,11 @@ class SqlCreditRepository:
 
     @staticmethod
     async def _record(
-        conn: AsyncConnection,
-        user_id: str,
-        entries: tuple[Entry, ...],
-        operation: Operation,
-        attempt: Attempt,
+        conn: AsyncConnection, user_id: str, outcome: Outcome, attempt: Attempt
     ) -> None:
-        """LEDGER: the rows the rules decided, at the attempt's instant."""
-        call_key = attempt.key if key_on_ledger(operation, attempt) else None
-        for entry in entries:
+        """LEDGER: the rows the rules decided, at the attempt's instant, the operation's own
+        with its key."""
+        for index, entry in enumerate(outcome.entries):
             await conn.execute(
                 ledger.insert().values(
                     user_id=user_id,
@@ -174,7 +171,7 @@ class SqlCreditRepository:
                     amount=entry.amount,
                     timestamp=attempt.at,
                     description=entry.description,
-                    call_key=call_key if entry.kind == "deduction" else None,
+                    idempotency_key=attempt.key if outcome.keyed(index) else None,
                 )
             )
 

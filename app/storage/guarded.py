@@ -7,12 +7,19 @@ not here fails the type check where the wrapper is used as that protocol.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from app.cache.local_tier import EntryReader
 from app.domain.credits import Attempt, Operation
-from app.repositories.base import CacheRepository, ConsentRepository, CreditRepository
+from app.domain.state import UserState
+from app.repositories.base import (
+    CacheRepository,
+    ConsentRepository,
+    CreditRepository,
+    StateRepository,
+)
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 from app.storage.resilience import Guard
 
@@ -109,3 +116,22 @@ class GuardedEntryCache(GuardedCache):
 
     async def get_entry(self, key: str, *, now: datetime) -> tuple[dict[str, Any], datetime] | None:
         return await self._guard.run(self._expiring.get_entry, key, now=now)
+
+
+class GuardedState:
+    """A StateRepository behind the guard: a merge may be retried, since merging the same
+    states again changes nothing (app/domain/state.py)."""
+
+    def __init__(self, inner: StateRepository, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
+        async for user_ids in self._inner.user_ids(batch_size):
+            yield user_ids
+
+    async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        return await self._guard.run(self._inner.read, user_ids)
+
+    async def merge(self, states: Sequence[UserState]) -> int:
+        return await self._guard.run(self._inner.merge, states)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from app.clock import utc_now
 from app.config import CacheBackend, StorageBackend
 from app.repositories.base import CacheRepository, Stores
 
@@ -9,8 +12,8 @@ from app.repositories.base import CacheRepository, Stores
 class StorageProvider:
     """Hands out the active store's repositories; the flag can flip at run time.
 
-    The two stores do not share data: flipping the flag changes where reads and
-    writes go from the next call on, it does not copy anything.
+    Flipping the flag changes where reads and writes go from the next call on; carrying
+    the state across is the hand-over's (app/storage/handover.py).
     """
 
     def __init__(
@@ -26,6 +29,7 @@ class StorageProvider:
         self._caches = caches
         self._backend = backend
         self._cache_backend = cache_backend
+        self.changed_at: datetime = utc_now()
 
     @property
     def backend(self) -> StorageBackend:
@@ -37,7 +41,9 @@ class StorageProvider:
         return self._cache_backend or CacheBackend(self._backend.value)
 
     def switch(self, backend: StorageBackend) -> None:
-        self._backend = backend
+        if backend is not self._backend:
+            self._backend = backend
+            self.changed_at = utc_now()
 
     @property
     def stores(self) -> Stores:

@@ -1,0 +1,173 @@
+"""A SQL store's users as a whole, to move them to another store (SPEC §7)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Table, select, union
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.domain.credits import Account
+from app.domain.state import LedgerRecord, UserState, later_consent, missing_rows
+from app.repositories.sql_base import insert, transaction
+from app.repositories.sql_consents import consents
+from app.repositories.sql_credits import accounts, claimed_keys, ledger
+from app.schemas import UserConsent
+
+
+class SqlStateRepository:
+    """Users of a SQLite or PostgreSQL store (see StateRepository). Reads see one
+    snapshot (REPEATABLE READ on PostgreSQL; a SQLite read transaction is one already);
+    a merge is one transaction, holding the accounts it replaces locked."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
+        known = union(select(accounts.c.user_id), select(consents.c.user_id)).subquery()
+        after: str | None = None
+        while True:
+            page = select(known.c.user_id).order_by(known.c.user_id).limit(batch_size)
+            if after is not None:
+                page = page.where(known.c.user_id > after)
+            async with transaction(self._engine) as conn:
+                users = list((await conn.scalars(page)).all())
+            if users:
+                yield users
+            if len(users) < batch_size:
+                return
+            after = users[-1]
+
+    async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        async with self._engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                return await _read(conn, user_ids)
+
+    async def merge(self, states: Sequence[UserState]) -> int:
+        if not states:
+            return 0
+        async with transaction(self._engine) as conn:
+            user_ids = [state.user_id for state in states]
+            held = {state.user_id: state for state in await _read(conn, user_ids, lock=True)}
+            account_rows = [_account_row(s.account) for s in states if s.account is not None]
+            if account_rows:
+                await _replace(conn, accounts, account_rows, _ACCOUNT_FIELDS)
+            added = [
+                row
+                for state in states
+                for row in missing_rows(state.ledger, held[state.user_id].ledger)
+            ]
+            if added:
+                await conn.execute(ledger.insert(), [_ledger_row(row) for row in added])
+            keys = {
+                (row.user_id, row.idempotency_key): row.timestamp
+                for state in states
+                for row in state.ledger
+                if row.idempotency_key is not None
+            }
+            if keys:
+                await conn.execute(
+                    insert(conn, claimed_keys).on_conflict_do_nothing(),
+                    [
+                        {"user_id": user_id, "idempotency_key": key, "created_at": at}
+                        for (user_id, key), at in keys.items()
+                    ],
+                )
+            standing = [
+                consent
+                for state in states
+                if (consent := later_consent(state.consent, held[state.user_id].consent))
+            ]
+            if standing:
+                rows = [consent.model_dump() for consent in standing]
+                await _replace(conn, consents, rows, _CONSENT_FIELDS)
+        return len(added)
+
+
+_ACCOUNT_FIELDS = (
+    "is_guest",
+    "available_credits",
+    "max_credits",
+    "last_reset_timestamp",
+    "updated_at",
+)
+_CONSENT_FIELDS = ("terms_accepted", "marketing_consent", "timestamp", "updated_at")
+
+
+async def _replace(
+    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]], fields: Sequence[str]
+) -> None:
+    """INSERT the rows, or UPDATE the `fields` of those whose user_id is there already."""
+    statement = insert(conn, table)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.user_id],
+            set_={name: statement.excluded[name] for name in fields},
+        ),
+        rows,
+    )
+
+
+async def _read(
+    conn: AsyncConnection, user_ids: Sequence[str], *, lock: bool = False
+) -> list[UserState]:
+    held_accounts = select(accounts).where(accounts.c.user_id.in_(user_ids))
+    if lock:
+        held_accounts = held_accounts.with_for_update()
+    found = {
+        row.user_id: Account(
+            row.user_id,
+            row.is_guest,
+            row.available_credits,
+            row.max_credits,
+            row.last_reset_timestamp,
+        )
+        for row in await conn.execute(held_accounts)
+    }
+    rows: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in user_ids}
+    for row in await conn.execute(
+        select(ledger).where(ledger.c.user_id.in_(user_ids)).order_by(ledger.c.id)
+    ):
+        rows[row.user_id].append(
+            LedgerRecord(
+                row.user_id,
+                row.transaction_type,
+                row.amount,
+                row.timestamp,
+                row.description,
+                row.idempotency_key,
+                row.id,
+            )
+        )
+    consented = {
+        row.user_id: UserConsent.model_validate(row._mapping)
+        for row in await conn.execute(select(consents).where(consents.c.user_id.in_(user_ids)))
+    }
+    return [
+        UserState(user_id, found.get(user_id), tuple(rows[user_id]), consented.get(user_id))
+        for user_id in user_ids
+    ]
+
+
+def _account_row(account: Account) -> dict[str, Any]:
+    # The account's creation is not carried; its last reset is the earliest known instant.
+    at: datetime = account.last_reset
+    return {
+        "user_id": account.user_id,
+        "is_guest": account.is_guest,
+        "available_credits": account.available,
+        "max_credits": account.maximum,
+        "last_reset_timestamp": at,
+        "created_at": at,
+        "updated_at": at,
+    }
+
+
+def _ledger_row(row: LedgerRecord) -> dict[str, Any]:
+    fields = row.fields()
+    del fields["id"]  # the receiving table numbers its own rows
+    return fields
