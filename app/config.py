@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     # None: the cache follows the active storage backend, also across a runtime toggle.
     cache_backend: CacheBackend | None = None
     run_migrations_on_startup: bool = True
+    # The share of reads served by the primary that are compared with the shadow's.
+    shadow_compare_rate: float = Field(1.0, ge=0, le=1)
 
     guest_max_credits: int = Field(10, ge=1)
     registered_max_credits: int = Field(50, ge=1)

@@ -36,6 +36,7 @@ from app.storage.handover import HandoverInProgressError, HandoverReport, hand_o
 from app.storage.provider import StorageProvider
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
+from app.storage.shadow import Shadow
 from app.storage.stream import merge_spooled, spooled
 
 logger = logging.getLogger(__name__)
@@ -69,14 +70,18 @@ class Container:
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
+    shadow: Shadow = field(init=False)
     retention: RetentionJob = field(init=False)
     _services: dict[StorageBackend, Services] = field(init=False)
     _flag_changing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         # Every store's services write through the gate to the primary of the moment.
-        self._credits = RoutedCredits(self.storage, self.gate)
-        self._consents = RoutedConsents(self.storage, self.gate)
+        self.shadow = Shadow(
+            self.storage, self.states, compare_rate=self.settings.shadow_compare_rate
+        )
+        self._credits = RoutedCredits(self.storage, self.gate, self.shadow)
+        self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.retention = RetentionJob(
             database=lambda: (
@@ -141,31 +146,43 @@ class Container:
             )
 
     async def switch_storage(
-        self, backend: StorageBackend, *, carry_state: bool = True
+        self,
+        backend: StorageBackend,
+        shadow: StorageBackend | None = None,
+        *,
+        carry_state: bool = True,
     ) -> HandoverReport | None:
-        """Flip the flag; to the database only once it answers at the schema head. With
-        `carry_state`, a new primary gets the old one's users first (app/storage/
-        handover.py) and the report says what was carried; HandoverFailedError leaves
-        the flag. HandoverInProgressError while another change runs."""
+        """Set the flag: the primary and the shadow. A database among them must answer at
+        the schema head first. With `carry_state`, a new primary gets the old one's users
+        first, or else a new shadow the primary's (app/storage/handover.py), and the report
+        says what was carried; HandoverFailedError leaves the flag. HandoverInProgressError
+        while another change runs."""
         async with self._moving_state():
-            if backend is StorageBackend.DATABASE:
+            if StorageBackend.DATABASE in (backend, shadow):
                 await self.prepare_database()
-            old = self.storage.backend
-            if not carry_state or backend is old:
-                self.storage.switch(backend)
-                logger.info("storage backend switched to %s", backend.value)
+            storage = self.storage
+            old, old_shadow = storage.backend, storage.shadow
+
+            def flip() -> None:
+                storage.switch(backend, shadow)
+                if shadow is not old_shadow:
+                    self.shadow.restart()
+                logger.info(
+                    "storage flag set: primary %s, shadow %s",
+                    backend.value,
+                    shadow.value if shadow else None,
+                )
+
+            if carry_state and backend is not old:
+                source, target = old, backend
+            elif carry_state and shadow is not None and shadow is not old_shadow:
+                source, target = backend, shadow
+            else:
+                flip()
                 return None
-            report = await hand_over(
-                self.states[old],
-                self.states[backend],
-                self.gate,
-                lambda: self.storage.switch(backend),
-            )
+            report = await hand_over(self.states[source], self.states[target], self.gate, flip)
             logger.info(
-                "storage backend handed over from %s to %s: %s",
-                old.value,
-                backend.value,
-                report.body(),
+                "state handed over from %s to %s: %s", source.value, target.value, report.body()
             )
             return report
 
@@ -189,6 +206,7 @@ class Container:
 
     async def close(self) -> None:
         await self.retention.stop()
+        await self.shadow.close()
         await self.cache_tiers.close()
         if self.fallback is not None:
             await self.fallback.close(self.guarded)

@@ -35,6 +35,7 @@ FALLBACK = "app/storage/fallback.py"
 STATE = "app/domain/state.py"
 ROUTING = "app/storage/routing.py"
 HANDOVER = "app/storage/handover.py"
+SHADOW = "app/storage/shadow.py"
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
 SERVICE = "tests/test_credit_service.py"
@@ -238,6 +239,27 @@ MUTANTS = [
         "if report.verification.mismatches:",
         "if False:",
         HANDOVER_TESTS,
+    ),
+    Mutant(
+        "shadow: writes not repeated on the shadow",
+        ROUTING,
+        "answer = await shadow.credits.apply(user_id, operation, again)",
+        "answer = primary",
+        ("tests/test_shadow.py",),
+    ),
+    Mutant(
+        "shadow: a difference not counted",
+        SHADOW,
+        "        self.mismatches += 1\n",
+        "        return\n",
+        ("tests/test_shadow.py",),
+    ),
+    Mutant(
+        "shadow: a repair that fixed nothing leaves the queue",
+        SHADOW,
+        "if not differences(state, held[state.user_id]):",
+        "if True:",
+        ("tests/test_shadow.py",),
     ),
     # The SQL general path.
     Mutant(

@@ -74,7 +74,8 @@ async def seed(client: httpx.AsyncClient) -> None:
     await client.post(f"{CREDITS}/cy/upgrade")
     await client.put(f"{CONSENTS}/ann", json={"terms_accepted": True, "marketing_consent": True})
     await client.put(f"{CONSENTS}/dee", json={"terms_accepted": True})
-    await client.patch(f"{CONSENTS}/dee/marketing", json={"marketing_consent": True})
+    patched = await client.patch(f"{CONSENTS}/dee", json={"marketing_consent": True})
+    assert patched.json()["marketing_consent"] is True
 
 
 async def picture(client: httpx.AsyncClient, users: Sequence[str]) -> dict[str, Any]:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Header, Path, Query
-from pydantic import AfterValidator, BaseModel, Field, StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    StrictBool,
+    StringConstraints,
+    model_validator,
+)
 
 from app.config import StorageBackend
 from app.json_documents import storable_json
@@ -91,6 +98,17 @@ class AssistantQueryRequest(BaseModel):
 
 class StorageRequest(BaseModel):
     backend: StorageBackend
-    carry_state: StrictBool = Field(
-        True, description="Copy the old primary's credits and consents into the new one first"
+    shadow: StorageBackend | None = Field(
+        None, description="A store every write is repeated on, and reads compared with"
     )
+    carry_state: StrictBool = Field(
+        True,
+        description="Copy the old primary's credits and consents into the new one first "
+        "(or, the primary staying, the primary's into a new shadow)",
+    )
+
+    @model_validator(mode="after")
+    def _shadow_is_the_other_store(self) -> StorageRequest:
+        if self.shadow is self.backend:
+            raise ValueError("shadow must be another store than backend")
+        return self

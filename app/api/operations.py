@@ -57,10 +57,10 @@ def _storage_view(container: ContainerDep) -> dict[str, Any]:
     storage = container.storage
     return {
         "backend": storage.backend.value,
-        "shadow": None,
+        "shadow": storage.shadow and storage.shadow.value,
         "changed_at": storage.changed_at.isoformat(),
-        "comparison": {"compared": 0, "mismatches": 0, "consistency": 1.0, "samples": []},
-        "repair_queue": 0,
+        "comparison": container.shadow.view(),
+        "repair_queue": container.shadow.repair_queue,
         "cache_backend": storage.cache_backend.value,
     }
 
@@ -72,10 +72,11 @@ async def get_storage(container: ContainerDep) -> dict[str, Any]:
 
 @admin.put("/storage", responses=responses(403, 409))
 async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str, Any]:
-    """Switch the store at run time. With `carry_state` (the default) the new primary
-    first gets the old one's credits and consents, verified user by user (SPEC §7);
-    409 `handover_failed` with the report leaves the flag as it was."""
-    report = await container.switch_storage(body.backend, carry_state=body.carry_state)
+    """Set the primary store and the shadow at run time. With `carry_state` (the default)
+    a new primary first gets the old one's credits and consents, or a new shadow the
+    primary's, verified user by user (SPEC §7); 409 `handover_failed` with the report
+    leaves the flag as it was."""
+    report = await container.switch_storage(body.backend, body.shadow, carry_state=body.carry_state)
     view = _storage_view(container)
     if report is not None:
         view["handover"] = report.body()

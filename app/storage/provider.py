@@ -28,6 +28,7 @@ class StorageProvider:
         self._stores = {StorageBackend.MEMORY: memory, StorageBackend.DATABASE: database}
         self._caches = caches
         self._backend = backend
+        self._shadow: StorageBackend | None = None
         self._cache_backend = cache_backend
         self.changed_at: datetime = utc_now()
 
@@ -40,9 +41,14 @@ class StorageProvider:
         """The configured cache backend, or the active storage backend when none is set."""
         return self._cache_backend or CacheBackend(self._backend.value)
 
-    def switch(self, backend: StorageBackend) -> None:
-        if backend is not self._backend:
-            self._backend = backend
+    @property
+    def shadow(self) -> StorageBackend | None:
+        """The store every write is repeated on (app/storage/shadow.py), if any."""
+        return self._shadow
+
+    def switch(self, backend: StorageBackend, shadow: StorageBackend | None = None) -> None:
+        if (backend, shadow) != (self._backend, self._shadow):
+            self._backend, self._shadow = backend, shadow
             self.changed_at = utc_now()
 
     @property

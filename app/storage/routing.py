@@ -1,4 +1,5 @@
-"""Calls routed to the store the flag picks at the moment they run, through the write gate.
+"""Calls routed to the store the flag picks at the moment they run, through the write gate,
+and to the shadow when there is one (app/storage/shadow.py).
 
 A request picks its services when it starts; a write it makes passes the gate first and
 only then looks up the primary. So a write held during a hand-over's final step goes to
@@ -8,14 +9,19 @@ the new primary once released, never to the old one after its state was copied.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import logging
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
+from typing import Any
 
 from app.domain.credits import Attempt, Operation
-from app.errors import StorageUnavailableError
+from app.errors import InsufficientCreditsError, StorageUnavailableError
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 from app.storage.provider import StorageProvider
+from app.storage.shadow import Answer, Shadow
+
+logger = logging.getLogger(__name__)
 
 
 class WriteGate:
@@ -89,45 +95,103 @@ class Touched:
 
 
 class RoutedCredits:
-    """The primary's CreditRepository, writes through the gate."""
+    """The primary's CreditRepository, writes through the gate, and then the shadow's."""
 
-    def __init__(self, provider: StorageProvider, gate: WriteGate) -> None:
+    def __init__(self, provider: StorageProvider, gate: WriteGate, shadow: Shadow) -> None:
         self._provider = provider
         self._gate = gate
+        self._shadow = shadow
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         # Every operation, a Read too: first sight and a due reset write.
         await self._gate.enter(user_id)
         try:
-            return await self._provider.stores.credits.apply(user_id, operation, attempt)
+            try:
+                answer = await self._provider.stores.credits.apply(user_id, operation, attempt)
+            except InsufficientCreditsError as refusal:
+                await self._shadowed(user_id, operation, attempt, refusal)
+                raise
+            await self._shadowed(user_id, operation, attempt, answer)
+            return answer
         finally:
             self._gate.leave(user_id)
+
+    async def _shadowed(
+        self, user_id: str, operation: Operation, attempt: Attempt, primary: Answer
+    ) -> None:
+        shadow = self._shadow.stores
+        if shadow is None:
+            return
+        name = type(operation).__name__.lower()
+        # The same instant and key; a fresh `sent`, which concerns the primary's database.
+        again = Attempt(attempt.at, attempt.key, own_key=attempt.own_key)
+        answer: Answer
+        try:
+            answer = await shadow.credits.apply(user_id, operation, again)
+        except InsufficientCreditsError as refusal:
+            answer = refusal
+        except Exception as error:
+            self._shadow.failed(user_id, name, error)
+            return
+        if self._shadow.sampled():
+            self._shadow.compare(user_id, name, primary, answer)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         return await self._provider.stores.credits.history(user_id, limit)
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
-        return await self._provider.stores.credits.delete_transactions_before(cutoff)
+        deleted = await self._provider.stores.credits.delete_transactions_before(cutoff)
+        shadow = self._shadow.stores
+        if shadow is not None:
+            try:
+                await shadow.credits.delete_transactions_before(cutoff)
+            except Exception as error:  # retention runs again; nothing for a repair to do
+                logger.warning("shadow retention failed (%s)", error)
+        return deleted
 
 
 class RoutedConsents:
-    """The primary's ConsentRepository, writes through the gate."""
+    """The primary's ConsentRepository, writes through the gate, and then the shadow's."""
 
-    def __init__(self, provider: StorageProvider, gate: WriteGate) -> None:
+    def __init__(self, provider: StorageProvider, gate: WriteGate, shadow: Shadow) -> None:
         self._provider = provider
         self._gate = gate
+        self._shadow = shadow
 
     async def get(self, user_id: str) -> UserConsent | None:
-        return await self._provider.stores.consents.get(user_id)
+        answer = await self._provider.stores.consents.get(user_id)
+        shadow = self._shadow.stores
+        if shadow is not None and self._shadow.sampled():
+            try:
+                seen = await shadow.consents.get(user_id)
+            except Exception as error:
+                self._shadow.failed(user_id, "get_consent", error)
+            else:
+                self._shadow.compare(user_id, "get_consent", answer, seen)
+        return answer
 
     async def upsert(
         self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
     ) -> UserConsent:
         await self._gate.enter(user_id)
         try:
-            return await self._provider.stores.consents.upsert(
+            answer = await self._provider.stores.consents.upsert(
                 user_id, terms_accepted=terms_accepted, marketing_consent=marketing_consent, now=now
             )
+            shadow = self._shadow.stores
+            if shadow is not None:
+                await self._compared(
+                    user_id,
+                    "upsert_consent",
+                    answer,
+                    shadow.consents.upsert(
+                        user_id,
+                        terms_accepted=terms_accepted,
+                        marketing_consent=marketing_consent,
+                        now=now,
+                    ),
+                )
+            return answer
         finally:
             self._gate.leave(user_id)
 
@@ -136,11 +200,35 @@ class RoutedConsents:
     ) -> UserConsent | None:
         await self._gate.enter(user_id)
         try:
-            return await self._provider.stores.consents.set_marketing(
+            answer = await self._provider.stores.consents.set_marketing(
                 user_id, marketing_consent, now=now
             )
+            shadow = self._shadow.stores
+            if shadow is not None:
+                await self._compared(
+                    user_id,
+                    "set_marketing",
+                    answer,
+                    shadow.consents.set_marketing(user_id, marketing_consent, now=now),
+                )
+            return answer
         finally:
             self._gate.leave(user_id)
+
+    async def _compared(
+        self,
+        user_id: str,
+        operation: str,
+        primary: UserConsent | None,
+        write: Coroutine[Any, Any, UserConsent | None],
+    ) -> None:
+        try:
+            answer = await write
+        except Exception as error:
+            self._shadow.failed(user_id, operation, error)
+            return
+        if self._shadow.sampled():
+            self._shadow.compare(user_id, operation, primary, answer)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._provider.stores.consents.page(limit, offset)
