@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -15,6 +15,7 @@ from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.domain.credits import CreditRules
+from app.domain.state import Round
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.migrate import upgrade_to_head
@@ -29,6 +30,7 @@ from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
+from app.storage.cluster_flag import ClusterFlag, FlagStore, StoredFlag
 from app.storage.engine import create_engine, fast_connections, masked_url
 from app.storage.fallback import OutageFallback, with_fallback
 from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
@@ -71,6 +73,7 @@ class Container:
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
     shadow: Shadow = field(init=False)
+    cluster: ClusterFlag = field(init=False)
     retention: RetentionJob = field(init=False)
     _services: dict[StorageBackend, Services] = field(init=False)
     _flag_changing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
@@ -79,6 +82,9 @@ class Container:
         # Every store's services write through the gate to the primary of the moment.
         self.shadow = Shadow(
             self.storage, self.states, compare_rate=self.settings.shadow_compare_rate
+        )
+        self.cluster = ClusterFlag(
+            FlagStore(self.engine), poll_seconds=self.settings.storage_flag_poll_seconds
         )
         self._credits = RoutedCredits(self.storage, self.gate, self.shadow)
         self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
@@ -151,17 +157,24 @@ class Container:
         shadow: StorageBackend | None = None,
         *,
         carry_state: bool = True,
+        followed: StoredFlag | None = None,
     ) -> HandoverReport | None:
         """Set the flag: the primary and the shadow. A database among them must answer at
         the schema head first. With `carry_state`, a new primary gets the old one's users
         first, or else a new shadow the primary's (app/storage/handover.py), and the report
         says what was carried; HandoverFailedError leaves the flag. HandoverInProgressError
-        while another change runs."""
+        while another change runs. The change is stored for the other replicas to follow
+        (app/storage/cluster_flag.py), unless it is one they made: `followed`."""
         async with self._moving_state():
             if StorageBackend.DATABASE in (backend, shadow):
                 await self.prepare_database()
             storage = self.storage
             old, old_shadow = storage.backend, storage.shadow
+            change_round: Round | None = (
+                Round(followed.version, self.cluster.replica)
+                if followed is not None
+                else await self.cluster.next_round()
+            )
 
             def flip() -> None:
                 storage.switch(backend, shadow)
@@ -173,18 +186,55 @@ class Container:
                     shadow.value if shadow else None,
                 )
 
+            report = None
             if carry_state and backend is not old:
-                source, target = old, backend
+                report = await self._hand_over(old, backend, flip, change_round)
             elif carry_state and shadow is not None and shadow is not old_shadow:
-                source, target = backend, shadow
+                report = await self._hand_over(backend, shadow, flip, change_round)
             else:
                 flip()
-                return None
-            report = await hand_over(self.states[source], self.states[target], self.gate, flip)
-            logger.info(
-                "state handed over from %s to %s: %s", source.value, target.value, report.body()
-            )
+            if followed is None and change_round is not None:
+                await self.cluster.share(
+                    StoredFlag(backend, shadow, carry_state, change_round.number)
+                )
             return report
+
+    async def _hand_over(
+        self,
+        source: StorageBackend,
+        target: StorageBackend,
+        flip: Callable[[], None],
+        change_round: Round | None,
+    ) -> HandoverReport:
+        # Rounds weigh the replicas' accounts in the shared database; a memory store is
+        # one process's own.
+        shared = change_round if target is StorageBackend.DATABASE else None
+        report = await hand_over(self.states[source], self.states[target], self.gate, flip, shared)
+        logger.info(
+            "state handed over from %s to %s: %s", source.value, target.value, report.body()
+        )
+        return report
+
+    async def take_stored_flag(self) -> None:
+        """At start-up: the stored flag over STORAGE_BACKEND when the database has one
+        (there is no state in memory yet to carry); then follow the changes others make."""
+        stored = await self.cluster.stored()
+        if stored is not None:
+            try:
+                if StorageBackend.DATABASE in (stored.backend, stored.shadow):
+                    await self.prepare_database()
+            except StorageUnavailableError as error:
+                logger.warning("the stored storage flag cannot be taken (%s)", error.message)
+            else:
+                self.storage.switch(stored.backend, stored.shadow)
+                self.cluster.version = stored.version
+                logger.info("storage flag version %d taken from the database", stored.version)
+        self.cluster.follow(self._follow)
+
+    async def _follow(self, stored: StoredFlag) -> None:
+        await self.switch_storage(
+            stored.backend, stored.shadow, carry_state=stored.carry_state, followed=stored
+        )
 
     async def import_state(
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
@@ -205,6 +255,7 @@ class Container:
             yield
 
     async def close(self) -> None:
+        await self.cluster.stop()
         await self.retention.stop()
         await self.shadow.close()
         await self.cache_tiers.close()

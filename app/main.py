@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         try:
             if resolved.storage_backend is StorageBackend.DATABASE:
                 await container.prepare_database()
+            await container.take_stored_flag()
             app.state.container = container
             container.retention.start()
             yield

@@ -154,6 +154,35 @@ class QueryCacheRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class StorageFlagRow(Base):
+    """The storage flag every replica follows (migration 0005): one row, id 1."""
+
+    __tablename__ = "storage_flag"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    backend: Mapped[str] = mapped_column(String(16), nullable=False)
+    shadow: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    carry_state: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class HandoverMarkRow(Base):
+    """The account a replica carried for a user in a hand-over round (migration 0005)."""
+
+    __tablename__ = "handover_marks"
+    __table_args__ = (PrimaryKeyConstraint("round", "user_id", "replica"),)
+
+    round: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
+    replica: Mapped[str] = mapped_column(String(64))
+    is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 def table(model: type[Base]) -> Table:
     """The Core table of a model, typed for statements built on it."""
     return cast(Table, model.__table__)

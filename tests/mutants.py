@@ -36,6 +36,8 @@ STATE = "app/domain/state.py"
 ROUTING = "app/storage/routing.py"
 HANDOVER = "app/storage/handover.py"
 SHADOW = "app/storage/shadow.py"
+SQL_STATE = "app/repositories/sql_state.py"
+CLUSTER = "app/storage/cluster_flag.py"
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
 SERVICE = "tests/test_credit_service.py"
@@ -260,6 +262,20 @@ MUTANTS = [
         "if not differences(state, held[state.user_id]):",
         "if True:",
         ("tests/test_shadow.py",),
+    ),
+    Mutant(
+        "cluster: the incoming account wins over a lower one",
+        SQL_STATE,
+        "return [lowest(accounts) for accounts in marked.values()]",
+        "return carried",
+        ("tests/test_cluster_flag.py",),
+    ),
+    Mutant(
+        "cluster: a newer stored flag not followed",
+        CLUSTER,
+        "if stored is None or stored.version <= self.version:",
+        "if True:",
+        ("tests/test_cluster_flag.py",),
     ),
     # The SQL general path.
     Mutant(

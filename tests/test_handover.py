@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.config import StorageBackend
 from app.container import Container
-from app.domain.state import UserState
+from app.domain.state import Round, UserState
 from app.main import create_app
 from app.models import CreditTransactionRow, UserCreditsRow, table
 from app.repositories.base import StateRepository
@@ -235,9 +235,9 @@ class Faulty:
         self.user_ids = inner.user_ids
         self.read = inner.read
 
-    async def merge(self, states: Sequence[UserState]) -> int:
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         return await self._inner.merge(
-            [UserState(s.user_id, s.account, s.ledger[1:], s.consent) for s in states]
+            [UserState(s.user_id, s.account, s.ledger[1:], s.consent) for s in states], round
         )
 
 
@@ -275,10 +275,10 @@ class Slow:
         self.merging = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def merge(self, states: Sequence[UserState]) -> int:
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         self.merging.set()
         await self.release.wait()
-        return await self._inner.merge(states)
+        return await self._inner.merge(states, round)
 
 
 async def test_a_second_change_during_a_hand_over_is_409_and_reads_go_on(

@@ -23,11 +23,12 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import Settings
+from app.config import Settings, StorageBackend
 from app.models import Base
 from app.ops.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.repositories.sql import sql_stores
 from app.services.credits import CreditService
+from app.storage.cluster_flag import FlagStore, StoredFlag
 from app.storage.engine import create_engine
 from tests.conftest import RULES, empty_postgres_database
 from tests.support.postgres import PostgresServer
@@ -39,6 +40,8 @@ TABLES = {
     "credit_idempotency_keys",
     "user_consents",
     "query_cache",
+    "storage_flag",
+    "handover_marks",
 }
 EMPTY_DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -175,6 +178,33 @@ class TestLedgerKeys:
             assert kept.all() == ["client-key", "refund-key"]
         again = await credits.deduct_credits("keeper", 2, idempotency_key="client-key")
         assert again.available_credits == 9
+
+
+class TestStorageFlag:
+    async def test_0005_down_keeps_every_other_row_and_up_again_stores_the_flag(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await upgrade_to_head(empty_engine)
+        credits = CreditService(sql_stores(empty_engine, RULES).credits)
+        await credits.deduct_credits("stays", 3, idempotency_key="k")
+        flags = FlagStore(empty_engine)
+        await flags.save(StoredFlag(StorageBackend.DATABASE, None, True, 4))
+
+        await alembic(empty_engine, "downgrade", "0004")
+        assert "storage_flag" not in await table_names(empty_engine)
+        account = await credits.get_user_credits("stays")
+        assert account.available_credits == 7
+        assert len(await credits.get_transaction_history("stays")) == 1
+
+        await alembic(empty_engine, "upgrade", "head")
+        assert await flags.load() is None
+        await flags.save(StoredFlag(StorageBackend.MEMORY, StorageBackend.DATABASE, False, 1))
+        assert await flags.load() == StoredFlag(
+            StorageBackend.MEMORY, StorageBackend.DATABASE, False, 1
+        )
+        assert (
+            await credits.deduct_credits("stays", 3, idempotency_key="k")
+        ).available_credits == 7
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from app.config import StorageBackend
 from app.container import Container
-from app.domain.state import UserState
+from app.domain.state import Round, UserState
 from app.main import create_app
 from app.repositories.base import StateRepository
 from tests.conftest import DATABASES, app_settings, fresh_database
@@ -231,7 +231,7 @@ class Unmendable:
         self.user_ids = inner.user_ids
         self.read = inner.read
 
-    async def merge(self, states: Sequence[UserState]) -> int:
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         return 0
 
 

@@ -6,9 +6,12 @@ A hand-over and an import both read users from one store and merge them into ano
   store lacks are added, none twice (a row is known by everything but the store's own id,
   counted, so two equal rows stay two); every key a row carries is claimed; of two
   consents the later `updated_at` wins.
+- LOWEST WINS: when several replicas hand their memory over to the shared database in one
+  round (a cluster-wide flag change), a user more than one of them carried ends with the
+  account of the lowest balance among them, so that no replica's spending is undone.
 - VERIFY: after the merge, the receiving store holds, for every user, the incoming
-  balance, maximum and tier, every incoming ledger row (so their sum), and the incoming
-  consent or a later one.
+  balance, maximum and tier (in a round: that or a lower balance), every incoming ledger
+  row (so their sum), and the incoming consent or a later one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ class LedgerRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Round:
+    """One cluster-wide hand-over: the flag's version, and the replica carrying its memory."""
+
+    number: int
+    replica: str
+
+
+@dataclass(frozen=True, slots=True)
 class UserState:
     """Everything a store holds of one user, but cached answers."""
 
@@ -75,13 +86,21 @@ def later_consent(incoming: UserConsent | None, held: UserConsent | None) -> Use
     return incoming
 
 
-def differences(incoming: UserState, held: UserState) -> list[str]:
-    """VERIFY: what the receiving store got wrong about one user; empty when nothing."""
+def lowest(accounts: Iterable[Account]) -> Account:
+    """LOWEST WINS."""
+    return min(accounts, key=lambda account: account.available)
+
+
+def differences(incoming: UserState, held: UserState, *, in_round: bool = False) -> list[str]:
+    """VERIFY: what the receiving store got wrong about one user; empty when nothing.
+    `in_round`: a lower balance another replica carried may stand (LOWEST WINS)."""
     found = []
     if incoming.account is not None:
         account, kept = incoming.account, held.account
         if kept is None:
             found.append("account missing")
+        elif in_round and kept.available < account.available:
+            pass
         else:
             if kept.available != account.available:
                 found.append(f"balance {kept.available}, expected {account.available}")
@@ -106,11 +125,14 @@ class Verification:
     """VERIFY, user by user; a user verified again replaces its earlier result."""
 
     mismatched: dict[str, list[str]] = field(default_factory=dict)
+    in_round: bool = False
 
     def check(self, incoming: Sequence[UserState], held: Sequence[UserState]) -> None:
         by_user = {state.user_id: state for state in held}
         for state in incoming:
-            found = differences(state, by_user.get(state.user_id, UserState(state.user_id)))
+            found = differences(
+                state, by_user.get(state.user_id, UserState(state.user_id)), in_round=self.in_round
+            )
             if found:
                 self.mismatched[state.user_id] = found
             else:

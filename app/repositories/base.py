@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.credits import Attempt, Operation
-from app.domain.state import UserState
+from app.domain.state import Round, UserState
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
@@ -96,8 +96,10 @@ class StateRepository(Protocol):
         hold come back empty."""
         ...
 
-    async def merge(self, states: Sequence[UserState]) -> int:
-        """MERGE the states in, as one unit of work; counts the ledger rows added."""
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
+        """MERGE the states in, as one unit of work; counts the ledger rows added. In a
+        `round`, LOWEST WINS among the replicas that carried a user (a memory store,
+        one process's own, has no other replica to weigh and ignores it)."""
         ...
 
 

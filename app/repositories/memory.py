@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from app.domain.credits import Account, Attempt, CreditRules, Operation
-from app.domain.state import LedgerRecord, UserState, later_consent, missing_rows
+from app.domain.state import LedgerRecord, Round, UserState, later_consent, missing_rows
 from app.repositories.base import Stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
@@ -191,7 +191,7 @@ class MemoryStateRepository:
             for user_id in user_ids
         ]
 
-    async def merge(self, states: Sequence[UserState]) -> int:
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         data = self._data
         added_rows = 0
         for state in states:

@@ -10,7 +10,15 @@ from sqlalchemy import Table, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.domain.credits import Account
-from app.domain.state import LedgerRecord, UserState, later_consent, missing_rows
+from app.domain.state import (
+    LedgerRecord,
+    Round,
+    UserState,
+    later_consent,
+    lowest,
+    missing_rows,
+)
+from app.models import HandoverMarkRow, table
 from app.repositories.sql_base import insert, transaction
 from app.repositories.sql_consents import consents
 from app.repositories.sql_credits import accounts, claimed_keys, ledger
@@ -47,13 +55,16 @@ class SqlStateRepository:
             async with conn.begin():
                 return await _read(conn, user_ids)
 
-    async def merge(self, states: Sequence[UserState]) -> int:
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         if not states:
             return 0
         async with transaction(self._engine) as conn:
             user_ids = [state.user_id for state in states]
             held = {state.user_id: state for state in await _read(conn, user_ids, lock=True)}
-            account_rows = [_account_row(s.account) for s in states if s.account is not None]
+            carried = [state.account for state in states if state.account is not None]
+            if round is not None:
+                carried = await _lowest_in_round(conn, round, carried)
+            account_rows = [_account_row(account) for account in carried]
             if account_rows:
                 await _replace(conn, accounts, account_rows, _ACCOUNT_FIELDS)
             added = [
@@ -96,6 +107,8 @@ _ACCOUNT_FIELDS = (
     "updated_at",
 )
 _CONSENT_FIELDS = ("terms_accepted", "marketing_consent", "timestamp", "updated_at")
+_MARK_FIELDS = ("is_guest", "available_credits", "max_credits", "last_reset_timestamp")
+marks = table(HandoverMarkRow)
 
 
 async def _replace(
@@ -110,6 +123,52 @@ async def _replace(
         ),
         rows,
     )
+
+
+async def _lowest_in_round(
+    conn: AsyncConnection, round: Round, carried: list[Account]
+) -> list[Account]:
+    """LOWEST WINS: this replica's accounts marked for the round, and for each user the
+    account of the lowest balance any replica marked."""
+    if not carried:
+        return carried
+    rows = [
+        {
+            "round": round.number,
+            "user_id": account.user_id,
+            "replica": round.replica,
+            "is_guest": account.is_guest,
+            "available_credits": account.available,
+            "max_credits": account.maximum,
+            "last_reset_timestamp": account.last_reset,
+        }
+        for account in carried
+    ]
+    statement = insert(conn, marks)
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[marks.c.round, marks.c.user_id, marks.c.replica],
+            set_={name: statement.excluded[name] for name in _MARK_FIELDS},
+        ),
+        rows,
+    )
+    marked: dict[str, list[Account]] = {}
+    for row in await conn.execute(
+        select(marks).where(
+            marks.c.round == round.number,
+            marks.c.user_id.in_([account.user_id for account in carried]),
+        )
+    ):
+        marked.setdefault(row.user_id, []).append(
+            Account(
+                row.user_id,
+                row.is_guest,
+                row.available_credits,
+                row.max_credits,
+                row.last_reset_timestamp,
+            )
+        )
+    return [lowest(accounts) for accounts in marked.values()]
 
 
 async def _read(

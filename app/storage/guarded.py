@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from app.cache.local_tier import EntryReader
 from app.domain.credits import Attempt, Operation
-from app.domain.state import UserState
+from app.domain.state import Round, UserState
 from app.repositories.base import (
     CacheRepository,
     ConsentRepository,
@@ -133,5 +133,5 @@ class GuardedState:
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
         return await self._guard.run(self._inner.read, user_ids)
 
-    async def merge(self, states: Sequence[UserState]) -> int:
-        return await self._guard.run(self._inner.merge, states)
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
+        return await self._guard.run(self._inner.merge, states, round)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.domain.state import UserState, Verification
+from app.domain.state import Round, UserState, Verification
 from app.errors import AppError
 from app.repositories.base import StateRepository
 from app.storage.routing import Touched, WriteGate
@@ -41,6 +41,7 @@ class HandoverReport:
     ledger_rows_added: int = 0
     consents: set[str] = field(default_factory=set)
     verification: Verification = field(default_factory=Verification)
+    round: Round | None = None
     seconds: float = 0.0
     held_seconds: float = 0.0
 
@@ -109,11 +110,14 @@ async def hand_over(
     target: StateRepository,
     gate: WriteGate,
     flip: Callable[[], None],
+    round: Round | None = None,
 ) -> HandoverReport:
     """Copies every user of `source` into `target`, verified, then calls `flip` while
-    writes are held. Raises HandoverFailedError, without flipping, on any mismatch."""
+    writes are held. Raises HandoverFailedError, without flipping, on any mismatch.
+    `round`: a cluster-wide change, in which other replicas carry their users too."""
     started = time.perf_counter()
-    report = HandoverReport()
+    report = HandoverReport(round=round)
+    report.verification.in_round = round is not None
     with gate.watching() as touched:
         async for user_ids in source.user_ids(BATCH_SIZE):
             await _copy_batch(source, target, user_ids, report)
@@ -143,7 +147,7 @@ async def copy_states(
     states: Sequence[UserState], target: StateRepository, report: HandoverReport
 ) -> None:
     """Merges the states into `target` and verifies them there."""
-    added_rows = await target.merge(states)
+    added_rows = await target.merge(states, report.round)
     report.verification.check(states, await target.read([state.user_id for state in states]))
     report.carried(states, added_rows)
 
