@@ -23,8 +23,7 @@ from app.ops.retention import RetentionJob
 from app.repositories.base import StateRepository, Stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
 from app.repositories.pg_connections import FastConnections
-from app.repositories.sql import sql_stores
-from app.repositories.sql_state import SqlStateRepository
+from app.repositories.sql import sql_stores, state_repository
 from app.services.assistant import Answer, AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -313,7 +312,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         states={
             StorageBackend.MEMORY: MemoryStateRepository(memory_data),
             StorageBackend.DATABASE: GuardedState(
-                SqlStateRepository(engine), retried_guard(breaker, settings)
+                state_repository(engine), retried_guard(breaker, settings)
             ),
         },
         cache_tiers=cache_tiers,

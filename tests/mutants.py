@@ -38,6 +38,8 @@ HANDOVER = "app/storage/handover.py"
 SHADOW = "app/storage/shadow.py"
 SQL_STATE = "app/repositories/sql_state.py"
 CLUSTER = "app/storage/cluster_flag.py"
+PG_STATE = "app/repositories/pg_state.py"
+PG_STATE_TESTS = ("tests/test_pg_state.py", "tests/test_handover.py", "-k", "postgres")
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
 SERVICE = "tests/test_credit_service.py"
@@ -262,6 +264,20 @@ MUTANTS = [
         "if not differences(state, held[state.user_id]):",
         "if True:",
         ("tests/test_shadow.py",),
+    ),
+    Mutant(
+        "pg state: rows the store holds added again",
+        PG_STATE,
+        "WHERE i.copy > coalesce(h.copies, 0)",
+        "WHERE true",
+        PG_STATE_TESTS,
+    ),
+    Mutant(
+        "pg state: the earlier consent wins",
+        PG_STATE,
+        "WHERE held.updated_at < excluded.updated_at",
+        "WHERE true",
+        PG_STATE_TESTS,
     ),
     Mutant(
         "cluster: the incoming account wins over a lower one",

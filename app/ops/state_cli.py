@@ -15,7 +15,7 @@ from app.container import credit_rules
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.migrate import upgrade_to_head
-from app.repositories.sql_state import SqlStateRepository
+from app.repositories.sql import state_repository
 from app.storage.engine import create_engine
 from app.storage.stream import InvalidStreamError, export_lines, merge_spooled, spooled
 
@@ -59,7 +59,7 @@ async def export_state(out: BinaryIO) -> int:
             return 1
         progress = _progress()
         rows = 0
-        lines = export_lines(SqlStateRepository(engine), credit_rules(settings), "database")
+        lines = export_lines(state_repository(engine), credit_rules(settings), "database")
         async for chunk in lines:
             out.write(chunk)
             rows += chunk.count(b"\n")
@@ -92,7 +92,7 @@ async def _import(source: BinaryIO) -> int:
             await upgrade_to_head(engine)
         async with spooled(_chunks(source)) as stream:
             progress = _progress(stream.lines)
-            report = await merge_spooled(stream, SqlStateRepository(engine), progress=progress)
+            report = await merge_spooled(stream, state_repository(engine), progress=progress)
             if progress is not None:
                 progress(stream.lines, last=True)
     except InvalidStreamError as error:

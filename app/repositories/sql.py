@@ -5,14 +5,16 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import CreditRules
-from app.repositories.base import Stores
+from app.repositories.base import StateRepository, Stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.pg_consents import PostgresConsentRepository
 from app.repositories.pg_credits import PostgresCreditRepository
+from app.repositories.pg_state import PostgresStateRepository
 from app.repositories.sql_base import DEFAULT_BATCH
 from app.repositories.sql_cache import SqlCacheRepository
 from app.repositories.sql_consents import SqlConsentRepository
 from app.repositories.sql_credits import SqlCreditRepository
+from app.repositories.sql_state import SqlStateRepository
 
 
 def sql_stores(
@@ -33,3 +35,11 @@ def sql_stores(
         consents=PostgresConsentRepository(consents, fast, rules),
         cache=SqlCacheRepository(engine, batch_size=batch_size),
     )
+
+
+def state_repository(engine: AsyncEngine) -> StateRepository:
+    """The database's users as a whole: set-based on asyncpg for PostgreSQL (its imports
+    and hand-overs move millions of rows), through SQLAlchemy on SQLite."""
+    if engine.dialect.name == "postgresql":
+        return PostgresStateRepository(engine)
+    return SqlStateRepository(engine)

@@ -17,6 +17,7 @@ from typing import Any
 
 from app.domain.credits import Attempt, Operation
 from app.errors import InsufficientCreditsError, StorageUnavailableError
+from app.repositories.base import Stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 from app.storage.provider import StorageProvider
 from app.storage.shadow import Answer, Shadow
@@ -106,22 +107,22 @@ class RoutedCredits:
         # Every operation, a Read too: first sight and a due reset write.
         await self._gate.enter(user_id)
         try:
+            shadow = self._shadow.stores
             try:
                 answer = await self._provider.stores.credits.apply(user_id, operation, attempt)
             except InsufficientCreditsError as refusal:
-                await self._shadowed(user_id, operation, attempt, refusal)
+                if shadow is not None:
+                    await self._shadowed(shadow, user_id, operation, attempt, refusal)
                 raise
-            await self._shadowed(user_id, operation, attempt, answer)
+            if shadow is not None:
+                await self._shadowed(shadow, user_id, operation, attempt, answer)
             return answer
         finally:
             self._gate.leave(user_id)
 
     async def _shadowed(
-        self, user_id: str, operation: Operation, attempt: Attempt, primary: Answer
+        self, shadow: Stores, user_id: str, operation: Operation, attempt: Attempt, primary: Answer
     ) -> None:
-        shadow = self._shadow.stores
-        if shadow is None:
-            return
         name = type(operation).__name__.lower()
         # The same instant and key; a fresh `sent`, which concerns the primary's database.
         again = Attempt(attempt.at, attempt.key, own_key=attempt.own_key)

@@ -1,0 +1,313 @@
+"""PostgreSQL's users as a whole, on asyncpg, set-based (SPEC §7).
+
+SqlStateRepository merges through SQLAlchemy: a statement per table and a row of
+parameters per row, executed one by one. Here a merge copies the incoming users into
+temporary staging tables (asyncpg's binary COPY, `copy_records_to_table`) and applies
+MERGE with one INSERT … SELECT per table, in one transaction: the same rules, a handful of
+round trips whatever the batch's size. Reads are the same statements as
+SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
+
+The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
+empty to every merge, and a merge rolled back leaves nothing in them either). The users
+a statement names are matched by `user_id = ANY(array)`, which the planner prices per
+element and so reads along the user_id indexes; a join with `unnest(array)` was planned
+as a hash join over the whole table, whose cost grew with the table (during an import
+into an empty database, whose statistics lag behind, most of all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.domain.credits import Account
+from app.domain.state import LedgerRecord, Round, UserState
+from app.schemas import UserConsent
+
+# Planned for the users at hand, every time: a plan kept from when the tables were small
+# (a prepared statement's generic plan) scans them whole once they are large.
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+
+# One simple-protocol message; IF NOT EXISTS because the connection comes from the pool
+# and may have made them for an earlier merge.
+_STAGING = f"""
+{_CUSTOM_PLANS};
+CREATE TEMPORARY TABLE IF NOT EXISTS state_accounts (
+    user_id text NOT NULL,
+    is_guest boolean NOT NULL,
+    available_credits integer NOT NULL,
+    max_credits integer NOT NULL,
+    last_reset_timestamp timestamptz NOT NULL
+) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS state_ledger (
+    position integer NOT NULL,
+    user_id text NOT NULL,
+    transaction_type text NOT NULL,
+    amount integer NOT NULL,
+    timestamp timestamptz NOT NULL,
+    description text,
+    idempotency_key text
+) ON COMMIT DELETE ROWS;
+CREATE TEMPORARY TABLE IF NOT EXISTS state_consents (
+    user_id text NOT NULL,
+    terms_accepted boolean NOT NULL,
+    marketing_consent boolean NOT NULL,
+    timestamp timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+) ON COMMIT DELETE ROWS;
+"""
+
+# As SqlStateRepository: the accounts the merge may replace are held until it commits, in
+# one order, so that two merges of the same users wait for each other, not deadlock.
+_LOCK = """
+SELECT user_id FROM user_credits WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE
+"""
+
+# The account's creation is not carried; its last reset is the earliest known instant.
+_REPLACE_ACCOUNTS = """
+INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
+                          last_reset_timestamp, created_at, updated_at)
+SELECT user_id, is_guest, available_credits, max_credits,
+       last_reset_timestamp, last_reset_timestamp, last_reset_timestamp
+  FROM {source}
+ ORDER BY user_id
+ON CONFLICT (user_id) DO UPDATE
+   SET is_guest = excluded.is_guest,
+       available_credits = excluded.available_credits,
+       max_credits = excluded.max_credits,
+       last_reset_timestamp = excluded.last_reset_timestamp,
+       updated_at = excluded.updated_at
+"""
+_ACCOUNTS = _REPLACE_ACCOUNTS.format(source="state_accounts")
+
+# LOWEST WINS (a round): this replica's accounts marked for the round, then each user's
+# account of the lowest balance any replica marked (of equal balances, the first replica's
+# by name, so that every replica's merge picks the same).
+_MARK = """
+INSERT INTO handover_marks (round, user_id, replica, is_guest, available_credits,
+                            max_credits, last_reset_timestamp)
+SELECT $1::integer, user_id, $2::text, is_guest, available_credits, max_credits,
+       last_reset_timestamp
+  FROM state_accounts
+ON CONFLICT (round, user_id, replica) DO UPDATE
+   SET is_guest = excluded.is_guest,
+       available_credits = excluded.available_credits,
+       max_credits = excluded.max_credits,
+       last_reset_timestamp = excluded.last_reset_timestamp
+"""
+_LOWEST_ACCOUNTS = _REPLACE_ACCOUNTS.format(
+    source="""(
+    SELECT DISTINCT ON (user_id) user_id, is_guest, available_credits, max_credits,
+           last_reset_timestamp
+      FROM handover_marks
+     WHERE round = $1 AND user_id = ANY(ARRAY(SELECT user_id FROM state_accounts))
+     ORDER BY user_id, available_credits, replica
+) AS lowest"""
+)
+
+# MERGE's ledger rule, counted: the n-th incoming copy of a row is added when the store
+# holds fewer than n. Added in the order missing_rows gives (a row's copies together, at
+# its first appearance), so the ids come out as SqlStateRepository's would.
+_LEDGER = """
+WITH incoming AS (
+    SELECT s.*,
+           row_number() OVER same AS copy,
+           min(position) OVER same AS first
+      FROM state_ledger s
+    WINDOW same AS (PARTITION BY user_id, transaction_type, amount, timestamp,
+                                 description, idempotency_key ORDER BY position)
+), held AS (
+    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
+           count(*) AS copies
+      FROM credit_transactions
+     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
+     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
+)
+INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description,
+                                 idempotency_key)
+SELECT i.user_id, i.transaction_type, i.amount, i.timestamp, i.description, i.idempotency_key
+  FROM incoming i
+  LEFT JOIN held h
+    ON h.user_id = i.user_id
+   AND h.transaction_type = i.transaction_type
+   AND h.amount = i.amount
+   AND h.timestamp = i.timestamp
+   AND h.description IS NOT DISTINCT FROM i.description
+   AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
+ WHERE i.copy > coalesce(h.copies, 0)
+ ORDER BY i.first, i.copy
+"""
+
+# Every key an incoming row carries is claimed, at the time of its last row.
+_KEYS = """
+INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
+SELECT DISTINCT ON (user_id, idempotency_key) user_id, idempotency_key, timestamp
+  FROM state_ledger
+ WHERE idempotency_key IS NOT NULL
+ ORDER BY user_id, idempotency_key, position DESC
+ON CONFLICT DO NOTHING
+"""
+
+# Of two consents the later `updated_at` wins; the held one stays on a tie.
+_CONSENTS = """
+INSERT INTO user_consents AS held (user_id, terms_accepted, marketing_consent, timestamp,
+                                   updated_at)
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+  FROM state_consents
+ ORDER BY user_id
+ON CONFLICT (user_id) DO UPDATE
+   SET terms_accepted = excluded.terms_accepted,
+       marketing_consent = excluded.marketing_consent,
+       timestamp = excluded.timestamp,
+       updated_at = excluded.updated_at
+ WHERE held.updated_at < excluded.updated_at
+"""
+
+
+# The next page of users with an account or a consent: the first `limit` of the union
+# after `after` are among the first `limit` of each table, each read along its index.
+_PAGE = """
+SELECT user_id FROM (
+    (SELECT user_id FROM user_credits WHERE user_id > $1 ORDER BY user_id LIMIT $2)
+    UNION
+    (SELECT user_id FROM user_consents WHERE user_id > $1 ORDER BY user_id LIMIT $2)
+) AS known
+ ORDER BY user_id
+ LIMIT $2
+"""
+
+_READ_ACCOUNTS = """
+SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp
+  FROM user_credits
+ WHERE user_id = ANY($1::text[])
+"""
+
+_READ_LEDGER = """
+SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key, id
+  FROM credit_transactions
+ WHERE user_id = ANY($1::text[])
+ ORDER BY id
+"""
+
+_READ_CONSENTS = """
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+  FROM user_consents
+ WHERE user_id = ANY($1::text[])
+"""
+
+
+class PostgresStateRepository:
+    """Users of a PostgreSQL store (see StateRepository and the module docstring), with
+    SqlStateRepository's guarantees: a read sees one snapshot (REPEATABLE READ), a merge
+    is one transaction holding the accounts it replaces locked. A merge names each user
+    once, as SqlStateRepository's."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
+        after = ""  # sorts before every user_id, none of which is empty
+        while True:
+            async with self._driver() as driver:
+                users = [row[0] for row in await driver.fetch(_PAGE, after, batch_size)]
+            if users:
+                yield users
+            if len(users) < batch_size:
+                return
+            after = users[-1]
+
+    async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        named = list(user_ids)
+        async with (
+            self._driver() as driver,
+            driver.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            await driver.execute(_CUSTOM_PLANS)
+            accounts = {row[0]: Account(*row) for row in await driver.fetch(_READ_ACCOUNTS, named)}
+            ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
+            for row in await driver.fetch(_READ_LEDGER, named):
+                ledger[row[0]].append(LedgerRecord(*row))
+            consents = {
+                row[0]: UserConsent.model_validate(dict(row))
+                for row in await driver.fetch(_READ_CONSENTS, named)
+            }
+        return [
+            UserState(user_id, accounts.get(user_id), tuple(ledger[user_id]), consents.get(user_id))
+            for user_id in named
+        ]
+
+    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
+        if not states:
+            return 0
+        async with self._driver() as driver, driver.transaction():
+            return await _merge(driver, states, round)
+
+    @asynccontextmanager
+    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection's own asyncpg connection. SQLAlchemy begins nothing on it,
+        so its return to the pool finds no transaction of SQLAlchemy's to end."""
+        async with self._engine.connect() as conn:
+            yield (await conn.get_raw_connection()).driver_connection
+
+
+async def _merge(
+    driver: asyncpg.Connection, states: Sequence[UserState], round: Round | None
+) -> int:
+    await driver.execute(_STAGING)
+    await driver.execute(_LOCK, [state.user_id for state in states])
+    accounts = [_account(state) for state in states if state.account is not None]
+    ledger = [
+        (position, row.user_id, row.kind, row.amount, row.timestamp, row.description,
+         row.idempotency_key)
+        for position, row in enumerate(row for state in states for row in state.ledger)
+    ]  # fmt: skip
+    consents = [_consent(state) for state in states if state.consent is not None]
+    added = 0
+    if accounts:
+        await driver.copy_records_to_table("state_accounts", records=accounts)
+        if round is None:
+            await driver.execute(_ACCOUNTS)
+        else:
+            await driver.execute(_MARK, round.number, round.replica)
+            await driver.execute(_LOWEST_ACCOUNTS, round.number)
+    if ledger:
+        await driver.copy_records_to_table("state_ledger", records=ledger)
+        added = _rows(await driver.execute(_LEDGER))
+        await driver.execute(_KEYS)
+    if consents:
+        await driver.copy_records_to_table("state_consents", records=consents)
+        await driver.execute(_CONSENTS)
+    return added
+
+
+def _account(state: UserState) -> tuple[Any, ...]:
+    account = state.account
+    assert account is not None
+    return (
+        account.user_id,
+        account.is_guest,
+        account.available,
+        account.maximum,
+        account.last_reset,
+    )
+
+
+def _consent(state: UserState) -> tuple[Any, ...]:
+    consent = state.consent
+    assert consent is not None
+    return (
+        consent.user_id,
+        consent.terms_accepted,
+        consent.marketing_consent,
+        consent.timestamp,
+        consent.updated_at,
+    )
+
+
+def _rows(status: str) -> int:
+    """The row count of a command's status tag (`INSERT 0 12`)."""
+    return int(status.rsplit(" ", 1)[1])
