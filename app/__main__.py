@@ -25,6 +25,7 @@ def serve(application: str = "app.main:app") -> None:
         workers=int(os.environ.get("WEB_CONCURRENCY", "1")),
         access_log=os.environ.get("ACCESS_LOG", "true").lower() not in {"0", "false", "no"},
         proxy_headers=True,
+        server_header=False,  # no banner naming the server (SPEC §8)
     )
 
 

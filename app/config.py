@@ -39,10 +39,16 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+MIN_ADMIN_TOKEN = 16
+
+
 class Settings(BaseSettings):
     """Every setting of the service; names are the contract's (SPEC §5), without prefix."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: a refused setting (a short ADMIN_TOKEN) is named, never echoed.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     database_url: str = "sqlite+aiosqlite:///./assistant.db"
     db_pool_size: int = Field(10, ge=1, le=1000)
@@ -97,6 +103,9 @@ class Settings(BaseSettings):
     retention_batch_size: int = Field(5000, ge=1)
 
     admin_token: SecretStr | None = None
+    # Requests: bodies past this size are refused (413) before they are read or parsed.
+    max_body_bytes: int = Field(65536, ge=1024)
+    request_body_timeout_seconds: float = Field(30, gt=0)
     log_level: str = "INFO"
 
     @field_validator("database_url")
@@ -104,10 +113,22 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
 
-    @field_validator("cache_backend", "admin_token", mode="before")
+    @field_validator("cache_backend", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set means meant: a blank or short token would guard the admin routes with
+        # something guessable, so the service refuses to start rather than run so.
+        if value is not None and len(value.get_secret_value().strip()) < MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"ADMIN_TOKEN is set but blank or shorter than {MIN_ADMIN_TOKEN} characters; "
+                "set a long random value, or leave it unset to turn the admin routes off"
+            )
+        return value
 
     @property
     def credit_reset_period(self) -> timedelta:

@@ -21,6 +21,30 @@ class AppError(Exception):
         return None
 
 
+class InvalidInputError(AppError, ValueError):
+    """Input a service cannot accept, in words safe to show the client (422). Any other
+    ValueError is a fault, answered with the generic 500."""
+
+    status_code = 422
+    code = "invalid_input"
+
+
+class PayloadTooLargeError(AppError):
+    status_code = 413
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+
+
+class RequestTimeoutError(AppError):
+    status_code = 408
+    code = "request_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the request body did not arrive within {seconds:g} s")
+
+
 class InsufficientCreditsError(AppError):
     status_code = 402
     code = "insufficient_credits"

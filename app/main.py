@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 
 from app.api import assistant, consents, credits, operations
 from app.api.errors import install_error_handlers
+from app.api.limits import RequestLimits
 from app.assistant.answerer import Answerer
 from app.config import Settings, StorageBackend, get_settings
 from app.container import build_container
@@ -76,6 +77,12 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    limits = settings or get_settings()
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=limits.max_body_bytes,
+        body_timeout=limits.request_body_timeout_seconds,
+    )
     for router in API_ROUTERS:
         add_routes(app, router, prefix=API_PREFIX)
     add_routes(app, operations.health, prefix="")

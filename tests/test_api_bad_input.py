@@ -344,7 +344,10 @@ QUERIES_THAT_ARE_NOT_TEXT = [
     pytest.param({}, id="missing"),
 ]
 CONTEXTS_NO_STORE_KEEPS = [
-    pytest.param({"notes": "x" * (16 * 1024 + 1)}, id="over-16KiB"),
+    pytest.param({"notes": "x" * (8 * 1024 + 1)}, id="over-8KiB"),
+    pytest.param(
+        {"n": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}, id="34-deep"
+    ),
     pytest.param({"tags": [f"t{n:05d}" for n in range(3000)]}, id="over-16KiB-many-items"),
     pytest.param({"k": "a\x00b"}, id="nul-value"),
     pytest.param({"a\x00": 1}, id="nul-key"),
@@ -416,11 +419,11 @@ class TestAssistantInput:
         assert_refused(await memory_client.post(QUERY, json=body), 422)
         assert await ledger(memory_client, user_id) == []
 
-    async def test_a_context_just_under_16_kib_with_unicode_is_answered(
+    async def test_a_context_just_under_8_kib_with_unicode_is_answered(
         self, client: httpx.AsyncClient
     ) -> None:
         user_id = await accept_terms(client, "asker")
-        context = {"category": "shoes", "notes": "靴" * 5000}  # 15 000 bytes of UTF-8
+        context = {"category": "shoes", "notes": "靴" * 2700}  # 8 100 bytes of UTF-8
         body = {"user_id": user_id, "query": "red shoes", "context": context}
         response = await client.post(QUERY, json=body)
         assert response.status_code == 200, response.text

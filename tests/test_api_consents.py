@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import httpx
+import pytest
 
 CONSENTS = "/api/v1/consents"
 CONSENT_FIELDS = {"user_id", "terms_accepted", "marketing_consent", "timestamp", "updated_at"}
@@ -45,11 +46,27 @@ class TestRecordingConsent:
         assert response.json() == recorded
         assert response.json()["marketing_consent"] is False
 
-    async def test_an_empty_body_accepts_the_terms_without_marketing(
-        self, client: httpx.AsyncClient
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {},
+            {"terms_accepted": "yes"},
+            {"terms_accepted": "on"},
+            {"terms_accepted": 1},
+            {"terms_accepted": "true"},
+            {"terms_accepted": True, "marketing_consent": "no"},
+            {"terms_accepted": True, "marketing_consent": 0},
+        ],
+        ids=["empty", "yes", "on", "one", "text-true", "marketing-no", "marketing-zero"],
+    )
+    async def test_consent_is_never_implied_only_json_booleans_count(
+        self, client: httpx.AsyncClient, body: dict[str, object]
     ) -> None:
-        consent = (await client.put(f"{CONSENTS}/cleo", json={})).json()
-        assert (consent["terms_accepted"], consent["marketing_consent"]) == (True, False)
+        assert_error(await client.put(f"{CONSENTS}/cleo", json=body), 422, "validation_error")
+        assert (await client.get(f"{CONSENTS}/cleo")).status_code == 404
+        await client.put(f"{CONSENTS}/cleo", json={"terms_accepted": True})
+        patched = await client.patch(f"{CONSENTS}/cleo", json={"marketing_consent": "yes"})
+        assert_error(patched, 422, "validation_error")
 
     async def test_put_again_updates_the_choices_but_keeps_the_first_timestamp(
         self, client: httpx.AsyncClient
@@ -70,7 +87,9 @@ class TestRecordingConsent:
         assert (await client.get(f"{CONSENTS}/dora")).json() == second
 
     async def test_consents_are_kept_per_user(self, client: httpx.AsyncClient) -> None:
-        await client.put(f"{CONSENTS}/eve", json={"marketing_consent": True})
+        await client.put(
+            f"{CONSENTS}/eve", json={"terms_accepted": True, "marketing_consent": True}
+        )
         await client.put(f"{CONSENTS}/fay", json={"terms_accepted": False})
         eve = (await client.get(f"{CONSENTS}/eve")).json()
         assert (eve["terms_accepted"], eve["marketing_consent"]) == (True, True)
@@ -90,7 +109,9 @@ class TestMarketingConsent:
                 f"{CONSENTS}/gus", json={"terms_accepted": True, "marketing_consent": False}
             )
         ).json()
-        response = await client.patch(f"{CONSENTS}/gus", json={"marketing_consent": True})
+        response = await client.patch(
+            f"{CONSENTS}/gus", json={"terms_accepted": True, "marketing_consent": True}
+        )
         assert response.status_code == 200
         patched = response.json()
         assert set(patched) == CONSENT_FIELDS
@@ -100,17 +121,21 @@ class TestMarketingConsent:
         assert (await client.get(f"{CONSENTS}/gus")).json() == patched
 
     async def test_patch_can_withdraw_marketing(self, client: httpx.AsyncClient) -> None:
-        await client.put(f"{CONSENTS}/hal", json={"marketing_consent": True})
+        await client.put(
+            f"{CONSENTS}/hal", json={"terms_accepted": True, "marketing_consent": True}
+        )
         patched = (await client.patch(f"{CONSENTS}/hal", json={"marketing_consent": False})).json()
         assert patched["marketing_consent"] is False
 
     async def test_patch_for_an_unknown_user_is_404_and_records_nothing(
         self, client: httpx.AsyncClient
     ) -> None:
-        response = await client.patch(f"{CONSENTS}/ghost", json={"marketing_consent": True})
+        response = await client.patch(
+            f"{CONSENTS}/ghost", json={"terms_accepted": True, "marketing_consent": True}
+        )
         assert_error(response, 404, "consent_not_found")
         assert_error(await client.get(f"{CONSENTS}/ghost"), 404, "consent_not_found")
 
     async def test_patch_needs_the_marketing_choice(self, client: httpx.AsyncClient) -> None:
-        await client.put(f"{CONSENTS}/ida", json={})
+        await client.put(f"{CONSENTS}/ida", json={"terms_accepted": True})
         assert_error(await client.patch(f"{CONSENTS}/ida", json={}), 422, "validation_error")

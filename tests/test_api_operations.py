@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from app.container import Container
 from app.domain.credits import Attempt, Deduct
@@ -156,16 +157,23 @@ class TestAdminToken:
         assert (await storage(client))["backend"] == backend
 
 
-@pytest.fixture(params=[None, ""], ids=["unset", "blank"])
-async def tokenless_client(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[httpx.AsyncClient]:
-    """The application (memory store) with ADMIN_TOKEN unset or blank."""
-    settings = app_settings(
-        "memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db", admin_token=request.param
-    )
+@pytest.fixture
+async def tokenless_client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """The application (memory store) with ADMIN_TOKEN unset."""
+    settings = app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db", admin_token=None)
     async with running(settings) as (_, client):
         yield client
+
+
+@pytest.mark.parametrize(
+    "token", ["", "   ", "short-secret-15"], ids=["blank", "spaces", "fifteen-characters"]
+)
+def test_a_blank_or_short_admin_token_refuses_to_start_without_echoing_it(token: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        app_settings("memory", "sqlite+aiosqlite:///unused.db", admin_token=token)
+    message = str(refused.value)
+    assert "ADMIN_TOKEN is set but blank or shorter than 16 characters" in message
+    assert token.strip() == "" or token not in message
 
 
 class TestAdminWithoutToken:
@@ -205,7 +213,9 @@ class TestStorageToggle:
     ) -> None:
         start = (await storage(client))["backend"]
         await client.post(f"{CREDITS}/toggler/deduct", json={"amount": 3})
-        await client.put(f"{CONSENTS}/toggler", json={"marketing_consent": True})
+        await client.put(
+            f"{CONSENTS}/toggler", json={"terms_accepted": True, "marketing_consent": True}
+        )
 
         view = await switch(client, other(start))
         assert view["backend"] == other(start)
@@ -225,11 +235,11 @@ class TestStorageToggle:
 
     async def test_the_query_cache_follows_the_switch(self, client: httpx.AsyncClient) -> None:
         start = (await storage(client))["backend"]
-        await client.put(f"{CONSENTS}/traveller", json={})
+        await client.put(f"{CONSENTS}/traveller", json={"terms_accepted": True})
         assert (await ask(client, "traveller", "rain jacket"))["cached"] is False
 
         assert (await switch(client, other(start)))["cache_backend"] == other(start)
-        await client.put(f"{CONSENTS}/traveller", json={})
+        await client.put(f"{CONSENTS}/traveller", json={"terms_accepted": True})
         assert (await ask(client, "traveller", "rain jacket"))["cached"] is False
 
         await switch(client, start)
@@ -316,7 +326,7 @@ class TestCacheAdmin:
     async def test_stats_count_hits_misses_and_entries(self, client: httpx.AsyncClient) -> None:
         before = await stats(client)
         assert (before["hits"], before["misses"], before["entries"]) == (0, 0, 0)
-        await client.put(f"{CONSENTS}/counter", json={})
+        await client.put(f"{CONSENTS}/counter", json={"terms_accepted": True})
         await ask(client, "counter", "red running shoes")
         await ask(client, "counter", "RED running shoes")
         after = await stats(client)
@@ -325,7 +335,7 @@ class TestCacheAdmin:
     async def test_clearing_the_cache_makes_the_next_query_a_charged_miss(
         self, client: httpx.AsyncClient
     ) -> None:
-        await client.put(f"{CONSENTS}/clearer", json={})
+        await client.put(f"{CONSENTS}/clearer", json={"terms_accepted": True})
         await ask(client, "clearer", "leather hiking boots")
         assert (await ask(client, "clearer", "leather hiking boots"))["cached"] is True
 
@@ -340,7 +350,7 @@ class TestCacheAdmin:
     async def test_clearing_the_cache_keeps_credits_and_consents(
         self, client: httpx.AsyncClient
     ) -> None:
-        await client.put(f"{CONSENTS}/keeper", json={})
+        await client.put(f"{CONSENTS}/keeper", json={"terms_accepted": True})
         await ask(client, "keeper", "rain jacket")
         await client.delete("/admin/cache", headers=ADMIN)
         assert await available(client, "keeper") == 9

@@ -89,11 +89,6 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     )
 
 
-async def _value_error(_: Request, error: Exception) -> JSONResponse:
-    # Services raise ValueError only for input they cannot accept.
-    return error_response(422, "invalid_input", str(error))
-
-
 async def _unexpected(_: Request, error: Exception) -> JSONResponse:
     if is_unavailable(error):
         return _unavailable(StorageUnavailableError())
@@ -105,7 +100,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(ValueError, _value_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -15,10 +15,11 @@ from pydantic import (
 )
 
 from app.config import StorageBackend
-from app.json_documents import storable_json
+from app.json_documents import depth_of, storable_json
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]+$"
-MAX_CONTEXT_BYTES = 16 * 1024
+MAX_CONTEXT_BYTES = 8 * 1024
+MAX_CONTEXT_DEPTH = 32
 
 
 def _no_nul(value: str) -> str:
@@ -29,6 +30,8 @@ def _no_nul(value: str) -> str:
 
 
 def _storable_context(value: dict[str, Any]) -> dict[str, Any]:
+    if depth_of(value) > MAX_CONTEXT_DEPTH:
+        raise ValueError(f"context nests deeper than {MAX_CONTEXT_DEPTH} levels")
     storable_json(value, max_bytes=MAX_CONTEXT_BYTES)
     return value
 
@@ -75,12 +78,13 @@ class RefundRequest(BaseModel):
 
 
 class ConsentRequest(BaseModel):
-    terms_accepted: bool = True
-    marketing_consent: bool = False
+    # Consent is never implied: no default, and only JSON true or false.
+    terms_accepted: StrictBool
+    marketing_consent: StrictBool = False
 
 
 class MarketingConsentRequest(BaseModel):
-    marketing_consent: bool
+    marketing_consent: StrictBool
 
 
 class AssistantQueryRequest(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.clock import Clock, utc_now
-from app.errors import ConsentNotFoundError
+from app.errors import ConsentNotFoundError, InvalidInputError
 from app.repositories.base import ConsentRepository
 from app.schemas import UserConsent, UserCredits
 
@@ -50,7 +50,7 @@ class UserConsentService:
     async def list_consents(self, limit: int = 100, offset: int = 0) -> list[UserConsent]:
         """Stable order by user_id."""
         if limit < 1 or offset < 0:
-            raise ValueError("limit must be at least 1 and offset at least 0")
+            raise InvalidInputError("limit must be at least 1 and offset at least 0")
         return await self._repository.page(limit, offset)
 
 

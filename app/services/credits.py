@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from app.clock import Clock, utc_now
 from app.domain.credits import Attempt, Deduct, Read, Refund, Reset, Upgrade
+from app.errors import InvalidInputError
 from app.repositories.base import CreditRepository
 from app.schemas import CreditTransaction, UserCredits
 
@@ -38,7 +39,7 @@ _own_key = _OwnKeys()
 
 def _require_positive(name: str, value: int) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise InvalidInputError(f"{name} must be at least 1, got {value}")
 
 
 class CreditService:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 from app.clock import Clock, utc_now
+from app.errors import InvalidInputError
 from app.json_documents import MAX_RESULT_BYTES, canonical_json, storable_json
 from app.repositories.base import CacheRepository
 
@@ -80,13 +81,13 @@ class QueryCacheService:
         context: dict[str, Any] | None = None,
         ttl_seconds: int | None = None,
     ) -> None:
-        """Upserts the entry. ValueError for a result no store can keep (not JSON,
+        """Upserts the entry. InvalidInputError for a result no store can keep (not JSON,
         NUL characters, over 256 KiB) or a TTL below one second."""
         ttl = self._default_ttl if ttl_seconds is None else ttl_seconds
         if ttl < 1:
-            raise ValueError(f"ttl_seconds must be at least 1, got {ttl}")
+            raise InvalidInputError(f"ttl_seconds must be at least 1, got {ttl}")
         if not isinstance(result, dict):
-            raise ValueError("a cached result must be a JSON object")
+            raise InvalidInputError("a cached result must be a JSON object")
         storable_json(result, max_bytes=MAX_RESULT_BYTES)
         now = self._clock()
         try:
