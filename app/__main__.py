@@ -13,14 +13,26 @@ import sys
 
 import uvicorn
 
+from app.config import ApiAuth, get_settings
 from app.ops.state_cli import export_state, import_state
+
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def serve(application: str = "app.main:app") -> None:
-    """Serve `application` (an import string, so that workers can import it)."""
+    """Serve `application` (an import string, so that workers can import it). Without
+    authentication (API_AUTH=none) only on the loopback interface, whatever HOST says."""
+    host = os.environ.get("HOST", "127.0.0.1")
+    if get_settings().api_auth is ApiAuth.NONE and host not in LOOPBACK:
+        print(
+            f"API_AUTH=none: serving on 127.0.0.1, not HOST={host}; set API_AUTH=token or "
+            "jwt to serve other hosts (README, Access)",
+            file=sys.stderr,
+        )
+        host = "127.0.0.1"
     uvicorn.run(
         application,
-        host=os.environ.get("HOST", "127.0.0.1"),
+        host=host,
         port=int(os.environ.get("PORT", "8000")),
         workers=int(os.environ.get("WEB_CONCURRENCY", "1")),
         access_log=os.environ.get("ACCESS_LOG", "true").lower() not in {"0", "false", "no"},

@@ -6,7 +6,7 @@ from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,12 @@ class StorageBackend(StrEnum):
 class OutageFallback(StrEnum):
     NONE = "none"
     MEMORY = "memory"
+
+
+class ApiAuth(StrEnum):
+    NONE = "none"
+    TOKEN = "token"
+    JWT = "jwt"
 
 
 class CacheBackend(StrEnum):
@@ -40,6 +46,7 @@ def normalise_database_url(url: str) -> str:
 
 
 MIN_ADMIN_TOKEN = 16
+MIN_JWT_SECRET = 32
 
 
 class Settings(BaseSettings):
@@ -103,6 +110,14 @@ class Settings(BaseSettings):
     retention_batch_size: int = Field(5000, ge=1)
 
     admin_token: SecretStr | None = None
+    # Who may call /api/v1 (SPEC §8): nobody is asked (none, local runs only), service
+    # tokens, or user JWTs (and service tokens).
+    api_auth: ApiAuth = ApiAuth.NONE
+    api_tokens: SecretStr | None = None  # comma-separated, each at least 16 characters
+    jwt_secret: SecretStr | None = None  # HS256
+    jwt_public_key: str | None = None  # PEM, RS256 or ES256
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)
@@ -113,7 +128,41 @@ class Settings(BaseSettings):
     def _normalise_url(cls, value: str) -> str:
         return normalise_database_url(value)
 
-    @field_validator("cache_backend", mode="before")
+    @model_validator(mode="after")
+    def _access_configured(self) -> Settings:
+        tokens = self.service_tokens
+        if any(len(token) < MIN_ADMIN_TOKEN for token in tokens):
+            raise ValueError(
+                f"every API_TOKENS entry must be at least {MIN_ADMIN_TOKEN} characters"
+            )
+        if self.api_auth is ApiAuth.TOKEN and not tokens:
+            raise ValueError("API_AUTH=token needs API_TOKENS")
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret else ""
+        if secret and len(secret) < MIN_JWT_SECRET:
+            raise ValueError(
+                f"JWT_SECRET must be at least {MIN_JWT_SECRET} characters (RFC 7518 3.2)"
+            )
+        if self.api_auth is ApiAuth.JWT and not (self.jwt_secret or self.jwt_public_key):
+            raise ValueError(
+                "API_AUTH=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256)"
+            )
+        return self
+
+    @property
+    def service_tokens(self) -> list[str]:
+        if self.api_tokens is None:
+            return []
+        return [t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()]
+
+    @field_validator(
+        "cache_backend",
+        "api_tokens",
+        "jwt_secret",
+        "jwt_public_key",
+        "jwt_audience",
+        "jwt_issuer",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -97,3 +97,10 @@ class AnswerFailedError(AppError):
 class AdminForbiddenError(AppError):
     status_code = 403
     code = "forbidden"
+
+
+class ForbiddenError(AppError):
+    """The caller is known but may not do this (SPEC §8)."""
+
+    status_code = 403
+    code = "forbidden"

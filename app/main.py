@@ -10,10 +10,11 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import assistant, consents, credits, operations
+from app.api.access import Authentication
 from app.api.errors import install_error_handlers
 from app.api.limits import RequestLimits
 from app.assistant.answerer import Answerer
-from app.config import Settings, StorageBackend, get_settings
+from app.config import ApiAuth, Settings, StorageBackend, get_settings
 from app.container import build_container
 
 API_PREFIX = "/api/v1"
@@ -77,11 +78,14 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    limits = settings or get_settings()
+    configured = settings or get_settings()
+    if configured.api_auth is not ApiAuth.NONE:
+        app.add_middleware(Authentication, settings=configured)
+    # Added last, so outermost: a body too large is refused before anything else.
     app.add_middleware(
         RequestLimits,
-        max_body_bytes=limits.max_body_bytes,
-        body_timeout=limits.request_body_timeout_seconds,
+        max_body_bytes=configured.max_body_bytes,
+        body_timeout=configured.request_body_timeout_seconds,
     )
     for router in API_ROUTERS:
         add_routes(app, router, prefix=API_PREFIX)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import httpx
+import jwt
 
 from app.assistant.answerer import CatalogueAnswerer
 from bench import fixtures
@@ -38,6 +39,7 @@ from bench.http_clients import (
     POOL,
     READ,
     Request,
+    as_user,
     cache_hit,
     httpx_driver,
     paced,
@@ -260,6 +262,7 @@ async def run(ctx: Context) -> None:
         medians = {key: _median(measured) for key, measured in runs.items()}
         _throughput(ctx, medians, runs, rounds)
         await _latency(ctx, routes, medians, limit, project)
+        await _authenticated(ctx, url, project)
         if not ctx.quick:
             await _workers(ctx, url, project)
             await _clients(ctx, project, limit)
@@ -348,6 +351,36 @@ async def _latency(
 
 def _percentile(ordered: list[float], fraction: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else None
+
+
+async def _authenticated(ctx: Context, url: str, open_project: Server) -> None:
+    """The deduction with API_AUTH=jwt (an HS256 token per user) beside API_AUTH=none,
+    rounds alternating: what authentication costs a request."""
+    secret = "bench-jwt-secret-" + "x" * 32
+    expires = int(time.time()) + 24 * 3600
+    tokens = {user: jwt.encode({"sub": user, "exp": expires}, secret) for user in POOL}
+    extra = {"STORAGE_BACKEND": "database", "API_AUTH": "jwt", "JWT_SECRET": secret}
+    rounds = 1 if ctx.quick else 5
+    served: dict[str, list[float]] = {"none": [], "jwt": []}
+    async with _served("jwt", "app", url, **extra) as authenticated:
+        for _ in range(rounds):
+            for name, server, request in (
+                ("none", open_project, DEDUCT),
+                ("jwt", authenticated, as_user(DEDUCT, tokens)),
+            ):
+                measured = await _drive(ctx, server, request)
+                if measured.result.first_error:
+                    say(f"  deduct, API_AUTH={name}: first error: {measured.result.first_error}")
+                served[name].append(measured.result.ops_per_s)
+    say(f"\n  the deduction with API_AUTH=jwt beside none (median of {rounds} alternating rounds)")
+    none, checked = statistics.median(served["none"]), statistics.median(served["jwt"])
+    table(
+        ["API_AUTH", "req/s", "rounds"],
+        [[name, rate(statistics.median(v)), " ".join(map(rate, v))] for name, v in served.items()],
+    )
+    share = checked / none if none else 0.0
+    detail = f"{rate(checked)} vs {rate(none)} req/s = {share:.2f}x"
+    ctx.targets.check("HTTP deduct with API_AUTH=jwt >= 0.9x none", detail, share >= 0.9)
 
 
 async def _workers(ctx: Context, url: str, one: Server) -> None:

@@ -28,18 +28,24 @@ class Request:
     """One kind of request, its method, path and JSON body chosen per call."""
 
     def __init__(
-        self, method: str, path: Callable[[random.Random], str], body: Callable[..., object]
+        self,
+        method: str,
+        path: Callable[[random.Random], str],
+        body: Callable[..., object],
+        headers: Callable[[str], str] | None = None,
     ) -> None:
         self.method = method
         self.path = path
         self.body = body
+        self.headers = headers  # extra header lines for a path, each ending in CRLF
 
     def encode(self, rng: random.Random, port: int) -> bytes:
         path = self.path(rng)
+        extra = self.headers(path) if self.headers else ""
         if self.method == "GET":
-            return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+            return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}\r\n".encode()
         body = json.dumps(self.body(rng)).encode()
-        head = f"{self.method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        head = f"{self.method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         return head.encode() + body
 
@@ -52,6 +58,16 @@ DEDUCT = Request(
     "POST", lambda rng: f"/api/v1/credits/{pool_user(rng)}/deduct", lambda _: {"amount": 1}
 )
 READ = Request("GET", lambda rng: f"/api/v1/credits/{pool_user(rng)}", lambda _: None)
+
+
+def as_user(request: Request, tokens: dict[str, str]) -> Request:
+    """`request` with the bearer JWT of the user its path names (/api/v1/credits/{user}/…)."""
+    return Request(
+        request.method,
+        request.path,
+        request.body,
+        headers=lambda path: f"Authorization: Bearer {tokens[path.split('/')[4]]}\r\n",
+    )
 
 
 def cache_hit(queries: list[str]) -> Request:

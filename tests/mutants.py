@@ -39,6 +39,7 @@ SHADOW = "app/storage/shadow.py"
 SQL_STATE = "app/repositories/sql_state.py"
 CLUSTER = "app/storage/cluster_flag.py"
 PG_STATE = "app/repositories/pg_state.py"
+ACCESS = "app/api/access.py"
 PG_STATE_TESTS = ("tests/test_pg_state.py", "tests/test_handover.py", "-k", "postgres")
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
@@ -292,6 +293,27 @@ MUTANTS = [
         "if stored is None or stored.version <= self.version:",
         "if True:",
         ("tests/test_cluster_flag.py",),
+    ),
+    Mutant(
+        "access: a user's JWT acts for any user",
+        ACCESS,
+        "if self.user_id is not None and user_id != self.user_id:",
+        "if False:",
+        ("tests/test_access.py",),
+    ),
+    Mutant(
+        "access: a user's JWT refunds",
+        ACCESS,
+        "        if not self.service:\n",
+        "        if False:\n",
+        ("tests/test_access.py",),
+    ),
+    Mutant(
+        "access: the client's tier over the JWT's",
+        ACCESS,
+        "return asked_guest if self.is_guest is None else self.is_guest",
+        "return asked_guest",
+        ("tests/test_access.py",),
     ),
     # The SQL general path.
     Mutant(

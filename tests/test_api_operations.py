@@ -472,7 +472,7 @@ STORE_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("GET", f"{CREDITS}/outage", None),
     ("POST", f"{CREDITS}/outage/deduct", {}),
     ("GET", f"{CREDITS}/outage/transactions", None),
-    ("PUT", f"{CONSENTS}/outage", {}),
+    ("PUT", f"{CONSENTS}/outage", {"terms_accepted": True}),
     ("POST", QUERY, {"user_id": "outage", "query": "red shoes"}),
     ("POST", "/admin/maintenance/cleanup", None),
 ]

@@ -280,7 +280,8 @@ class TestMemoryFallback:
                 )
                 assert repeat.status_code == 200
                 consent = await client.put(
-                    "/api/v1/consents/traveller", json={"marketing_consent": True}
+                    "/api/v1/consents/traveller",
+                    json={"terms_accepted": True, "marketing_consent": True},
                 )
                 assert consent.status_code == 200
                 ready = await client.get("/health/ready")

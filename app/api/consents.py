@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from app.api.access import caller_of
 from app.api.deps import services
 from app.api.errors import responses
 from app.api.inputs import ConsentRequest, MarketingConsentRequest, UserId
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/consents", tags=["consents"])
 @router.put("/{user_id}", response_model=UserConsent, responses=responses())
 async def record(user_id: UserId, body: ConsentRequest, request: Request) -> Response:
     """Record or replace the user's consent; the first-recorded timestamp is kept."""
+    caller_of(request).acts_for(user_id)
     consent = await services(request).consents.record_consent(
         user_id, terms_accepted=body.terms_accepted, marketing_consent=body.marketing_consent
     )
@@ -25,6 +27,7 @@ async def record(user_id: UserId, body: ConsentRequest, request: Request) -> Res
 
 @router.get("/{user_id}", response_model=UserConsent, responses=responses(404))
 async def get(user_id: UserId, request: Request) -> Response:
+    caller_of(request).acts_for(user_id)
     consent = await services(request).consents.get_consent(user_id)
     if consent is None:
         raise ConsentNotFoundError(user_id)
@@ -36,6 +39,7 @@ async def update_marketing(
     user_id: UserId, body: MarketingConsentRequest, request: Request
 ) -> Response:
     """Change the marketing opt-in of a recorded consent."""
+    caller_of(request).acts_for(user_id)
     return rendered(
         await services(request).consents.update_marketing_consent(user_id, body.marketing_consent)
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from app.api.access import caller_of
 from app.api.deps import services
 from app.api.errors import responses
 from app.api.inputs import DeductRequest, HistoryLimit, IdempotencyKey, RefundRequest, UserId
@@ -16,7 +17,10 @@ router = APIRouter(prefix="/credits", tags=["credits"])
 @router.get("/{user_id}", response_model=UserCredits, responses=responses())
 async def get_credits(user_id: UserId, request: Request, is_guest: bool = True) -> Response:
     """The user's balance; the account is created with a full budget on first sight."""
-    return rendered(await services(request).credits.get_user_credits(user_id, is_guest))
+    caller = caller_of(request)
+    caller.acts_for(user_id)
+    credits = services(request).credits
+    return rendered(await credits.get_user_credits(user_id, caller.tier(is_guest)))
 
 
 @router.post("/{user_id}/deduct", response_model=UserCredits, responses=responses(402))
@@ -27,11 +31,13 @@ async def deduct(
     body: DeductRequest | None = None,
 ) -> Response:
     """Charge credits; a repeated Idempotency-Key charges nothing."""
+    caller = caller_of(request)
+    caller.acts_for(user_id)
     body = body or DeductRequest()
     account = await services(request).credits.deduct_credits(
         user_id,
         body.amount,
-        is_guest=body.is_guest,
+        is_guest=caller.tier(body.is_guest),
         description=body.description,
         idempotency_key=idempotency_key,
     )
@@ -42,7 +48,8 @@ async def deduct(
 async def refund(
     user_id: UserId, body: RefundRequest, request: Request, idempotency_key: IdempotencyKey = None
 ) -> Response:
-    """Give credits back, never above the user's maximum."""
+    """Give credits back, never above the user's maximum. Service callers only."""
+    caller_of(request).needs_service()
     account = await services(request).credits.refund_credits(
         user_id, body.amount, description=body.description, idempotency_key=idempotency_key
     )
@@ -51,7 +58,9 @@ async def refund(
 
 @router.post("/{user_id}/upgrade", response_model=UserCredits, responses=responses())
 async def upgrade(user_id: UserId, request: Request) -> Response:
-    """A guest becomes registered and gains the difference of the two budgets."""
+    """A guest becomes registered and gains the difference of the two budgets. Service
+    callers only."""
+    caller_of(request).needs_service()
     return rendered(await services(request).credits.upgrade_to_registered(user_id))
 
 
@@ -60,4 +69,5 @@ async def upgrade(user_id: UserId, request: Request) -> Response:
 )
 async def transactions(user_id: UserId, request: Request, limit: HistoryLimit = 50) -> Response:
     """The ledger, newest first."""
+    caller_of(request).acts_for(user_id)
     return rendered_ledger(await services(request).credits.get_transaction_history(user_id, limit))
