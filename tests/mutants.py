@@ -309,6 +309,13 @@ MUTANTS = [
         ("tests/test_access.py",),
     ),
     Mutant(
+        "access: a remembered token never expires",
+        ACCESS,
+        "if time.time() >= expires:",
+        "if False:",
+        ("tests/test_access.py",),
+    ),
+    Mutant(
         "access: the client's tier over the JWT's",
         ACCESS,
         "return asked_guest if self.is_guest is None else self.is_guest",

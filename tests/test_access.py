@@ -4,6 +4,7 @@ token; anything else is 401 with WWW-Authenticate or 403. HS256, RS256 and ES256
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -177,6 +178,14 @@ class TestJwt:
         response = await client.get(f"{CREDITS}/alice", headers=bearer(token))
         assert_error(response, 401, "unauthorized")
         assert "Bearer" in response.headers["www-authenticate"]
+
+    async def test_a_token_seen_before_still_expires(self, start: Start) -> None:
+        client = await start(api_auth="jwt", jwt_secret=SECRET)
+        token = bearer(user_jwt("brief", expires_in=1.5))
+        assert (await client.get(f"{CREDITS}/brief", headers=token)).status_code == 200
+        assert (await client.get(f"{CREDITS}/brief", headers=token)).status_code == 200
+        await asyncio.sleep(2)
+        assert_error(await client.get(f"{CREDITS}/brief", headers=token), 401, "unauthorized")
 
     async def test_audience_and_issuer_when_set_and_right(self, start: Start) -> None:
         client = await start(
