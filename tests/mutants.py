@@ -274,6 +274,13 @@ MUTANTS = [
         PG_STATE_TESTS,
     ),
     Mutant(
+        "pg state: a missing ledger row not counted by VERIFY",
+        PG_STATE,
+        "sum(greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent,",
+        "0 AS absent,",
+        PG_STATE_TESTS,
+    ),
+    Mutant(
         "pg state: the earlier consent wins",
         PG_STATE,
         "WHERE held.updated_at < excluded.updated_at",

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from app.config import StorageBackend
 from app.container import Container
-from app.domain.state import Round, UserState
+from app.domain.state import Merged, Round, UserState, verified
 from app.main import create_app
 from app.models import CreditTransactionRow, UserCreditsRow, table
 from app.repositories.base import StateRepository
@@ -240,6 +240,14 @@ class Faulty:
             [UserState(s.user_id, s.account, s.ledger[1:], s.consent) for s in states], round
         )
 
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        """The lossy merge, then VERIFY by reading back, as the generic stores do."""
+        added = await self.merge(states, round)
+        held = await self.read([state.user_id for state in states])
+        return Merged(added, verified(states, held, in_round=round is not None))
+
 
 @pytest.mark.parametrize(("start", "goal"), DIRECTIONS)
 async def test_a_verification_mismatch_is_409_and_leaves_the_flag(
@@ -279,6 +287,13 @@ class Slow:
         self.merging.set()
         await self.release.wait()
         return await self._inner.merge(states, round)
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        self.merging.set()
+        await self.release.wait()
+        return await self._inner.merge_verified(states, round)
 
 
 async def test_a_second_change_during_a_hand_over_is_409_and_reads_go_on(

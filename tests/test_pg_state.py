@@ -208,3 +208,96 @@ async def test_in_a_round_the_lowest_balance_any_replica_carried_wins(pair: Pair
     # A replica carrying again in the same round replaces its own mark, not the others'.
     await pair.merge([UserState("ann", account("ann", 1))], first)
     await pair.assert_same(USERS)
+
+
+# VERIFY inside the database (merge_verified) finds what reading back finds: a store made
+# to lose a row, bend a balance, a maximum and a tier, and drop a consent, by triggers
+# installed in both databases, is found wrong in the same users, in the same words.
+_LOSSY = [
+    """
+    CREATE FUNCTION lossy_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.description = 'lost' THEN RETURN NULL; END IF;
+        RETURN NEW;
+    END $$
+    """,
+    """
+    CREATE TRIGGER lossy_ledger BEFORE INSERT ON credit_transactions
+       FOR EACH ROW EXECUTE FUNCTION lossy_ledger()
+    """,
+    """
+    CREATE FUNCTION bent_accounts() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.user_id = 'bent' THEN
+            NEW.available_credits := NEW.available_credits + 1;
+            NEW.max_credits := NEW.max_credits + 1;
+            NEW.is_guest := NOT NEW.is_guest;
+        END IF;
+        IF NEW.user_id = 'lower' THEN
+            NEW.available_credits := NEW.available_credits - 1;
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+    """
+    CREATE TRIGGER bent_accounts BEFORE INSERT OR UPDATE ON user_credits
+       FOR EACH ROW EXECUTE FUNCTION bent_accounts()
+    """,
+    """
+    CREATE FUNCTION dropped_consents() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.user_id = 'shy' THEN RETURN NULL; END IF;
+        RETURN NEW;
+    END $$
+    """,
+    """
+    CREATE TRIGGER dropped_consents BEFORE INSERT OR UPDATE ON user_consents
+       FOR EACH ROW EXECUTE FUNCTION dropped_consents()
+    """,
+]
+
+
+def lossy_incoming() -> list[UserState]:
+    return [
+        *incoming(),
+        UserState(
+            "lossy",
+            account("lossy", 5),
+            (row("lossy", -2, description="lost"), row("lossy", -3), row("lossy", -1)),
+        ),
+        UserState("bent", account("bent", 4)),
+        UserState("lower", account("lower", 4), (row("lower", -1, description="lost"),)),
+        UserState("shy", account("shy", 9), consent=consent("shy", True, AT)),
+    ]
+
+
+@pytest.mark.parametrize("in_round", [False, True])
+async def test_verify_in_the_database_finds_what_reading_back_finds(
+    pair: Pair, in_round: bool
+) -> None:
+    for engine in pair.engines:
+        async with engine.begin() as conn:
+            for statement in _LOSSY:
+                await conn.exec_driver_sql(statement)
+    round = Round(3, "replica-a") if in_round else None
+    states = lossy_incoming()
+    expected = await pair.reference.merge_verified(states, round)
+    found = await pair.subject.merge_verified(states, round)
+    assert found.mismatched == expected.mismatched
+    assert found.mismatched == {
+        "lossy": ["1 ledger row(s) missing: ledger sum -4, expected -6"],
+        "bent": [
+            "balance 5, expected 4",
+            "maximum 11, expected 10",
+            "tier registered, expected guest",
+        ],
+        "lower": [
+            *([] if in_round else ["balance 3, expected 4"]),
+            "1 ledger row(s) missing: ledger sum 0, expected -1",
+        ],
+        "shy": ["consent differs"],
+    }
+    # Merged again (the triggers bend what they bent once more), still the same found.
+    again = await pair.reference.merge_verified(states, round)
+    assert (await pair.subject.merge_verified(states, round)).mismatched == again.mismatched
+    assert set(again.mismatched) == set(found.mismatched)

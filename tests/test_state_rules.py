@@ -12,6 +12,7 @@ from app.domain.state import (
     differences,
     later_consent,
     missing_rows,
+    verified,
 )
 from app.schemas import UserConsent
 
@@ -96,8 +97,8 @@ class TestVerification:
     def test_a_user_verified_again_replaces_its_earlier_result(self) -> None:
         verification = Verification()
         incoming = [UserState("u", ACCOUNT)]
-        verification.check(incoming, [UserState("u")])
+        verification.record(incoming, verified(incoming, [UserState("u")]))
         assert verification.mismatches == 1
         assert verification.samples() == [{"user_id": "u", "differences": ["account missing"]}]
-        verification.check(incoming, incoming)
+        verification.record(incoming, verified(incoming, incoming))
         assert verification.mismatches == 0

@@ -120,19 +120,41 @@ def differences(incoming: UserState, held: UserState, *, in_round: bool = False)
     return found
 
 
+def verified(
+    incoming: Sequence[UserState], held: Sequence[UserState], *, in_round: bool = False
+) -> dict[str, list[str]]:
+    """VERIFY of a batch: the differences of each incoming user that has any, by user."""
+    by_user = {state.user_id: state for state in held}
+    found: dict[str, list[str]] = {}
+    for state in incoming:
+        wrong = differences(
+            state, by_user.get(state.user_id, UserState(state.user_id)), in_round=in_round
+        )
+        if wrong:
+            found[state.user_id] = wrong
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """What a merge did: the ledger rows it added, and what VERIFY found afterwards, by
+    user (a user it found nothing wrong with is absent)."""
+
+    added: int
+    mismatched: dict[str, list[str]] = field(default_factory=dict)
+
+
 @dataclass
 class Verification:
     """VERIFY, user by user; a user verified again replaces its earlier result."""
 
     mismatched: dict[str, list[str]] = field(default_factory=dict)
-    in_round: bool = False
 
-    def check(self, incoming: Sequence[UserState], held: Sequence[UserState]) -> None:
-        by_user = {state.user_id: state for state in held}
+    def record(self, incoming: Sequence[UserState], mismatched: dict[str, list[str]]) -> None:
+        """The differences VERIFY found for a batch (see Merged); a user verified again
+        replaces its earlier result."""
         for state in incoming:
-            found = differences(
-                state, by_user.get(state.user_id, UserState(state.user_id)), in_round=self.in_round
-            )
+            found = mismatched.get(state.user_id)
             if found:
                 self.mismatched[state.user_id] = found
             else:

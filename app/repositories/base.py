@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.credits import Attempt, Operation
-from app.domain.state import Round, UserState
+from app.domain.state import Merged, Round, UserState
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
@@ -100,6 +100,14 @@ class StateRepository(Protocol):
         """MERGE the states in, as one unit of work; counts the ledger rows added. In a
         `round`, LOWEST WINS among the replicas that carried a user (a memory store,
         one process's own, has no other replica to weigh and ignores it)."""
+        ...
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        """`merge`, then VERIFY of the states against what the store holds afterwards
+        (in a `round`, a lower balance may stand); the rows added and the differences
+        found, by user, as app/domain/state.py's `differences` words them."""
         ...
 
 

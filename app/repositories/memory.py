@@ -17,7 +17,15 @@ from datetime import datetime
 from typing import Any
 
 from app.domain.credits import Account, Attempt, CreditRules, Operation
-from app.domain.state import LedgerRecord, Round, UserState, later_consent, missing_rows
+from app.domain.state import (
+    LedgerRecord,
+    Merged,
+    Round,
+    UserState,
+    later_consent,
+    missing_rows,
+    verified,
+)
 from app.repositories.base import Stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
@@ -211,6 +219,13 @@ class MemoryStateRepository:
             if consent is not None:
                 data.consents[user_id] = consent
         return added_rows
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        added = await self.merge(states, round)
+        held = await self.read([state.user_id for state in states])
+        return Merged(added, verified(states, held, in_round=round is not None))
 
 
 def memory_stores(rules: CreditRules, data: MemoryData | None = None) -> Stores:

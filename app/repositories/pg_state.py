@@ -4,7 +4,9 @@ SqlStateRepository merges through SQLAlchemy: a statement per table and a row of
 parameters per row, executed one by one. Here a merge copies the incoming users into
 temporary staging tables (asyncpg's binary COPY, `copy_records_to_table`) and applies
 MERGE with one INSERT … SELECT per table, in one transaction: the same rules, a handful of
-round trips whatever the batch's size. Reads are the same statements as
+round trips whatever the batch's size. `merge_verified` then VERIFYs in the same
+transaction, set-based against the staging tables (_VERIFY), so that only the differences
+come back, not every user read back. Reads are the same statements as
 SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
 
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
@@ -25,7 +27,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import Account
-from app.domain.state import LedgerRecord, Round, UserState
+from app.domain.state import LedgerRecord, Merged, Round, UserState
 from app.schemas import UserConsent
 
 # Planned for the users at hand, every time: a plan kept from when the tables were small
@@ -142,6 +144,29 @@ SELECT i.user_id, i.transaction_type, i.amount, i.timestamp, i.description, i.id
  ORDER BY i.first, i.copy
 """
 
+# Whether the store holds a ledger row of any staged user (asked once their accounts are
+# locked). When it holds none, every incoming row is lacking: they are copied into the
+# ledger as they come (COPY, in the order `missing_rows` gives them, as _LEDGER's), not
+# compared by _LEDGER. Asked a user at a time along the user_id index: an EXISTS over the
+# whole table was planned as a scan of it, in the hope of an early row.
+_HOLDS_LEDGER = """
+SELECT EXISTS (
+    SELECT 1
+      FROM (SELECT DISTINCT user_id FROM state_ledger) AS staged
+     CROSS JOIN LATERAL (
+           SELECT 1 FROM credit_transactions held WHERE held.user_id = staged.user_id LIMIT 1
+     ) AS one
+)
+"""
+_LEDGER_COLUMNS = [
+    "user_id",
+    "transaction_type",
+    "amount",
+    "timestamp",
+    "description",
+    "idempotency_key",
+]
+
 # Every key an incoming row carries is claimed, at the time of its last row.
 _KEYS = """
 INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
@@ -167,6 +192,79 @@ ON CONFLICT (user_id) DO UPDATE
  WHERE held.updated_at < excluded.updated_at
 """
 
+
+# VERIFY (app/domain/state.py's `differences`, set-based), after the merge in the same
+# transaction, of the staged users against what the tables hold now: one row per
+# difference found, `ordinal` ordering a user's rows as `differences` lists them, each
+# worded as `differences` words it. $1: in a round, where a lower balance may stand.
+_VERIFY = """
+WITH held_accounts AS (
+    SELECT user_id, is_guest, available_credits, max_credits
+      FROM user_credits
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM state_accounts))
+), accounts AS (
+    SELECT s.user_id, h.user_id IS NULL AS missing,
+           h.user_id IS NOT NULL
+           AND NOT ($1::boolean AND h.available_credits < s.available_credits) AS compared,
+           s.available_credits AS available, h.available_credits AS held_available,
+           s.max_credits AS maximum, h.max_credits AS held_maximum,
+           s.is_guest, h.is_guest AS held_is_guest
+      FROM state_accounts s
+      LEFT JOIN held_accounts h ON h.user_id = s.user_id
+), incoming_rows AS (
+    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
+           count(*) AS copies
+      FROM state_ledger
+     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
+), held_rows AS (
+    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
+           count(*) AS copies
+      FROM credit_transactions
+     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
+     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
+), ledgers AS (
+    SELECT i.user_id,
+           sum(greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent,
+           sum(i.amount * i.copies) AS expected,
+           sum(i.amount * greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent_sum
+      FROM incoming_rows i
+      LEFT JOIN held_rows h
+        ON h.user_id = i.user_id
+       AND h.transaction_type = i.transaction_type
+       AND h.amount = i.amount
+       AND h.timestamp = i.timestamp
+       AND h.description IS NOT DISTINCT FROM i.description
+       AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
+     GROUP BY i.user_id
+), held_consents AS (
+    SELECT user_id, updated_at
+      FROM user_consents
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM state_consents))
+)
+SELECT user_id, 1 AS ordinal, 'account missing' AS difference
+  FROM accounts WHERE missing
+UNION ALL
+SELECT user_id, 2, format('balance %s, expected %s', held_available, available)
+  FROM accounts WHERE compared AND held_available <> available
+UNION ALL
+SELECT user_id, 3, format('maximum %s, expected %s', held_maximum, maximum)
+  FROM accounts WHERE compared AND held_maximum <> maximum
+UNION ALL
+SELECT user_id, 4, format('tier %s, expected %s',
+                          CASE WHEN held_is_guest THEN 'guest' ELSE 'registered' END,
+                          CASE WHEN is_guest THEN 'guest' ELSE 'registered' END)
+  FROM accounts WHERE compared AND held_is_guest <> is_guest
+UNION ALL
+SELECT user_id, 5, format('%s ledger row(s) missing: ledger sum %s, expected %s',
+                          absent, expected - absent_sum, expected)
+  FROM ledgers WHERE absent > 0
+UNION ALL
+SELECT s.user_id, 6, 'consent differs'
+  FROM state_consents s
+  LEFT JOIN held_consents h ON h.user_id = s.user_id
+ WHERE h.user_id IS NULL OR h.updated_at < s.updated_at
+ ORDER BY user_id, ordinal
+"""
 
 # The next page of users with an account or a consent: the first `limit` of the union
 # after `after` are among the first `limit` of each table, each read along its index.
@@ -246,6 +344,20 @@ class PostgresStateRepository:
         async with self._driver() as driver, driver.transaction():
             return await _merge(driver, states, round)
 
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        """`merge`, and VERIFY by the database in the same transaction (_VERIFY): only the
+        differences come back, not the users."""
+        if not states:
+            return Merged(0)
+        async with self._driver() as driver, driver.transaction():
+            added = await _merge(driver, states, round)
+            mismatched: dict[str, list[str]] = {}
+            for user_id, _, difference in await driver.fetch(_VERIFY, round is not None):
+                mismatched.setdefault(user_id, []).append(difference)
+        return Merged(added, mismatched)
+
     @asynccontextmanager
     async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
         """A pooled connection's own asyncpg connection. SQLAlchemy begins nothing on it,
@@ -258,13 +370,16 @@ async def _merge(
     driver: asyncpg.Connection, states: Sequence[UserState], round: Round | None
 ) -> int:
     await driver.execute(_STAGING)
-    await driver.execute(_LOCK, [state.user_id for state in states])
+    if any(state.account is None for state in states):
+        # Else the accounts' INSERT locks every account named, in the same order.
+        await driver.execute(_LOCK, [state.user_id for state in states])
     accounts = [_account(state) for state in states if state.account is not None]
-    ledger = [
-        (position, row.user_id, row.kind, row.amount, row.timestamp, row.description,
-         row.idempotency_key)
-        for position, row in enumerate(row for state in states for row in state.ledger)
-    ]  # fmt: skip
+    incoming = [
+        (row.user_id, row.kind, row.amount, row.timestamp, row.description, row.idempotency_key)
+        for state in states
+        for row in state.ledger
+    ]
+    ledger = [(position, *row) for position, row in enumerate(incoming)]
     consents = [_consent(state) for state in states if state.consent is not None]
     added = 0
     if accounts:
@@ -276,12 +391,30 @@ async def _merge(
             await driver.execute(_LOWEST_ACCOUNTS, round.number)
     if ledger:
         await driver.copy_records_to_table("state_ledger", records=ledger)
-        added = _rows(await driver.execute(_LEDGER))
+        if await driver.fetchval(_HOLDS_LEDGER):
+            added = _rows(await driver.execute(_LEDGER))
+        else:
+            rows = _copies_together(incoming)
+            await driver.copy_records_to_table(
+                "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+            )
+            added = len(rows)
         await driver.execute(_KEYS)
     if consents:
         await driver.copy_records_to_table("state_consents", records=consents)
         await driver.execute(_CONSENTS)
     return added
+
+
+def _copies_together(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The rows, each row's copies together at its first appearance: the order in which
+    `missing_rows` gives the rows a store lacks when it holds none of them."""
+    copies: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        copies[row] = copies.get(row, 0) + 1
+    if len(copies) == len(rows):
+        return rows
+    return [row for row, count in copies.items() for _ in range(count)]
 
 
 def _account(state: UserState) -> tuple[Any, ...]:

@@ -12,11 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from app.domain.credits import Account
 from app.domain.state import (
     LedgerRecord,
+    Merged,
     Round,
     UserState,
     later_consent,
     lowest,
     missing_rows,
+    verified,
 )
 from app.models import HandoverMarkRow, table
 from app.repositories.sql_base import insert, transaction
@@ -97,6 +99,14 @@ class SqlStateRepository:
                 rows = [consent.model_dump() for consent in standing]
                 await _replace(conn, consents, rows, _CONSENT_FIELDS)
         return len(added)
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        """`merge`, then the users read back (committed) and compared."""
+        added = await self.merge(states, round)
+        held = await self.read([state.user_id for state in states])
+        return Merged(added, verified(states, held, in_round=round is not None))
 
 
 _ACCOUNT_FIELDS = (

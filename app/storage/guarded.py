@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from app.cache.local_tier import EntryReader
 from app.domain.credits import Attempt, Operation
-from app.domain.state import Round, UserState
+from app.domain.state import Merged, Round, UserState
 from app.repositories.base import (
     CacheRepository,
     ConsentRepository,
@@ -135,3 +135,8 @@ class GuardedState:
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         return await self._guard.run(self._inner.merge, states, round)
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        return await self._guard.run(self._inner.merge_verified, states, round)

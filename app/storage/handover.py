@@ -117,7 +117,6 @@ async def hand_over(
     `round`: a cluster-wide change, in which other replicas carry their users too."""
     started = time.perf_counter()
     report = HandoverReport(round=round)
-    report.verification.in_round = round is not None
     with gate.watching() as touched:
         async for user_ids in source.user_ids(BATCH_SIZE):
             await _copy_batch(source, target, user_ids, report)
@@ -147,9 +146,9 @@ async def copy_states(
     states: Sequence[UserState], target: StateRepository, report: HandoverReport
 ) -> None:
     """Merges the states into `target` and verifies them there."""
-    added_rows = await target.merge(states, report.round)
-    report.verification.check(states, await target.read([state.user_id for state in states]))
-    report.carried(states, added_rows)
+    merged = await target.merge_verified(states, report.round)
+    report.verification.record(states, merged.mismatched)
+    report.carried(states, merged.added)
 
 
 async def _copy_batch(

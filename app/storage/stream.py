@@ -9,7 +9,10 @@ importing the same stream twice changes nothing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import pickle
 import tempfile
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
@@ -43,6 +46,9 @@ SPOOL_IN_MEMORY_BYTES = 8 * 1024 * 1024
 # No line of ours comes near it (a description is the longest field); it bounds what an
 # import buffers.
 MAX_LINE_BYTES = 1024 * 1024
+# Users per merge of an import, and merges at once.
+MERGE_BATCH_SIZE = 5000
+MERGES_IN_FLIGHT = 2
 
 UserId = Annotated[str, StringConstraints(min_length=1, max_length=USER_ID_LENGTH)]
 Key = Annotated[str, StringConstraints(min_length=1, max_length=IDEMPOTENCY_KEY_LENGTH)]
@@ -167,6 +173,12 @@ def _iso(value: object) -> str:
 # Import.
 
 
+# The spool holds the validated lines as pickled lists of tuples (_spooled_row), a list
+# per this many lines: read back without being parsed or validated again.
+SPOOL_CHUNK_LINES = 512
+_ACCOUNT, _LEDGER, _CONSENT = 0, 1, 2
+
+
 class Spooled:
     """A validated stream, waiting in a temporary file to be merged."""
 
@@ -181,54 +193,74 @@ class Spooled:
     def users(self) -> Iterator[UserState]:
         """The users in stream order, one state per run of a user's lines."""
         self._spool.seek(0)
-        current: _Building | None = None
-        for raw in self._spool:
-            line = _LINE.validate_json(raw)
-            if isinstance(line, Header | Footer):
-                continue
-            if current is None or current.user_id != line.user_id:
-                if current is not None:
-                    yield current.state()
-                current = _Building(line.user_id)
-            current.add(line)
-        if current is not None:
-            yield current.state()
+        user_id: str | None = None
+        account: Account | None = None
+        ledger: list[LedgerRecord] = []
+        consent: UserConsent | None = None
+        while True:
+            try:
+                rows: list[tuple[Any, ...]] = pickle.load(self._spool)
+            except EOFError:
+                break
+            for row in rows:
+                if row[1] != user_id:
+                    if user_id is not None:
+                        yield UserState(user_id, account, tuple(ledger), consent)
+                    user_id, account, ledger, consent = row[1], None, [], None
+                kind = row[0]
+                if kind == _LEDGER:
+                    ledger.append(LedgerRecord(*row[1:]))
+                elif kind == _ACCOUNT:
+                    account = Account(*row[1:])
+                else:
+                    consent = _consent(row)
+        if user_id is not None:
+            yield UserState(user_id, account, tuple(ledger), consent)
 
 
-class _Building:
-    def __init__(self, user_id: str) -> None:
-        self.user_id = user_id
-        self.account: Account | None = None
-        self.ledger: list[LedgerRecord] = []
-        self.consent: UserConsent | None = None
+def _consent(row: tuple[Any, ...]) -> UserConsent:
+    _, user_id, terms_accepted, marketing_consent, timestamp, updated_at = row
+    return UserConsent(
+        user_id=user_id,
+        terms_accepted=terms_accepted,
+        marketing_consent=marketing_consent,
+        timestamp=timestamp,
+        updated_at=updated_at,
+    )
 
-    def add(self, line: AccountLine | LedgerLine | ConsentLine) -> None:
-        match line:
-            case AccountLine():
-                self.account = Account(
-                    line.user_id,
-                    line.is_guest,
-                    line.available_credits,
-                    line.max_credits,
-                    line.last_reset_timestamp,
-                )
-            case LedgerLine():
-                self.ledger.append(
-                    LedgerRecord(
-                        line.user_id,
-                        line.transaction_type,
-                        line.amount,
-                        line.timestamp,
-                        line.description,
-                        line.idempotency_key,
-                        line.id,
-                    )
-                )
-            case ConsentLine():
-                self.consent = UserConsent.model_validate(line.model_dump(exclude={"kind"}))
 
-    def state(self) -> UserState:
-        return UserState(self.user_id, self.account, tuple(self.ledger), self.consent)
+def _spooled_row(line: AccountLine | LedgerLine | ConsentLine) -> tuple[Any, ...]:
+    """A validated line as the spool keeps it: its kind's number, then its values."""
+    match line:
+        case AccountLine():
+            return (
+                _ACCOUNT,
+                line.user_id,
+                line.is_guest,
+                line.available_credits,
+                line.max_credits,
+                line.last_reset_timestamp,
+            )
+        case LedgerLine():
+            return (
+                _LEDGER,
+                line.user_id,
+                line.transaction_type,
+                line.amount,
+                line.timestamp,
+                line.description,
+                line.idempotency_key,
+                line.id,
+            )
+        case ConsentLine():
+            return (
+                _CONSENT,
+                line.user_id,
+                line.terms_accepted,
+                line.marketing_consent,
+                line.timestamp,
+                line.updated_at,
+            )
 
 
 @asynccontextmanager
@@ -260,6 +292,7 @@ async def _validated(lines: AsyncIterator[bytes], spool: IO[bytes]) -> Footer:
     counts = {"account": 0, "ledger": 0, "consent": 0}
     number = 0
     footer: Footer | None = None
+    rows: list[tuple[Any, ...]] = []
     async for raw in lines:
         number += 1
         if not raw.strip():
@@ -286,7 +319,12 @@ async def _validated(lines: AsyncIterator[bytes], spool: IO[bytes]) -> Footer:
                 )
         elif not isinstance(line, Header):
             counts[line.kind] += 1
-        spool.write(raw.rstrip(b"\r") + b"\n")
+            rows.append(_spooled_row(line))
+            if len(rows) == SPOOL_CHUNK_LINES:
+                pickle.dump(rows, spool, pickle.HIGHEST_PROTOCOL)
+                rows = []
+    if rows:
+        pickle.dump(rows, spool, pickle.HIGHEST_PROTOCOL)
     if number == 0:
         raise InvalidStreamError(1, "an empty stream")
     if footer is None:
@@ -306,29 +344,56 @@ async def merge_spooled(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> HandoverReport:
-    """Merges a validated stream into `target`, verified user by user."""
+    """Merges a validated stream into `target`, verified user by user.
+
+    Up to MERGES_IN_FLIGHT batches are merged at once, each its own transaction, while
+    the next is read from the spool: the store's work and ours overlap. A batch naming a
+    user that a batch in flight names waits for it, so that a user's runs are merged in
+    stream order."""
     started = time.perf_counter()
     report = HandoverReport()
     batch: dict[str, UserState] = {}
+    merging: list[tuple[asyncio.Task[None], list[UserState], set[str]]] = []
     done = 0
 
-    async def flush() -> None:
+    async def settle() -> None:
+        """Waits for the oldest batch in flight."""
         nonlocal done
-        states = list(batch.values())
-        batch.clear()
-        await copy_states(states, target, report)
+        task, states, _ = merging.pop(0)
+        await task
         done += _lines_of(states)
         if progress is not None:
             progress(done)
 
-    for user in spooled.users():
-        # A user whose lines come in several runs is merged a run at a time: one merge
-        # never names a user twice.
-        if user.user_id in batch or len(batch) == BATCH_SIZE:
+    async def flush() -> None:
+        states = list(batch.values())
+        named = set(batch)
+        batch.clear()
+        while merging and (
+            len(merging) == MERGES_IN_FLIGHT
+            or any(not named.isdisjoint(earlier) for _, _, earlier in merging)
+        ):
+            await settle()
+        task = asyncio.create_task(copy_states(states, target, report))
+        merging.append((task, states, named))
+
+    try:
+        for user in spooled.users():
+            # A user whose lines come in several runs is merged a run at a time: one
+            # merge never names a user twice.
+            if user.user_id in batch or len(batch) == MERGE_BATCH_SIZE:
+                await flush()
+            batch[user.user_id] = user
+        if batch:
             await flush()
-        batch[user.user_id] = user
-    if batch:
-        await flush()
+        while merging:
+            await settle()
+    finally:
+        for task, _, _ in merging:  # abandoned on an error: their transactions roll back
+            task.cancel()
+        for task, _, _ in merging:
+            with contextlib.suppress(BaseException):
+                await task
     report.seconds = time.perf_counter() - started
     return report
 
