@@ -143,7 +143,8 @@ async def test_a_body_that_stops_arriving_is_408() -> None:
         sent.append(message)
 
     limits = RequestLimits(app, max_body_bytes=LIMIT, body_timeout=0.1)
-    scope = {"type": "http", "path": f"{CREDITS}/slow/deduct", "raw_path": b"", "headers": []}
+    headers = [(b"transfer-encoding", b"chunked")]  # a real half-sent body is framed
+    scope = {"type": "http", "path": f"{CREDITS}/slow/deduct", "raw_path": b"", "headers": headers}
     await asyncio.wait_for(limits(scope, receive, send), 5)
     assert sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"

@@ -45,9 +45,12 @@ class RequestLimits:
         if path in STREAMED_PATHS:
             await self._app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared, chunked = _framing(scope)
         if declared is not None and declared > self._max_body:
             await _refuse(send, PayloadTooLargeError(self._max_body))
+            return
+        if declared is None and not chunked:  # HTTP/1.1: no body follows (most GETs)
+            await self._app(scope, receive, send)
             return
         await _Bounded(self._max_body, self._body_timeout, receive, send).serve(self._app, scope)
 
@@ -92,14 +95,20 @@ class _Bounded:
         return {"type": "http.disconnect"}
 
 
-def _content_length(scope: Scope) -> int | None:
+def _framing(scope: Scope) -> tuple[int | None, bool]:
+    """The body's declared length (None when undeclared or unreadable) and whether it
+    comes chunked."""
+    length: int | None = None
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None
-    return None
+                chunked = True  # unknown framing: counted as it arrives
+        elif name == b"transfer-encoding":
+            chunked = True
+    return length, chunked
 
 
 def _private(send: Send) -> Send:

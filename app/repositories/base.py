@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.credits import Attempt, Operation
-from app.domain.state import Merged, Round, UserState
+from app.domain.state import Merged, Round, UserState, verified
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
@@ -109,6 +109,16 @@ class StateRepository(Protocol):
         (in a `round`, a lower balance may stand); the rows added and the differences
         found, by user, as app/domain/state.py's `differences` words them."""
         ...
+
+
+async def read_back_verified(
+    repository: StateRepository, states: Sequence[UserState], round: Round | None
+) -> Merged:
+    """`merge_verified` as a store does it that cannot verify in place: merge, read the
+    users back, compare with app/domain/state.py's `differences`."""
+    added = await repository.merge(states, round)
+    held = await repository.read([state.user_id for state in states])
+    return Merged(added, verified(states, held, in_round=round is not None))
 
 
 @dataclass(frozen=True)

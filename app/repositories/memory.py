@@ -24,9 +24,8 @@ from app.domain.state import (
     UserState,
     later_consent,
     missing_rows,
-    verified,
 )
-from app.repositories.base import Stores
+from app.repositories.base import Stores, read_back_verified
 from app.schemas import CreditTransaction, UserConsent, UserCredits
 
 
@@ -223,9 +222,7 @@ class MemoryStateRepository:
     async def merge_verified(
         self, states: Sequence[UserState], round: Round | None = None
     ) -> Merged:
-        added = await self.merge(states, round)
-        held = await self.read([state.user_id for state in states])
-        return Merged(added, verified(states, held, in_round=round is not None))
+        return await read_back_verified(self, states, round)
 
 
 def memory_stores(rules: CreditRules, data: MemoryData | None = None) -> Stores:

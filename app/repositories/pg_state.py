@@ -111,10 +111,34 @@ _LOWEST_ACCOUNTS = _REPLACE_ACCOUNTS.format(
 ) AS lowest"""
 )
 
+# A ledger row's identity (app/domain/state.py): the staged users' held copies of each
+# row, and the join of an incoming row `i` with its held copies `h`; the same in MERGE
+# and in VERIFY.
+_HELD_COPIES = """\
+    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
+           count(*) AS copies
+      FROM credit_transactions
+     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
+     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
+"""
+_SAME_ROW = """\
+    ON h.user_id = i.user_id
+   AND h.transaction_type = i.transaction_type
+   AND h.amount = i.amount
+   AND h.timestamp = i.timestamp
+   AND h.description IS NOT DISTINCT FROM i.description
+   AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
+"""
+
+
+def _with_ledger_identity(statement: str) -> str:
+    return statement.replace("{held_copies}", _HELD_COPIES).replace("{same_row}", _SAME_ROW)
+
+
 # MERGE's ledger rule, counted: the n-th incoming copy of a row is added when the store
 # holds fewer than n. Added in the order missing_rows gives (a row's copies together, at
 # its first appearance), so the ids come out as SqlStateRepository's would.
-_LEDGER = """
+_LEDGER = _with_ledger_identity("""
 WITH incoming AS (
     SELECT s.*,
            row_number() OVER same AS copy,
@@ -123,26 +147,15 @@ WITH incoming AS (
     WINDOW same AS (PARTITION BY user_id, transaction_type, amount, timestamp,
                                  description, idempotency_key ORDER BY position)
 ), held AS (
-    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
-           count(*) AS copies
-      FROM credit_transactions
-     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
-     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
-)
+{held_copies})
 INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description,
                                  idempotency_key)
 SELECT i.user_id, i.transaction_type, i.amount, i.timestamp, i.description, i.idempotency_key
   FROM incoming i
   LEFT JOIN held h
-    ON h.user_id = i.user_id
-   AND h.transaction_type = i.transaction_type
-   AND h.amount = i.amount
-   AND h.timestamp = i.timestamp
-   AND h.description IS NOT DISTINCT FROM i.description
-   AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
- WHERE i.copy > coalesce(h.copies, 0)
+{same_row} WHERE i.copy > coalesce(h.copies, 0)
  ORDER BY i.first, i.copy
-"""
+""")
 
 # Whether the store holds a ledger row of any staged user (asked once their accounts are
 # locked). When it holds none, every incoming row is lacking: they are copied into the
@@ -197,7 +210,7 @@ ON CONFLICT (user_id) DO UPDATE
 # transaction, of the staged users against what the tables hold now: one row per
 # difference found, `ordinal` ordering a user's rows as `differences` lists them, each
 # worded as `differences` words it. $1: in a round, where a lower balance may stand.
-_VERIFY = """
+_VERIFY = _with_ledger_identity("""
 WITH held_accounts AS (
     SELECT user_id, is_guest, available_credits, max_credits
       FROM user_credits
@@ -217,25 +230,14 @@ WITH held_accounts AS (
       FROM state_ledger
      GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
 ), held_rows AS (
-    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
-           count(*) AS copies
-      FROM credit_transactions
-     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
-     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
-), ledgers AS (
+{held_copies}), ledgers AS (
     SELECT i.user_id,
            sum(greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent,
            sum(i.amount * i.copies) AS expected,
            sum(i.amount * greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent_sum
       FROM incoming_rows i
       LEFT JOIN held_rows h
-        ON h.user_id = i.user_id
-       AND h.transaction_type = i.transaction_type
-       AND h.amount = i.amount
-       AND h.timestamp = i.timestamp
-       AND h.description IS NOT DISTINCT FROM i.description
-       AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
-     GROUP BY i.user_id
+{same_row}     GROUP BY i.user_id
 ), held_consents AS (
     SELECT user_id, updated_at
       FROM user_consents
@@ -264,7 +266,7 @@ SELECT s.user_id, 6, 'consent differs'
   LEFT JOIN held_consents h ON h.user_id = s.user_id
  WHERE h.user_id IS NULL OR h.updated_at < s.updated_at
  ORDER BY user_id, ordinal
-"""
+""")
 
 # The next page of users with an account or a consent: the first `limit` of the union
 # after `after` are among the first `limit` of each table, each read along its index.

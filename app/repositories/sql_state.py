@@ -18,9 +18,9 @@ from app.domain.state import (
     later_consent,
     lowest,
     missing_rows,
-    verified,
 )
 from app.models import HandoverMarkRow, table
+from app.repositories.base import read_back_verified
 from app.repositories.sql_base import insert, transaction
 from app.repositories.sql_consents import consents
 from app.repositories.sql_credits import accounts, claimed_keys, ledger
@@ -104,9 +104,7 @@ class SqlStateRepository:
         self, states: Sequence[UserState], round: Round | None = None
     ) -> Merged:
         """`merge`, then the users read back (committed) and compared."""
-        added = await self.merge(states, round)
-        held = await self.read([state.user_id for state in states])
-        return Merged(added, verified(states, held, in_round=round is not None))
+        return await read_back_verified(self, states, round)
 
 
 _ACCOUNT_FIELDS = (
