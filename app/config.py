@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     jwt_public_key: str | None = None  # PEM, RS256 or ES256
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # Verified JWTs remembered until their exp: size it to the users active on one replica
+    # within a token's lifetime (about 400 bytes each).
+    jwt_cache_size: int = Field(16384, ge=0)
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)

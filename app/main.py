@@ -76,6 +76,10 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         version="1.0.0",
         description="Credits, consents and the query cache of the AI shopping assistant.",
         lifespan=lifespan,
+        # FastAPI's native OpenTelemetry looks up the global providers on every request;
+        # this service exports no traces, and the lookups are a measurable share of a
+        # request on the hot routes (bench/README.md).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     install_error_handlers(app)
     configured = settings or get_settings()

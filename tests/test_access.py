@@ -179,13 +179,26 @@ class TestJwt:
         assert_error(response, 401, "unauthorized")
         assert "Bearer" in response.headers["www-authenticate"]
 
-    async def test_a_token_seen_before_still_expires(self, start: Start) -> None:
-        client = await start(api_auth="jwt", jwt_secret=SECRET)
+    @pytest.mark.parametrize("cache_size", [0, 16384])
+    async def test_a_token_seen_before_still_expires(self, start: Start, cache_size: int) -> None:
+        client = await start(api_auth="jwt", jwt_secret=SECRET, jwt_cache_size=cache_size)
         token = bearer(user_jwt("brief", expires_in=1.5))
         assert (await client.get(f"{CREDITS}/brief", headers=token)).status_code == 200
         assert (await client.get(f"{CREDITS}/brief", headers=token)).status_code == 200
         await asyncio.sleep(2)
         assert_error(await client.get(f"{CREDITS}/brief", headers=token), 401, "unauthorized")
+
+    async def test_a_full_cache_of_verified_tokens_keeps_each_token_to_its_user(
+        self, start: Start
+    ) -> None:
+        client = await start(api_auth="jwt", jwt_secret=SECRET, jwt_cache_size=1)
+        tokens = {user: bearer(user_jwt(user)) for user in ("alice", "bob", "carol")}
+        for _ in range(2):
+            for user, token in tokens.items():
+                assert (await client.get(f"{CREDITS}/{user}", headers=token)).status_code == 200
+                other = "alice" if user != "alice" else "bob"
+                response = await client.get(f"{CREDITS}/{other}", headers=token)
+                assert_error(response, 403, "forbidden")
 
     async def test_audience_and_issuer_when_set_and_right(self, start: Start) -> None:
         client = await start(

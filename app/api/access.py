@@ -11,8 +11,8 @@ scope; each route then asks the caller what it needs, one attribute read away. W
 authentication the middleware is not installed at all.
 
 A client sends the same JWT with every request until it expires, so a verified token is
-remembered (a bounded LRU, VERIFIED_TOKENS) until its `exp`: verifying a signature on
-every request costs the request a tenth of its time (bench/README.md).
+remembered (a bounded LRU of JWT_CACHE_SIZE entries) until its `exp`: verifying a
+signature on every request costs the request a tenth of its time (bench/README.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ API_PATHS = "/api/v1/"
 SCOPE_KEY = "app.caller"
 _HMAC_ALGORITHMS = ["HS256"]
 _KEY_ALGORITHMS = ["RS256", "ES256"]
-VERIFIED_TOKENS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +81,8 @@ class _Verified:
         return caller
 
     def put(self, token: str, caller: Caller, expires: float) -> None:
+        if not self._size:
+            return
         self._entries[token] = (caller, expires)
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -108,7 +109,7 @@ class Authentication:
             self._algorithms = _HMAC_ALGORITHMS
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
-        self._verified = _Verified(VERIFIED_TOKENS)
+        self._verified = _Verified(settings.jwt_cache_size)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(API_PATHS):
