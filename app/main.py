@@ -10,7 +10,12 @@ from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
 from app.api import assistant, consents, credits, operations
-from app.api.access import Authentication
+from app.api.access import (
+    AUTHENTICATED_RESPONSES,
+    BEARER_SCHEME,
+    Authentication,
+    document_bearer,
+)
 from app.api.errors import install_error_handlers
 from app.api.limits import RequestLimits
 from app.assistant.answerer import Answerer
@@ -21,15 +26,22 @@ API_PREFIX = "/api/v1"
 API_ROUTERS = (credits.router, consents.router, assistant.router)
 
 
-def add_routes(app: FastAPI, router: APIRouter, *, prefix: str) -> None:
+def add_routes(
+    app: FastAPI, router: APIRouter, *, prefix: str, authenticated: bool = False
+) -> None:
     """Each route of `router` added to the application itself, as `include_router` would
     add it: FastAPI resolves an included router anew on every request, a measurable share
     of a request on the hot routes (bench/README.md), while the application's own routes
     are matched directly. tests/test_api_operations.py holds the OpenAPI document to what
-    `include_router` gives."""
+    `include_router` gives. `authenticated`: the Authentication middleware guards the
+    routes, and their documentation says so (bearer credentials, 401, 403)."""
     for route in router.routes:
         if not isinstance(route, APIRoute):
             raise TypeError(f"{route!r} is not an API route")
+        responses, security = route.responses, route.openapi_extra
+        if authenticated:
+            responses = {**AUTHENTICATED_RESPONSES, **responses}  # a route's own 403 stays
+            security = {**(security or {}), "security": [{BEARER_SCHEME: []}]}
         app.add_api_route(
             prefix + route.path,
             route.endpoint,
@@ -41,7 +53,8 @@ def add_routes(app: FastAPI, router: APIRouter, *, prefix: str) -> None:
             summary=route.summary,
             description=route.description,
             response_description=route.response_description,
-            responses=route.responses,
+            responses=responses,
+            openapi_extra=security,
             deprecated=route.deprecated,
             operation_id=route.operation_id,
             include_in_schema=route.include_in_schema,
@@ -91,8 +104,11 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         max_body_bytes=configured.max_body_bytes,
         body_timeout=configured.request_body_timeout_seconds,
     )
+    authenticated = configured.api_auth is not ApiAuth.NONE
     for router in API_ROUTERS:
-        add_routes(app, router, prefix=API_PREFIX)
+        add_routes(app, router, prefix=API_PREFIX, authenticated=authenticated)
+    if authenticated:
+        document_bearer(app, tokens_are_jwts=configured.api_auth is ApiAuth.JWT)
     add_routes(app, operations.health, prefix="")
     add_routes(app, operations.admin, prefix="")
     return app

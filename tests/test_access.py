@@ -66,6 +66,33 @@ class TestNone:
         ).status_code == 200
 
 
+class TestDocument:
+    @pytest.mark.parametrize("mode", ["token", "jwt"])
+    async def test_the_openapi_document_declares_the_bearer_scheme_and_401(
+        self, start: Start, mode: str
+    ) -> None:
+        client = await start(api_auth=mode, api_tokens=SERVICE, jwt_secret=SECRET)
+        document = (await client.get("/openapi.json")).json()
+        scheme = document["components"]["securitySchemes"]["apiBearer"]
+        assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+        assert (scheme.get("bearerFormat") == "JWT") is (mode == "jwt")
+        for path, operations in document["paths"].items():
+            for operation in operations.values():
+                declared = "401" in operation["responses"]
+                assert declared is path.startswith("/api/v1/"), path
+                if declared:
+                    assert operation["security"] == [{"apiBearer": []}]
+
+    async def test_without_authentication_nothing_asks_for_a_bearer(self, start: Start) -> None:
+        document = (await (await start()).get("/openapi.json")).json()
+        assert "apiBearer" not in document.get("components", {}).get("securitySchemes", {})
+        assert not any(
+            "401" in operation["responses"]
+            for operations in document["paths"].values()
+            for operation in operations.values()
+        )
+
+
 class TestToken:
     async def test_without_or_with_a_wrong_token_every_api_route_is_401(self, start: Start) -> None:
         client = await start(api_auth="token", api_tokens=SERVICE)
