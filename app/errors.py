@@ -60,6 +60,19 @@ class InsufficientCreditsError(AppError):
         return {"available": self.available, "required": self.required}
 
 
+class IdempotencyKeyReusedError(AppError):
+    """An Idempotency-Key sent again with another request than its first use's."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+    def __init__(self, first_use: str) -> None:
+        super().__init__(
+            f"this Idempotency-Key was first used for another request (a {first_use}); "
+            "a new request needs a new key"
+        )
+
+
 class ConsentNotFoundError(AppError):
     status_code = 404
     code = "consent_not_found"

@@ -114,7 +114,8 @@ class CreditTransactionRow(Base):
 
 
 class CreditIdempotencyKeyRow(Base):
-    """Claimed idempotency keys, unique per user.
+    """Claimed idempotency keys, unique per user, each with what its first use asked
+    for (app/domain/credits.py, Claim; migration 0006).
 
     Kept apart from the ledger so that a change which moved no credit (a refund
     into a full balance) still claims its key and is never applied later.
@@ -124,11 +125,15 @@ class CreditIdempotencyKeyRow(Base):
     __table_args__ = (
         PrimaryKeyConstraint("user_id", "idempotency_key"),
         Index("ix_credit_idempotency_keys_created_at", "created_at"),
+        CheckConstraint("operation IN ('deduction', 'refund')", name="operation_keyed"),
     )
 
     user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
     idempotency_key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    operation: Mapped[str] = mapped_column(String(16), nullable=False)
+    # SHA-256 hex of amount and description; NULL where not known (Claim.request).
+    request: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class UserConsentRow(Base):

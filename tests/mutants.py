@@ -148,8 +148,29 @@ MUTANTS = [
     Mutant(
         "rules: a repeated key applied again",
         DOMAIN,
-        "if repeated or isinstance(operation, Read):",
+        "if claimed is not None or isinstance(operation, Read):",
         "if isinstance(operation, Read):",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a key reused with another amount or description answers as a repeat",
+        DOMAIN,
+        "self.request in (None, asked.request)",
+        "True",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a key reused for another operation answers as a repeat",
+        DOMAIN,
+        "return self.operation == asked.operation and",
+        "return",
+        RULES_TESTS,
+    ),
+    Mutant(
+        "rules: a claim's digest leaves out the description",
+        DOMAIN,
+        "json.dumps([change.amount, change.description])",
+        "json.dumps([change.amount])",
         RULES_TESTS,
     ),
     Mutant(
@@ -184,8 +205,22 @@ MUTANTS = [
     Mutant(
         "memory: keys never claimed",
         MEMORY,
-        "data.keys[key] = attempt.at",
+        "data.keys[key] = (attempt.at, Claim.of(operation))",
         "pass",
+        MEMORY_TESTS,
+    ),
+    Mutant(
+        "memory: a key claimed without its request",
+        MEMORY,
+        "data.keys[key] = (attempt.at, Claim.of(operation))",
+        "data.keys[key] = (attempt.at, Claim(Claim.of(operation).operation, None))",
+        MEMORY_TESTS,
+    ),
+    Mutant(
+        "memory: a replay not said to be one",
+        MEMORY,
+        "attempt.decided(claimed is not None)",
+        "attempt.decided(False)",
         MEMORY_TESTS,
     ),
     Mutant(
@@ -203,6 +238,20 @@ MUTANTS = [
         HANDOVER_TESTS,
     ),
     # Moving state between stores.
+    Mutant(
+        "state: a moved key claimed for another operation",
+        STATE,
+        "return Claim(self.kind, None)",
+        'return Claim("refund", None)',
+        ("tests/test_state_stream.py", "-k", "sqlite"),
+    ),
+    Mutant(
+        "pg state: a moved key claimed for another operation",
+        PG_STATE,
+        "       transaction_type\n  FROM state_ledger",
+        "       'refund'\n  FROM state_ledger",
+        ("tests/test_state_stream.py", "-k", "postgres"),
+    ),
     Mutant(
         "state: equal rows counted once",
         STATE,
@@ -366,6 +415,20 @@ MUTANTS = [
         GENERAL_TESTS,
     ),
     Mutant(
+        "general: a key claimed without its request",
+        GENERAL,
+        "request=claim.request,",
+        "request=None,",
+        GENERAL_TESTS,
+    ),
+    Mutant(
+        "general: a replay not said to be one",
+        GENERAL,
+        "attempt.decided(claimed is not None)",
+        "attempt.decided(False)",
+        GENERAL_TESTS,
+    ),
+    Mutant(
         "general: no look-up of an own key on the ledger",
         GENERAL,
         "if not attempt.sent:",
@@ -406,8 +469,15 @@ MUTANTS = [
     _statement(
         "statements: DEDUCT claims no key",
         "DEDUCT",
-        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed",
-        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed WHERE false",
+        "SELECT user_id, $6::varchar, $2::timestamptz, 'deduction', $7::varchar FROM changed",
+        "SELECT user_id, $6::varchar, $2::timestamptz, 'deduction', $7::varchar FROM changed"
+        " WHERE false",
+    ),
+    _statement(
+        "statements: DEDUCT claims its key without the request",
+        "DEDUCT",
+        "'deduction', $7::varchar FROM changed",
+        "'deduction', NULL FROM changed",
     ),
     _statement(
         "statements: DEDUCT_OWN_KEY without its balance guard",
@@ -448,8 +518,15 @@ MUTANTS = [
     _statement(
         "statements: REFUND claims no key",
         "REFUND",
-        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed",
-        "SELECT user_id, $6::varchar, $2::timestamptz FROM changed WHERE false",
+        "SELECT user_id, $6::varchar, $2::timestamptz, 'refund', $7::varchar FROM changed",
+        "SELECT user_id, $6::varchar, $2::timestamptz, 'refund', $7::varchar FROM changed"
+        " WHERE false",
+    ),
+    _statement(
+        "statements: REFUND claims its key as a deduction's",
+        "REFUND",
+        "'refund', $7::varchar FROM changed",
+        "'deduction', $7::varchar FROM changed",
     ),
     _statement(
         "statements: UPGRADE without its reset guard",
@@ -499,6 +576,12 @@ MUTANTS = [
         "WHERE $10::varchar IS NOT NULL",
         "WHERE $10::varchar IS NULL",
     ),
+    _statement(
+        "statements: CREATE claims its key without the request",
+        "CREATE",
+        "$11::varchar, $12::varchar",
+        "$11::varchar, NULL",
+    ),
     Mutant(
         "statements: ADMISSION answers an account due for a reset",
         STATEMENTS,
@@ -517,9 +600,16 @@ MUTANTS = [
     Mutant(
         "service: a deduction without a client key gets no key of its own",
         SERVICE_CODE,
-        "return Attempt(self._clock(), _own_key(), own_key=True)",
-        "return Attempt(self._clock())",
+        "attempt = Attempt(self._clock(), _own_key(), own_key=True)",
+        "attempt = Attempt(self._clock())",
         ("tests/test_fast_path_connections.py::TestLostAnswers",),
+    ),
+    Mutant(
+        "service: a replay not said to be one",
+        SERVICE_CODE,
+        "return Applied(account, bool(attempt.replayed))",
+        "return Applied(account, False)",
+        (f"{MODEL}[memory]", "tests/test_api_credits.py", "-k", "memory"),
     ),
     Mutant(
         "fallback: a change served during an outage not recorded",

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 CREDITS = "/api/v1/credits"
 ACCOUNT_FIELDS = {
@@ -181,6 +182,9 @@ class TestIdempotencyKey:
         assert first.status_code == second.status_code == 200
         assert first.json()["available_credits"] == second.json()["available_credits"] == 7
         assert [row["amount"] for row in await ledger(client, "carol")] == [-3]
+        # SPEC §4 revision 2: the replay says so, the first answer does not.
+        assert "idempotent-replayed" not in first.headers
+        assert second.headers["idempotent-replayed"] == "true"
 
     async def test_a_repeat_after_the_balance_ran_out_is_not_refused(
         self, client: httpx.AsyncClient
@@ -220,6 +224,75 @@ class TestIdempotencyKey:
             assert response.status_code == 200
         assert response.json()["available_credits"] == 6
         assert [row["amount"] for row in await ledger(client, "heidi")] == [2, -6]
+
+
+class TestReusedKey:
+    """SPEC §4 revision 2: a key sent with another request than its first is 422
+    `idempotency_key_reused` and changes nothing."""
+
+    async def assert_reused(self, client: httpx.AsyncClient, response: httpx.Response) -> None:
+        assert error_of(response, 422)["code"] == "idempotency_key_reused"
+        assert "idempotent-replayed" not in response.headers
+
+    @pytest.mark.parametrize(
+        "again",
+        [{"amount": 4}, {"amount": 3, "description": "another"}],
+        ids=["another amount", "another description"],
+    )
+    async def test_a_deduction_key_with_another_request(
+        self, client: httpx.AsyncClient, again: dict[str, Any]
+    ) -> None:
+        await deduct(client, "reuser", "order-7", amount=3)
+        await self.assert_reused(client, await deduct(client, "reuser", "order-7", **again))
+        assert await balance(client, "reuser") == 7
+        assert [row["amount"] for row in await ledger(client, "reuser")] == [-3]
+
+    async def test_a_deduction_key_sent_for_a_refund(self, client: httpx.AsyncClient) -> None:
+        await deduct(client, "crossed", "pay-1", amount=3)
+        refund = await client.post(
+            f"{CREDITS}/crossed/refund", json={"amount": 3}, headers={"Idempotency-Key": "pay-1"}
+        )
+        await self.assert_reused(client, refund)
+        assert await balance(client, "crossed") == 7
+
+    async def test_a_refund_into_a_full_account_does_not_make_its_key_a_free_deduction(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        refund = await client.post(
+            f"{CREDITS}/topped/refund", json={"amount": 2}, headers={"Idempotency-Key": "r-9"}
+        )
+        assert refund.status_code == 200
+        await self.assert_reused(client, await deduct(client, "topped", "r-9", amount=2))
+        assert await balance(client, "topped") == 10
+
+    async def test_a_refund_key_with_another_amount(self, client: httpx.AsyncClient) -> None:
+        await deduct(client, "refunded", amount=6)
+        headers = {"Idempotency-Key": "r-2"}
+        await client.post(f"{CREDITS}/refunded/refund", json={"amount": 2}, headers=headers)
+        again = await client.post(f"{CREDITS}/refunded/refund", json={"amount": 5}, headers=headers)
+        await self.assert_reused(client, again)
+        assert await balance(client, "refunded") == 6
+
+    async def test_the_same_key_for_two_users_is_two_keys(self, client: httpx.AsyncClient) -> None:
+        await deduct(client, "one", "shared", amount=1)
+        response = await deduct(client, "two", "shared", amount=5)
+        assert response.status_code == 200
+        assert "idempotent-replayed" not in response.headers
+
+    async def test_a_key_replayed_many_times_at_once_charges_once(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        responses = await asyncio.gather(
+            *(deduct(client, "racer", "same", amount=2) for _ in range(8)),
+            *(deduct(client, "racer", "same", amount=3) for _ in range(4)),
+        )
+        ok = [r for r in responses if r.status_code == 200]
+        reused = [r for r in responses if r.status_code == 422]
+        assert len(ok) + len(reused) == 12
+        amounts = [row["amount"] for row in await ledger(client, "racer")]
+        assert amounts in ([-2], [-3])  # whichever came first, applied once
+        assert len(ok) == (8 if amounts == [-2] else 4)
+        assert sum(r.headers.get("idempotent-replayed") == "true" for r in ok) == len(ok) - 1
 
 
 class TestRefund:

@@ -1,8 +1,9 @@
 """The credit contract, model-checked on every store (SPEC §3).
 
 A Hypothesis state machine drives random sequences of credit calls through the
-service: reads, checks, deductions, refunds, upgrades, resets, repeated idempotency
-keys, a retry of a call whose answer was lost, history, retention, with a clock moved
+service: reads, checks, deductions, refunds, upgrades, resets, idempotency keys repeated
+with the same request (a replay, said so) or another (refused), a retry of a call whose
+answer was lost, history, retention, with a clock moved
 across reset boundaries (to the microsecond included). Its oracle is the domain's rules
 (app/domain/credits.py) over plain dicts: after each step the store must answer as the
 model does and every user's ledger must be the model's. Because the stores share those
@@ -40,20 +41,22 @@ from app.config import Settings
 from app.domain.credits import (
     Account,
     Attempt,
+    Claim,
     CreditRules,
     Deduct,
+    Keyed,
     Operation,
     Read,
     Refund,
     Reset,
     Upgrade,
 )
-from app.errors import InsufficientCreditsError
+from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
 from app.repositories.base import CreditRepository
 from app.repositories.memory import memory_stores
 from app.repositories.sql import sql_stores
 from app.schemas import UserCredits
-from app.services.credits import CreditService
+from app.services.credits import Applied, CreditService
 from app.storage.engine import create_engine, fast_connections
 from tests.conftest import RULES, fresh_database
 from tests.support.clock import FakeClock
@@ -74,6 +77,8 @@ AMOUNTS = st.integers(min_value=1, max_value=12)
 # Across a reset boundary, onto it to the microsecond, and short of it.
 HOURS = st.sampled_from([0.5, 6, 23.99, 24, 25, 49]) | st.just(-1)
 _examples = itertools.count()
+Refused = InsufficientCreditsError | IdempotencyKeyReusedError
+REFUSALS = (InsufficientCreditsError, IdempotencyKeyReusedError)
 
 
 @dataclass
@@ -121,23 +126,26 @@ class Model:
         self.rules = rules
         self.accounts: dict[str, Account] = {}
         self.ledgers: dict[str, list[tuple[str, int, datetime, str | None]]] = defaultdict(list)
-        self.keys: dict[tuple[str, str], datetime] = {}
+        self.keys: dict[tuple[str, str], tuple[datetime, Claim]] = {}
         self.opened_as_guest: dict[str, bool] = {}
+        self.replayed = False  # whether the last keyed change was a replay
 
     def apply(
         self, user_id: str, operation: Operation, at: datetime, key: str | None = None
     ) -> UserCredits:
-        repeated = key is not None and (user_id, key) in self.keys
+        held = None if key is None else self.keys.get((user_id, key))
+        claimed = None if held is None else held[1]
         outcome = self.rules.apply(
-            self.accounts.get(user_id), user_id, operation, at, repeated=repeated
+            self.accounts.get(user_id), user_id, operation, at, claimed=claimed
         )
+        self.replayed = claimed is not None
         # SPEC §3: reads and deductions name the tier; refunds, upgrades, resets have none.
         opens_as_guest = operation.is_guest if isinstance(operation, Read | Deduct) else True
         self.opened_as_guest.setdefault(user_id, opens_as_guest)
         self.accounts[user_id] = outcome.account
         self.ledgers[user_id] += [(e.kind, e.amount, at, e.description) for e in outcome.entries]
-        if key is not None and not repeated:
-            self.keys[(user_id, key)] = at
+        if key is not None and claimed is None and isinstance(operation, Deduct | Refund):
+            self.keys[(user_id, key)] = (at, Claim.of(operation))
         return self.rules.view(outcome.account)
 
     def history(self, user_id: str, limit: int) -> list[tuple[str, int, datetime, str | None]]:
@@ -146,7 +154,7 @@ class Model:
     def cleanup(self, cutoff: datetime) -> None:
         for user_id, rows in self.ledgers.items():
             self.ledgers[user_id] = [row for row in rows if row[2] >= cutoff]
-        self.keys = {key: at for key, at in self.keys.items() if at >= cutoff}
+        self.keys = {key: held for key, held in self.keys.items() if held[0] >= cutoff}
 
 
 class CreditMachine(RuleBasedStateMachine):
@@ -161,6 +169,7 @@ class CreditMachine(RuleBasedStateMachine):
         self.seen: dict[str, UserCredits] = {}  # each user's account as last answered
         self.lost_answers = itertools.count()
         self.trimmed = False  # retention removed ledger rows
+        self.last_keyed: tuple[str, Keyed, str] | None = None  # user, change, key
 
     # --- steps -------------------------------------------------------------------------
 
@@ -199,23 +208,18 @@ class CreditMachine(RuleBasedStateMachine):
     def deduct(
         self, user: str, amount: int, is_guest: bool, description: str | None, key: str | None
     ) -> None:
-        self._expect(
-            user,
-            Deduct(amount, is_guest, description),
-            key,
-            lambda uid: self.service.deduct_credits(
-                uid, amount, is_guest=is_guest, description=description, idempotency_key=key
-            ),
-        )
+        self._keyed(user, Deduct(amount, is_guest, description), key)
 
-    @rule(user=USERS, amount=AMOUNTS, key=KEYS)
-    def refund(self, user: str, amount: int, key: str | None) -> None:
-        self._expect(
-            user,
-            Refund(amount),
-            key,
-            lambda uid: self.service.refund_credits(uid, amount, idempotency_key=key),
-        )
+    @rule(user=USERS, amount=AMOUNTS, description=st.sampled_from([None, "a return"]), key=KEYS)
+    def refund(self, user: str, amount: int, description: str | None, key: str | None) -> None:
+        self._keyed(user, Refund(amount, description), key)
+
+    @precondition(lambda self: self.last_keyed is not None)
+    @rule()
+    def repeat_the_last_keyed_change(self) -> None:
+        """The client sends its last keyed request again, as is: a replay."""
+        assert self.last_keyed is not None
+        self._keyed(*self.last_keyed)
 
     @rule(user=USERS)
     def upgrade(self, user: str) -> None:
@@ -272,6 +276,31 @@ class CreditMachine(RuleBasedStateMachine):
 
     # --- helpers -------------------------------------------------------------------------
 
+    def _keyed(self, user: str, change: Keyed, key: str | None) -> None:
+        """A deduction or refund through the service, which also says whether it was a
+        replay: as the model says."""
+
+        async def call(uid: str) -> UserCredits:
+            applied: Applied
+            if isinstance(change, Deduct):
+                applied = await self.service.deduct(
+                    uid,
+                    change.amount,
+                    is_guest=change.is_guest,
+                    description=change.description,
+                    idempotency_key=key,
+                )
+            else:
+                applied = await self.service.refund(
+                    uid, change.amount, description=change.description, idempotency_key=key
+                )
+            assert applied.replayed is self.model.replayed
+            return applied.account
+
+        if key is not None:
+            self.last_keyed = (user, change, key)
+        self._expect(user, change, key, call)
+
     def _expect(
         self,
         user: str,
@@ -289,13 +318,16 @@ class CreditMachine(RuleBasedStateMachine):
         store: Coroutine[Any, Any, UserCredits],
     ) -> None:
         try:
-            expected: UserCredits | InsufficientCreditsError = model()
-        except InsufficientCreditsError as refused:
+            expected: UserCredits | Refused = model()
+        except REFUSALS as refused:
             expected = refused
         try:
-            answered: UserCredits | InsufficientCreditsError = self.target.run(store)
-        except InsufficientCreditsError as refused:
+            answered: UserCredits | Refused = self.target.run(store)
+        except REFUSALS as refused:
             answered = refused
+        if isinstance(expected, IdempotencyKeyReusedError):
+            assert isinstance(answered, IdempotencyKeyReusedError), answered
+            return
         if isinstance(expected, InsufficientCreditsError):
             assert isinstance(answered, InsufficientCreditsError), answered
             assert (answered.available, answered.required) == (

@@ -10,6 +10,7 @@ import pytest
 
 from app.domain.credits import (
     Account,
+    Claim,
     CreditRules,
     Deduct,
     Entry,
@@ -19,7 +20,7 @@ from app.domain.credits import (
     Reset,
     Upgrade,
 )
-from app.errors import InsufficientCreditsError
+from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
 
 RULES = CreditRules(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
 T0 = datetime(2026, 1, 15, 12, tzinfo=UTC)
@@ -87,8 +88,40 @@ class TestDeduct:
         assert (refused.value.available, refused.value.required) == (2, 3)
 
     def test_a_repeated_key_changes_nothing_but_a_due_reset(self) -> None:
-        assert RULES.apply(guest(2), "u", Deduct(3), T0, repeated=True) == Outcome(guest(2))
-        assert RULES.apply(guest(2), "u", Deduct(3), DUE, repeated=True).account == guest(10, DUE)
+        first = Claim.of(Deduct(3))
+        assert RULES.apply(guest(2), "u", Deduct(3), T0, claimed=first) == Outcome(guest(2))
+        assert RULES.apply(guest(2), "u", Deduct(3), DUE, claimed=first).account == guest(10, DUE)
+
+
+class TestReusedKey:
+    """REUSED KEY: a key answers as a repeat only for the request it was first used for."""
+
+    @pytest.mark.parametrize(
+        "again",
+        [Deduct(4), Deduct(3, description="other"), Refund(3)],
+        ids=["another amount", "another description", "another operation"],
+    )
+    def test_another_request_under_a_claimed_key_is_refused(self, again: Deduct | Refund) -> None:
+        with pytest.raises(IdempotencyKeyReusedError):
+            RULES.apply(guest(5), "u", again, T0, claimed=Claim.of(Deduct(3)))
+
+    def test_the_same_request_with_another_tier_is_a_repeat(self) -> None:
+        # The tier names which budget an unseen account opens with, not what is asked.
+        claimed = Claim.of(Deduct(3, is_guest=True))
+        assert RULES.apply(guest(5), "u", Deduct(3, False), T0, claimed=claimed).entries == ()
+
+    def test_a_description_of_null_text_is_not_no_description(self) -> None:
+        assert Claim.of(Deduct(1, description="null")) != Claim.of(Deduct(1))
+
+    def test_a_claim_whose_request_is_not_known_admits_its_operation_only(self) -> None:
+        carried = Claim("refund", None)
+        assert RULES.apply(guest(5), "u", Refund(9, "x"), T0, claimed=carried).entries == ()
+        with pytest.raises(IdempotencyKeyReusedError):
+            RULES.apply(guest(5), "u", Deduct(1), T0, claimed=carried)
+
+    def test_a_key_claimed_for_nothing_keyed_is_refused(self) -> None:
+        with pytest.raises(IdempotencyKeyReusedError):
+            RULES.apply(guest(5), "u", Upgrade(), T0, claimed=Claim.of(Deduct(1)))
 
 
 class TestRefund:

@@ -184,3 +184,18 @@ async def test_a_replay_that_meets_the_database_down_again_keeps_the_rest(
     outage.down = False
     await fallback.replay(database)
     assert [row.amount for row in await database.credits.history("patient", 10)] == [-1] * 3
+
+
+async def test_a_replayed_change_whose_key_the_database_holds_for_another_request_is_skipped(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = database_of(outage)
+    credits = CreditService(with_fallback(database, fallback).credits)
+    await credits.deduct_credits("twice", 2, idempotency_key="order-1")
+    outage.down = True
+    await credits.deduct_credits("twice", 5, idempotency_key="order-1")  # unknown to memory
+    await credits.deduct_credits("twice", 1, idempotency_key="order-2")
+    outage.down = False
+    await fallback.replay(database)
+    assert (fallback.depth, fallback.key_conflicts) == (0, 1)
+    assert [row.amount for row in await database.credits.history("twice", 10)] == [-1, -2]

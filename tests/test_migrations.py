@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings, StorageBackend
+from app.errors import IdempotencyKeyReusedError
 from app.models import Base
 from app.ops.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.repositories.sql import sql_stores
@@ -205,6 +206,49 @@ class TestStorageFlag:
         assert (
             await credits.deduct_credits("stays", 3, idempotency_key="k")
         ).available_credits == 7
+
+
+class TestKeyRequests:
+    async def test_0006_carries_every_key_over_as_a_deduction_key_down_and_up_again(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await upgrade_to_head(empty_engine)
+        credits = CreditService(sql_stores(empty_engine, RULES).credits)
+        await credits.deduct_credits("holder", 3, idempotency_key="paid")
+        await credits.refund_credits("holder", 1, idempotency_key="returned")
+        keys = "SELECT idempotency_key FROM credit_idempotency_keys ORDER BY idempotency_key"
+
+        await alembic(empty_engine, "downgrade", "0005")
+        async with empty_engine.connect() as connection:
+            assert (await connection.execute(text(keys))).scalars().all() == ["paid", "returned"]
+            # A key claimed while the schema stood at 0005.
+            await connection.execute(
+                text(
+                    "INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)"
+                    " VALUES ('holder', 'older', :at)"
+                ),
+                {"at": datetime.now(UTC)},
+            )
+            await connection.commit()
+
+        await alembic(empty_engine, "upgrade", "head")
+        claims = "SELECT idempotency_key, operation, request FROM credit_idempotency_keys"
+        async with empty_engine.connect() as connection:
+            rows = sorted(tuple(row) for row in await connection.execute(text(claims)))
+        assert rows == [
+            ("older", "deduction", None),
+            ("paid", "deduction", None),
+            ("returned", "deduction", None),
+        ]
+        # A carried key answers a deduction as a repeat, whatever its amount, and refuses a
+        # refund; keys claimed from now on keep their request.
+        assert (await credits.deduct("holder", 5, idempotency_key="paid")).replayed
+        with pytest.raises(IdempotencyKeyReusedError):
+            await credits.refund_credits("holder", 1, idempotency_key="returned")
+        await credits.deduct_credits("holder", 2, idempotency_key="new")
+        with pytest.raises(IdempotencyKeyReusedError):
+            await credits.deduct_credits("holder", 1, idempotency_key="new")
+        assert (await credits.get_user_credits("holder")).available_credits == 6
 
 
 def _free_port() -> int:

@@ -121,11 +121,18 @@ async def test_export_import_into_an_empty_database_export_again_gives_the_same(
     assert report["consents"] == 2
     assert report["mismatches"] == 0
     assert without_ids(await export(empty)) == without_ids(first)
-    # The restored service honours the keys: a repeated deduction charges nothing.
+    # The restored service honours the keys: a repeated deduction charges nothing, and
+    # the key stays a deduction's.
     repeated = await empty.post(
         f"{CREDITS}/ann/deduct", json={"amount": 3}, headers={"Idempotency-Key": "k1"}
     )
     assert repeated.json()["available_credits"] == 8
+    assert repeated.headers["idempotent-replayed"] == "true"
+    reused = await empty.post(
+        f"{CREDITS}/ann/refund", json={"amount": 3}, headers={"Idempotency-Key": "k1"}
+    )
+    assert reused.status_code == 422
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
 
     again = await empty.post("/admin/state/import", content=body_of(first), headers=NDJSON)
     assert again.status_code == 200

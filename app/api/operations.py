@@ -49,6 +49,7 @@ async def ready(container: ContainerDep) -> JSONResponse:
             "outbox_depth": fallback.depth,
             "replayed": fallback.replayed,
             "clamped": fallback.clamped,
+            "key_conflicts": fallback.key_conflicts,
         }
     return JSONResponse(body, status_code=200 if serving else 503)
 

@@ -14,12 +14,21 @@ from fastapi import Response
 from pydantic import BaseModel, TypeAdapter
 
 from app.schemas import CreditTransaction
+from app.services.credits import Applied
 
 _LEDGER = TypeAdapter(list[CreditTransaction])
 
 
 def rendered(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
+
+
+def rendered_applied(applied: Applied) -> Response:
+    """A keyed change's account; a replay says so (SPEC §4: `Idempotent-Replayed`)."""
+    response = rendered(applied.account)
+    if applied.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 def rendered_ledger(rows: Sequence[CreditTransaction]) -> Response:

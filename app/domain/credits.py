@@ -16,16 +16,21 @@ statements mirror its steady state, each naming the rule it mirrors
 - RESET: back to the maximum now, the period restarts.
 - REPEATED KEY: a change whose idempotency key was already applied changes nothing
   but the due reset, and answers with the account.
+- REUSED KEY: a key keeps what its first use asked for (its Claim: the operation, a
+  digest of amount and description); a repeat asking for anything else is refused and
+  changes nothing.
 - LEDGER: every balance change is one row of its amount, never a row of 0.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import assert_never
 
-from app.errors import InsufficientCreditsError
+from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
 from app.schemas import TransactionType, UserCredits
 
 RESET_NOTE = "credits reset"
@@ -82,6 +87,32 @@ class Reset:
 
 Change = Deduct | Refund | Upgrade | Reset
 Operation = Read | Change
+Keyed = Deduct | Refund  # the changes a client may send an idempotency key with
+KEYED_KINDS = ("deduction", "refund")  # their ledger types
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """REUSED KEY: what a key's first use asked for. `operation`: the ledger type of the
+    change ("deduction", "refund"). `request`: a digest of its amount and description;
+    None where that is not known (a key kept from before it was recorded, or carried
+    from another store's ledger, whose row holds what was credited, not what was asked),
+    and any repeat of the operation then counts as the same request."""
+
+    operation: str
+    request: str | None
+
+    @classmethod
+    def of(cls, change: Keyed) -> Claim:
+        operation = KEYED_KINDS[0] if isinstance(change, Deduct) else KEYED_KINDS[1]
+        # JSON keeps a description of "null" apart from none at all.
+        request = json.dumps([change.amount, change.description]).encode()
+        return cls(operation, hashlib.sha256(request).hexdigest())
+
+    def admits(self, change: Keyed) -> bool:
+        """Is `change` the request this key was first used for?"""
+        asked = Claim.of(change)
+        return self.operation == asked.operation and self.request in (None, asked.request)
 
 
 @dataclass(slots=True)
@@ -99,6 +130,14 @@ class Attempt:
     key: str | None = None
     own_key: bool = False
     sent: bool = False
+    # Set by the first store to decide the call: was its key applied before? The
+    # primary decides before a shadow, and a retry after a lost commit keeps the answer
+    # the first decision gave.
+    replayed: bool | None = None
+
+    def decided(self, replayed: bool) -> None:
+        if self.replayed is None:
+            self.replayed = replayed
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,11 +178,16 @@ class CreditRules:
         operation: Operation,
         now: datetime,
         *,
-        repeated: bool = False,
+        claimed: Claim | None = None,
     ) -> Outcome:
         """The account after `operation` and the ledger entries it writes, FIRST SIGHT
-        and DUE RESET first. `repeated`: the operation's key was applied before (REPEATED
-        KEY). Raises InsufficientCreditsError (DEDUCT); the caller then changes nothing."""
+        and DUE RESET first. `claimed`: the claim of the operation's key, applied before
+        (REPEATED KEY). Raises IdempotencyKeyReusedError (REUSED KEY) and
+        InsufficientCreditsError (DEDUCT); the caller then changes nothing."""
+        if claimed is not None and not (
+            isinstance(operation, Deduct | Refund) and claimed.admits(operation)
+        ):
+            raise IdempotencyKeyReusedError(claimed.operation)
         if account is None:
             account = self.opened(user_id, _opening_tier(operation), now)
             settled: tuple[Entry, ...] = ()
@@ -151,7 +195,7 @@ class CreditRules:
             account, settled = self._refilled(account, now)
         else:
             settled = ()
-        if repeated or isinstance(operation, Read):
+        if claimed is not None or isinstance(operation, Read):
             return Outcome(account, settled, len(settled))
         after = self._change(account, operation, now)
         return Outcome(after.account, settled + after.entries, len(settled))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app.domain.credits import Account
+from app.domain.credits import KEYED_KINDS, Account, Claim
 from app.schemas import TransactionType, UserConsent
 
 
@@ -38,6 +38,14 @@ class LedgerRecord:
     description: str | None
     idempotency_key: str | None
     id: int = field(default=0, compare=False)
+
+    def claim(self) -> Claim | None:
+        """The claim a row's key makes where the row moves (MERGE): its operation, the
+        request unknown (a refund's row holds what was credited, not what was asked).
+        A key on another kind of row claims nothing."""
+        if self.idempotency_key is None or self.kind not in KEYED_KINDS:
+            return None
+        return Claim(self.kind, None)
 
     def fields(self) -> dict[str, Any]:
         """The row by the names of SPEC §7's ledger lines and the ledger table's columns."""

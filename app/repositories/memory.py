@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from app.domain.credits import Account, Attempt, CreditRules, Operation
+from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
 from app.domain.state import (
     LedgerRecord,
     Merged,
@@ -35,7 +35,7 @@ class MemoryData:
 
     accounts: dict[str, Account] = field(default_factory=dict)
     ledger: defaultdict[str, list[LedgerRecord]] = field(default_factory=lambda: defaultdict(list))
-    keys: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    keys: dict[tuple[str, str], tuple[datetime, Claim]] = field(default_factory=dict)
     consents: dict[str, UserConsent] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -51,10 +51,12 @@ class MemoryCreditRepository:
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         data = self._data
         key = None if attempt.key is None else (user_id, attempt.key)
-        repeated = key is not None and key in data.keys
+        held = None if key is None else data.keys.get(key)
+        claimed = None if held is None else held[1]
         outcome = self._rules.apply(
-            data.accounts.get(user_id), user_id, operation, attempt.at, repeated=repeated
+            data.accounts.get(user_id), user_id, operation, attempt.at, claimed=claimed
         )
+        attempt.decided(claimed is not None)
         data.accounts[user_id] = outcome.account
         for index, entry in enumerate(outcome.entries):
             data.ledger[user_id].append(
@@ -68,8 +70,8 @@ class MemoryCreditRepository:
                     next(data.ids),
                 )
             )
-        if key is not None and not repeated:
-            data.keys[key] = attempt.at
+        if key is not None and claimed is None and isinstance(operation, Deduct | Refund):
+            data.keys[key] = (attempt.at, Claim.of(operation))
         return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
@@ -83,7 +85,7 @@ class MemoryCreditRepository:
             kept = [row for row in rows if row.timestamp >= cutoff]
             deleted += len(rows) - len(kept)
             data.ledger[user_id] = kept
-        data.keys = {key: at for key, at in data.keys.items() if at >= cutoff}
+        data.keys = {key: held for key, held in data.keys.items() if held[0] >= cutoff}
         return deleted
 
 
@@ -211,8 +213,9 @@ class MemoryStateRepository:
                 held.extend(replace(row, id=next(data.ids)) for row in added)
                 held.sort(key=lambda row: (row.timestamp, row.id))
             for row in state.ledger:
-                if row.idempotency_key is not None:
-                    data.keys.setdefault((user_id, row.idempotency_key), row.timestamp)
+                claim = row.claim()
+                if claim is not None and row.idempotency_key is not None:
+                    data.keys.setdefault((user_id, row.idempotency_key), (row.timestamp, claim))
             added_rows += len(added)
             consent = later_consent(state.consent, data.consents.get(user_id))
             if consent is not None:

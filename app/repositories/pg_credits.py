@@ -19,6 +19,7 @@ from app.domain.credits import (
     RESET_NOTE,
     UPGRADE_NOTE,
     Attempt,
+    Claim,
     CreditRules,
     Deduct,
     Operation,
@@ -60,6 +61,7 @@ class PostgresCreditRepository:
             row = await self._first_sight(user_id, operation, attempt)
         if row is None:
             return await self._general.apply(user_id, operation, attempt)
+        attempt.decided(False)  # the fast path only ever applies a key new to the user
         # By position, in the order the statements return: a Record spread as keywords costs more.
         user, is_guest, available, maximum, last_reset = row
         return self._rules.credits(user, is_guest, available, maximum, last_reset)
@@ -83,7 +85,10 @@ class PostgresCreditRepository:
                 return await self._row(READ, user_id, cutoff)
             case Deduct(amount, _, description) if key is not None:
                 if not key_on_ledger(operation, attempt):
-                    return await self._row(DEDUCT, user_id, at, cutoff, amount, description, key)
+                    request = Claim.of(operation).request
+                    return await self._row(
+                        DEDUCT, user_id, at, cutoff, amount, description, key, request
+                    )
                 if attempt.sent:  # may have been applied: only the general path can tell
                     return None
                 attempt.sent = True
@@ -91,7 +96,10 @@ class PostgresCreditRepository:
                     DEDUCT_OWN_KEY, user_id, at, cutoff, amount, description, key
                 )
             case Refund(amount, description) if key is not None:
-                return await self._row(REFUND, user_id, at, cutoff, amount, description, key)
+                request = Claim.of(operation).request
+                return await self._row(
+                    REFUND, user_id, at, cutoff, amount, description, key, request
+                )
             case Upgrade():
                 registered_max = self._rules.registered_max
                 return await self._row(UPGRADE, user_id, at, cutoff, registered_max, UPGRADE_NOTE)
@@ -111,6 +119,11 @@ class PostgresCreditRepository:
         on_ledger = key_on_ledger(operation, attempt)
         if on_ledger:
             attempt.sent = True
+        claim = (
+            Claim.of(operation)
+            if attempt.key is not None and not on_ledger and isinstance(operation, Deduct | Refund)
+            else None
+        )
         return await self._row(
             CREATE,
             user_id,
@@ -122,7 +135,9 @@ class PostgresCreditRepository:
             entry and entry.amount,
             entry and entry.description,
             attempt.key,
-            None if on_ledger else attempt.key,
+            claim and attempt.key,
+            claim and claim.operation,
+            claim and claim.request,
         )
 
     async def _row(self, statement: Statement, *values: object) -> asyncpg.Record | None:

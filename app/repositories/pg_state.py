@@ -180,12 +180,14 @@ _LEDGER_COLUMNS = [
     "idempotency_key",
 ]
 
-# Every key an incoming row carries is claimed, at the time of its last row.
+# Every key an incoming deduction or refund row carries is claimed, at the time of its
+# last row, with its operation and no request known (LedgerRecord.claim).
 _KEYS = """
-INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
-SELECT DISTINCT ON (user_id, idempotency_key) user_id, idempotency_key, timestamp
+INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation)
+SELECT DISTINCT ON (user_id, idempotency_key) user_id, idempotency_key, timestamp,
+       transaction_type
   FROM state_ledger
- WHERE idempotency_key IS NOT NULL
+ WHERE idempotency_key IS NOT NULL AND transaction_type IN ('deduction', 'refund')
  ORDER BY user_id, idempotency_key, position DESC
 ON CONFLICT DO NOTHING
 """

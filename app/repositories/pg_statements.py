@@ -51,11 +51,13 @@ CREATE = Statement(
         ("entry_description", "text"),
         ("entry_key", "varchar"),
         ("claimed_key", "varchar"),
+        ("claimed_operation", "varchar"),
+        ("claimed_request", "varchar"),
     ),
     """
 -- FIRST SIGHT: the account as the rules opened it, the operation applied, with its
--- ledger row (none when $6 is null) carrying its key, and the key claimed unless it is
--- the call's own; nothing when the account exists.
+-- ledger row (none when $6 is null) carrying its key, and the key claimed with its
+-- request (REUSED KEY) unless it is the call's own; nothing when the account exists.
 WITH created AS (
     INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
                               last_reset_timestamp, created_at, updated_at)
@@ -70,8 +72,9 @@ WITH created AS (
       FROM created
      WHERE $6::varchar IS NOT NULL
 ), claim AS (
-    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
-    SELECT user_id, $10::varchar, $2::timestamptz
+    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at,
+                                         operation, request)
+    SELECT user_id, $10::varchar, $2::timestamptz, $11::varchar, $12::varchar
       FROM created
      WHERE $10::varchar IS NOT NULL
 )
@@ -79,19 +82,22 @@ SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp F
 """,
 )
 
+_CHANGE = (
+    ("user_id", "varchar"),
+    ("now", "timestamptz"),
+    ("reset_cutoff", "timestamptz"),
+    ("amount", "int4"),
+    ("description", "text"),
+    ("key", "varchar"),
+)
+
 DEDUCT = Statement(
     "deduct",
-    (
-        ("user_id", "varchar"),
-        ("now", "timestamptz"),
-        ("reset_cutoff", "timestamptz"),
-        ("amount", "int4"),
-        ("description", "text"),
-        ("key", "varchar"),
-    ),
+    (*_CHANGE, ("request", "varchar")),
     """
 -- DEDUCT while no reset is due (DUE RESET); LEDGER, the row carrying the key; REPEATED
--- KEY: the key is claimed, and a key claimed before aborts the statement.
+-- KEY: the key is claimed with its request (REUSED KEY), and a key claimed before aborts
+-- the statement.
 WITH changed AS (
     UPDATE user_credits
        SET available_credits = available_credits - $4::integer, updated_at = $2::timestamptz
@@ -105,8 +111,9 @@ WITH changed AS (
     SELECT user_id, 'deduction', -$4::integer, $2::timestamptz, $5::text, $6::varchar
       FROM changed
 ), claim AS (
-    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
-    SELECT user_id, $6::varchar, $2::timestamptz FROM changed
+    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at,
+                                         operation, request)
+    SELECT user_id, $6::varchar, $2::timestamptz, 'deduction', $7::varchar FROM changed
 )
 SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp FROM changed
 """,
@@ -114,7 +121,7 @@ SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp F
 
 DEDUCT_OWN_KEY = Statement(
     "deduct_own_key",
-    DEDUCT.params,
+    _CHANGE,
     """
 -- DEDUCT as above, for a key the service made for this call: kept on the ledger row
 -- only, not claimed (app/repositories/sql_credits.py); only a retry can repeat it, and a
@@ -161,8 +168,9 @@ WITH before AS (
     SELECT user_id, 'refund', credited, $2::timestamptz, $5::text, $6::varchar FROM changed
      WHERE credited <> 0
 ), claim AS (
-    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
-    SELECT user_id, $6::varchar, $2::timestamptz FROM changed
+    INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at,
+                                         operation, request)
+    SELECT user_id, $6::varchar, $2::timestamptz, 'refund', $7::varchar FROM changed
 )
 SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp FROM changed
 """,

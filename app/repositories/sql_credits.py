@@ -12,8 +12,8 @@ the other decides again on it.
 Where a key is kept (REPEATED KEY): every change's key on its ledger row
 (`idempotency_key`, carried when the state moves to another store); a deduction's own key
 (one the service made for the call) only there; any other key also claimed in
-credit_idempotency_keys, unique per user, so that a change which moved nothing (a refund
-into a full balance) still claims its key.
+credit_idempotency_keys, unique per user, with what its first use asked for (REUSED KEY),
+so that a change which moved nothing (a refund into a full balance) still claims its key.
 """
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.domain.credits import Account, Attempt, CreditRules, Deduct, Operation, Outcome
+from app.domain.credits import (
+    Account,
+    Attempt,
+    Claim,
+    CreditRules,
+    Deduct,
+    Operation,
+    Outcome,
+    Refund,
+)
 from app.models import CreditIdempotencyKeyRow, CreditTransactionRow, UserCreditsRow, table
 from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
 from app.schemas import CreditTransaction, UserCredits
@@ -59,20 +68,29 @@ class SqlCreditRepository:
         async with transaction(self._engine) as conn:
             while True:
                 before = await self._locked(conn, user_id)
-                repeated = await self._repeated(conn, user_id, operation, attempt)
-                outcome = self._rules.apply(
-                    before, user_id, operation, attempt.at, repeated=repeated
-                )
+                claimed = await self._claimed(conn, user_id, operation, attempt)
+                outcome = self._rules.apply(before, user_id, operation, attempt.at, claimed=claimed)
                 if await self._store(conn, before, outcome.account, attempt.at):
                     break
                 # A racing first sight created the account: decide again on it.
             await self._record(conn, user_id, outcome, attempt)
-            if attempt.key is not None and not repeated and not key_on_ledger(operation, attempt):
+            if (
+                attempt.key is not None
+                and claimed is None
+                and isinstance(operation, Deduct | Refund)
+                and not key_on_ledger(operation, attempt)
+            ):
+                claim = Claim.of(operation)
                 await conn.execute(
                     claimed_keys.insert().values(
-                        user_id=user_id, idempotency_key=attempt.key, created_at=attempt.at
+                        user_id=user_id,
+                        idempotency_key=attempt.key,
+                        created_at=attempt.at,
+                        operation=claim.operation,
+                        request=claim.request,
                     )
                 )
+        attempt.decided(claimed is not None)
         return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
@@ -110,26 +128,28 @@ class SqlCreditRepository:
         return None if row is None else Account(*row)
 
     @staticmethod
-    async def _repeated(
+    async def _claimed(
         conn: AsyncConnection, user_id: str, operation: Operation, attempt: Attempt
-    ) -> bool:
-        """REPEATED KEY: was this attempt's key applied before for the user?"""
+    ) -> Claim | None:
+        """REPEATED KEY: the claim of this attempt's key, if applied before for the user."""
         if attempt.key is None:
-            return False
+            return None
         if key_on_ledger(operation, attempt):
             # Only a retry of this very call can carry its own key: the look-up is for
             # attempts that went out before and may have been applied.
             if not attempt.sent:
                 attempt.sent = True
-                return False
+                return None
             found = select(ledger.c.id).where(
                 ledger.c.user_id == user_id, ledger.c.idempotency_key == attempt.key
             )
-        else:
-            found = select(claimed_keys.c.user_id).where(
-                claimed_keys.c.user_id == user_id, claimed_keys.c.idempotency_key == attempt.key
-            )
-        return (await conn.execute(found.limit(1))).first() is not None
+            applied = (await conn.execute(found.limit(1))).first() is not None
+            return Claim("deduction", None) if applied else None
+        claim = select(claimed_keys.c.operation, claimed_keys.c.request).where(
+            claimed_keys.c.user_id == user_id, claimed_keys.c.idempotency_key == attempt.key
+        )
+        row = (await conn.execute(claim)).first()
+        return None if row is None else Claim(*row)
 
     @staticmethod
     async def _store(

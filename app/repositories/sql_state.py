@@ -77,17 +77,23 @@ class SqlStateRepository:
             if added:
                 await conn.execute(ledger.insert(), [_ledger_row(row) for row in added])
             keys = {
-                (row.user_id, row.idempotency_key): row.timestamp
+                (row.user_id, row.idempotency_key): (row.timestamp, claim)
                 for state in states
                 for row in state.ledger
-                if row.idempotency_key is not None
+                if (claim := row.claim()) is not None
             }
             if keys:
                 await conn.execute(
                     insert(conn, claimed_keys).on_conflict_do_nothing(),
                     [
-                        {"user_id": user_id, "idempotency_key": key, "created_at": at}
-                        for (user_id, key), at in keys.items()
+                        {
+                            "user_id": user_id,
+                            "idempotency_key": key,
+                            "created_at": at,
+                            "operation": claim.operation,
+                            "request": claim.request,
+                        }
+                        for (user_id, key), (at, claim) in keys.items()
                     ],
                 )
             standing = [

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
-from app.domain.credits import Attempt, Deduct, Read, Refund, Reset, Upgrade
+from app.domain.credits import Attempt, Deduct, Keyed, Read, Refund, Reset, Upgrade
 from app.errors import InvalidInputError
 from app.repositories.base import CreditRepository
 from app.schemas import CreditTransaction, UserCredits
@@ -40,6 +41,15 @@ _own_key = _OwnKeys()
 def _require_positive(name: str, value: int) -> None:
     if value < 1:
         raise InvalidInputError(f"{name} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A keyed change's answer: the account, and whether the key had been applied
+    before (a replay, which changed nothing)."""
+
+    account: UserCredits
+    replayed: bool
 
 
 class CreditService:
@@ -74,11 +84,30 @@ class CreditService:
     ) -> UserCredits:
         """Raises InsufficientCreditsError, changing nothing, when the balance is short.
 
-        A repeated `idempotency_key` charges nothing and returns the account as it is.
+        A repeated `idempotency_key` charges nothing and returns the account as it is;
+        the key sent with another request raises IdempotencyKeyReusedError.
         """
+        applied = await self.deduct(
+            user_id,
+            amount,
+            is_guest=is_guest,
+            description=description,
+            idempotency_key=idempotency_key,
+        )
+        return applied.account
+
+    async def deduct(
+        self,
+        user_id: str,
+        amount: int = 1,
+        *,
+        is_guest: bool = True,
+        description: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied:
+        """`deduct_credits`, saying whether the key was a replay."""
         _require_positive("amount", amount)
-        deduct = Deduct(amount, is_guest, description)
-        return await self._repository.apply(user_id, deduct, self._keyed(idempotency_key))
+        return await self._keyed(user_id, Deduct(amount, is_guest, description), idempotency_key)
 
     async def refund_credits(
         self,
@@ -88,10 +117,23 @@ class CreditService:
         description: str | None = None,
         idempotency_key: str | None = None,
     ) -> UserCredits:
-        """Gives credits back, never above `max_credits`."""
+        """Gives credits back, never above `max_credits`. Keys as in `deduct_credits`."""
+        applied = await self.refund(
+            user_id, amount, description=description, idempotency_key=idempotency_key
+        )
+        return applied.account
+
+    async def refund(
+        self,
+        user_id: str,
+        amount: int,
+        *,
+        description: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Applied:
+        """`refund_credits`, saying whether the key was a replay."""
         _require_positive("amount", amount)
-        refund = Refund(amount, description)
-        return await self._repository.apply(user_id, refund, self._keyed(idempotency_key))
+        return await self._keyed(user_id, Refund(amount, description), idempotency_key)
 
     async def upgrade_to_registered(self, user_id: str) -> UserCredits:
         """A guest becomes registered and gains the difference of the two maxima."""
@@ -115,9 +157,12 @@ class CreditService:
             self._clock() - timedelta(days=days)
         )
 
-    def _keyed(self, idempotency_key: str | None) -> Attempt:
-        """The client's key, or one for this call alone: a retry after a commit whose
-        answer was lost then finds the key and charges nothing twice."""
+    async def _keyed(self, user_id: str, change: Keyed, idempotency_key: str | None) -> Applied:
+        """The change under the client's key, or one for this call alone: a retry after
+        a commit whose answer was lost then finds the key and charges nothing twice."""
         if idempotency_key is not None:
-            return Attempt(self._clock(), idempotency_key)
-        return Attempt(self._clock(), _own_key(), own_key=True)
+            attempt = Attempt(self._clock(), idempotency_key)
+        else:
+            attempt = Attempt(self._clock(), _own_key(), own_key=True)
+        account = await self._repository.apply(user_id, change, attempt)
+        return Applied(account, bool(attempt.replayed))

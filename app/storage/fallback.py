@@ -24,7 +24,11 @@ from datetime import datetime
 from typing import TypeVar, assert_never
 
 from app.domain.credits import Attempt, Change, Deduct, Operation, Read
-from app.errors import InsufficientCreditsError, StorageUnavailableError
+from app.errors import (
+    IdempotencyKeyReusedError,
+    InsufficientCreditsError,
+    StorageUnavailableError,
+)
 from app.models import IDEMPOTENCY_KEY_LENGTH
 from app.repositories.base import Stores
 from app.schemas import CreditTransaction, UserConsent, UserCredits
@@ -66,6 +70,7 @@ class OutageFallback:
         self.memory = make_memory()
         self.outbox: list[Served] = []
         self.clamped = 0
+        self.key_conflicts = 0
         self.replayed = 0
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
@@ -115,6 +120,16 @@ class OutageFallback:
                     await database.credits.apply(user_id, change, attempt)
                 except InsufficientCreditsError as short:
                     await self._clamp(served, short, database)
+                except IdempotencyKeyReusedError:
+                    # The database holds the key for another request, made before the
+                    # outage: its first use stands, and the change is not applied.
+                    self.key_conflicts += 1
+                    logger.error(
+                        "replayed %s for %s not applied: its idempotency key was first used "
+                        "for another request",
+                        type(change).__name__.lower(),
+                        user_id,
+                    )
             case ConsentRecorded(user_id, terms_accepted, marketing_consent, now):
                 await database.consents.upsert(
                     user_id,
