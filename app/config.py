@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     db_outage_fallback: OutageFallback = OutageFallback.NONE
 
     storage_backend: StorageBackend = StorageBackend.DATABASE
+    # The in-memory store (and the outage fallback's) holds at most this many users, and
+    # its query cache this many answers: process memory is not a database.
+    memory_store_max_users: int = Field(100_000, ge=1)
+    memory_cache_max_entries: int = Field(10_000, ge=1)
     # None: the cache follows the active storage backend, also across a runtime toggle.
     cache_backend: CacheBackend | None = None
     run_migrations_on_startup: bool = True

@@ -289,10 +289,11 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
     sql = sql_stores(engine, rules, batch_size=settings.retention_batch_size, fast=fast)
     guarded = guarded_stores(sql, breaker, settings)
     fallback = None
+    max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
-        fallback = OutageFallback(lambda: memory_stores(rules))
-    memory_data = MemoryData()
-    memory = memory_stores(rules, memory_data)
+        fallback = OutageFallback(lambda: memory_stores(rules, MemoryData(max_users=max_users)))
+    memory_data = MemoryData(max_users=max_users)
+    memory = memory_stores(rules, memory_data, cache_entries=settings.memory_cache_max_entries)
     cache_tiers = build_cache_tiers(settings, memory=memory.cache, database=guarded.cache)
     storage = StorageProvider(
         backend=settings.storage_backend,

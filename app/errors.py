@@ -73,6 +73,19 @@ class IdempotencyKeyReusedError(AppError):
         )
 
 
+class StorageFullError(AppError):
+    """The in-memory store holds as many users as it may (MEMORY_STORE_MAX_USERS)."""
+
+    status_code = 507
+    code = "storage_full"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the in-memory store holds its maximum of {limit} users (MEMORY_STORE_MAX_USERS); "
+            "users it holds are still served, new ones need the database store"
+        )
+
+
 class ConsentNotFoundError(AppError):
     status_code = 404
     code = "consent_not_found"

@@ -224,6 +224,20 @@ MUTANTS = [
         MEMORY_TESTS,
     ),
     Mutant(
+        "memory: no bound on the users held",
+        MEMORY,
+        "if new and len(self.held) + len(new) > self.max_users:",
+        "if False:",
+        ("tests/test_memory_bounds.py",),
+    ),
+    Mutant(
+        "memory: a new account not counted as held",
+        MEMORY,
+        "data.accounts[user_id] = outcome.account\n        data.held.add(user_id)",
+        "data.accounts[user_id] = outcome.account",
+        ("tests/test_memory_bounds.py",),
+    ),
+    Mutant(
         "memory: ledger rows dropped",
         MEMORY,
         "for index, entry in enumerate(outcome.entries):",

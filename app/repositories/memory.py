@@ -3,7 +3,8 @@
 Each call decides and stores its outcome with no await in between, so on the event
 loop racing coroutines see the atomicity the SQL store gets from its transactions.
 Everything is lost when the process ends, unless handed over to another store first
-(SPEC §7).
+(SPEC §7). Process memory is bounded: at most `max_users` users (a new one past it is
+refused with StorageFullError, 507) and `max_entries` cached answers (the oldest dropped).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -25,8 +26,12 @@ from app.domain.state import (
     later_consent,
     missing_rows,
 )
+from app.errors import StorageFullError
 from app.repositories.base import Stores, read_back_verified
 from app.schemas import CreditTransaction, UserConsent, UserCredits
+
+DEFAULT_MAX_USERS = 100_000
+DEFAULT_CACHE_ENTRIES = 10_000
 
 
 @dataclass
@@ -38,6 +43,15 @@ class MemoryData:
     keys: dict[tuple[str, str], tuple[datetime, Claim]] = field(default_factory=dict)
     consents: dict[str, UserConsent] = field(default_factory=dict)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    max_users: int = DEFAULT_MAX_USERS
+    held: set[str] = field(default_factory=set)  # users with an account or a consent
+
+    def room_for(self, user_ids: Iterable[str]) -> None:
+        """Raises StorageFullError, before anything changes, if holding these users as
+        well would pass `max_users`. The caller adds them to `held` once stored."""
+        new = {user_id for user_id in user_ids if user_id not in self.held}
+        if new and len(self.held) + len(new) > self.max_users:
+            raise StorageFullError(self.max_users)
 
 
 class MemoryCreditRepository:
@@ -50,6 +64,8 @@ class MemoryCreditRepository:
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         data = self._data
+        if user_id not in data.held:
+            data.room_for((user_id,))
         key = None if attempt.key is None else (user_id, attempt.key)
         held = None if key is None else data.keys.get(key)
         claimed = None if held is None else held[1]
@@ -58,6 +74,7 @@ class MemoryCreditRepository:
         )
         attempt.decided(claimed is not None)
         data.accounts[user_id] = outcome.account
+        data.held.add(user_id)
         for index, entry in enumerate(outcome.entries):
             data.ledger[user_id].append(
                 LedgerRecord(
@@ -104,6 +121,7 @@ class MemoryConsentRepository:
     """Consents in a dict (see ConsentRepository)."""
 
     def __init__(self, data: MemoryData) -> None:
+        self._data = data
         self._consents = data.consents
 
     async def get(self, user_id: str) -> UserConsent | None:
@@ -113,6 +131,8 @@ class MemoryConsentRepository:
         self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
     ) -> UserConsent:
         existing = self._consents.get(user_id)
+        if existing is None and user_id not in self._data.held:
+            self._data.room_for((user_id,))
         consent = UserConsent(
             user_id=user_id,
             terms_accepted=terms_accepted,
@@ -121,6 +141,7 @@ class MemoryConsentRepository:
             updated_at=now,
         )
         self._consents[user_id] = consent
+        self._data.held.add(user_id)
         return consent
 
     async def set_marketing(
@@ -147,9 +168,11 @@ class MemoryConsentRepository:
 
 class MemoryCacheRepository:
     """Cached answers in a dict (see CacheRepository). Results are copied in and out,
-    so a caller mutating its dict cannot change what the cache holds."""
+    so a caller mutating its dict cannot change what the cache holds. At most
+    `max_entries`: a new answer past it first drops the expired ones, else the oldest."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+        self._max_entries = max_entries
         self._entries: dict[str, tuple[dict[str, Any], datetime]] = {}
 
     async def get(self, key: str, *, now: datetime) -> dict[str, Any] | None:
@@ -161,7 +184,11 @@ class MemoryCacheRepository:
     async def set(
         self, key: str, result: dict[str, Any], *, now: datetime, expires_at: datetime
     ) -> None:
-        self._entries[key] = (copy.deepcopy(result), expires_at)
+        entries = self._entries
+        full = key not in entries and len(entries) >= self._max_entries
+        if full and not await self.delete_expired(now=now):
+            del entries[next(iter(entries))]  # dicts keep insertion order: the oldest
+        entries[key] = (copy.deepcopy(result), expires_at)
 
     async def delete_expired(self, *, now: datetime) -> int:
         expired = [key for key, (_, expires_at) in self._entries.items() if expires_at <= now]
@@ -202,11 +229,17 @@ class MemoryStateRepository:
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         data = self._data
+        data.room_for(
+            state.user_id
+            for state in states
+            if state.account is not None or state.consent is not None
+        )
         added_rows = 0
         for state in states:
             user_id = state.user_id
             if state.account is not None:
                 data.accounts[user_id] = state.account
+                data.held.add(user_id)
             held = data.ledger[user_id]
             added = missing_rows(state.ledger, held)
             if added:
@@ -220,6 +253,7 @@ class MemoryStateRepository:
             consent = later_consent(state.consent, data.consents.get(user_id))
             if consent is not None:
                 data.consents[user_id] = consent
+                data.held.add(user_id)
         return added_rows
 
     async def merge_verified(
@@ -228,11 +262,16 @@ class MemoryStateRepository:
         return await read_back_verified(self, states, round)
 
 
-def memory_stores(rules: CreditRules, data: MemoryData | None = None) -> Stores:
+def memory_stores(
+    rules: CreditRules,
+    data: MemoryData | None = None,
+    *,
+    cache_entries: int = DEFAULT_CACHE_ENTRIES,
+) -> Stores:
     """The memory store's repositories, over `data` (fresh when not given)."""
     data = MemoryData() if data is None else data
     return Stores(
         credits=MemoryCreditRepository(rules, data),
         consents=MemoryConsentRepository(data),
-        cache=MemoryCacheRepository(),
+        cache=MemoryCacheRepository(cache_entries),
     )
