@@ -14,6 +14,7 @@ import sys
 import uvicorn
 
 from app.config import ApiAuth, get_settings
+from app.http_protocol import HeadDeadlineProtocol
 from app.ops.state_cli import export_state, import_state
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -38,6 +39,7 @@ def serve(application: str = "app.main:app") -> None:
         access_log=os.environ.get("ACCESS_LOG", "true").lower() not in {"0", "false", "no"},
         proxy_headers=True,
         server_header=False,  # no banner naming the server (SPEC §8)
+        http=HeadDeadlineProtocol,  # a deadline for each request's head
     )
 
 

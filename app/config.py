@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)
+    # A request's head (request line and headers) must arrive within this (app/http_protocol.py).
+    request_header_timeout_seconds: float = Field(10, gt=0)
     log_level: str = "INFO"
 
     @field_validator("database_url")

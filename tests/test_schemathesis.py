@@ -7,13 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +15,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.served import served
+
 SERVICE_TOKEN = "schemathesis-service-token"
 ADMIN_TOKEN = "schemathesis-admin-token"
 EXAMPLES = int(os.environ.get("SCHEMATHESIS_EXAMPLES", "25"))
@@ -37,55 +32,23 @@ def _ndjson(_: Any, value: Any) -> bytes:
     return "".join(json.dumps(item) + "\n" for item in items).encode()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served_at(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The service on SQLite in its own process; its base URL."""
-    port = _free_port()
     database = tmp_path_factory.mktemp("schemathesis") / "service.db"
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "API_AUTH": "token",
-        "API_TOKENS": SERVICE_TOKEN,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "ACCESS_LOG": "false",
-        "LOG_LEVEL": "WARNING",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                with urllib.request.urlopen(f"{base}/health/ready", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the service did not start"
-                time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with served(
+        database, API_AUTH="token", API_TOKENS=SERVICE_TOKEN, ADMIN_TOKEN=ADMIN_TOKEN
+    ) as running:
+        yield running.base
 
 
-def test_no_request_the_schema_describes_is_answered_500(served: str) -> None:
-    schema = schemathesis.openapi.from_url(f"{served}/openapi.json")
+def test_no_request_the_schema_describes_is_answered_500(served_at: str) -> None:
+    schema = schemathesis.openapi.from_url(f"{served_at}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 15  # every route of the document, admin ones included
     for operation in operations:
         token = ADMIN_TOKEN if operation.path.startswith("/admin") else SERVICE_TOKEN
-        _fuzz(operation, served, {"Authorization": f"Bearer {token}"})
+        _fuzz(operation, served_at, {"Authorization": f"Bearer {token}"})
 
 
 def _fuzz(operation: Any, served: str, headers: dict[str, str]) -> None:
