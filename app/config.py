@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     run_migrations_on_startup: bool = True
     # The share of reads served by the primary that are compared with the shadow's.
     shadow_compare_rate: float = Field(1.0, ge=0, le=1)
+    shadow_repair_max_users: int = Field(100_000, ge=1)
     # How often each replica looks for a storage flag changed by another one.
     storage_flag_poll_seconds: float = Field(2.0, gt=0)
 

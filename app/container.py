@@ -80,7 +80,10 @@ class Container:
     def __post_init__(self) -> None:
         # Every store's services write through the gate to the primary of the moment.
         self.shadow = Shadow(
-            self.storage, self.states, compare_rate=self.settings.shadow_compare_rate
+            self.storage,
+            self.states,
+            compare_rate=self.settings.shadow_compare_rate,
+            repair_max=self.settings.shadow_repair_max_users,
         )
         self.cluster = ClusterFlag(
             FlagStore(self.engine), poll_seconds=self.settings.storage_flag_poll_seconds

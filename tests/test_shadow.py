@@ -252,3 +252,33 @@ async def test_a_repair_that_did_not_take_keeps_the_user_queued(
     assert (await storage(client))["repair_queue"] == 1
     container.states[StorageBackend.DATABASE] = database
     assert await container.shadow.repair_now() == 0
+
+
+async def test_a_full_repair_queue_counts_the_users_it_cannot_hold(
+    request: pytest.FixtureRequest,
+) -> None:
+    async with fresh_database(request, "sqlite") as url:
+        application = create_app(app_settings("memory", url, shadow_repair_max_users=2))
+        async with (
+            application.router.lifespan_context(application),
+            client_for(application) as client,
+        ):
+            await flag(client, {"backend": "memory", "shadow": "database"})
+            container = container_of(application)
+            database = container.states[StorageBackend.DATABASE]
+            container.states[StorageBackend.DATABASE] = Unmendable(database)
+            for user in ("u1", "u2", "u3", "u4"):
+                await client.post(f"{CREDITS}/{user}/deduct", json={"amount": 2})
+            async with container.engine.begin() as conn:
+                await conn.execute(text("UPDATE user_credits SET available_credits = 1"))
+            for user in ("u1", "u2", "u3", "u4", "u3"):
+                await client.get(f"{CREDITS}/{user}")
+            view = await storage(client)
+            assert (view["repair_queue"], view["repair_overflow"]) == (2, 3)
+            # Seeded anew, the shadow starts clean.
+            container.states[StorageBackend.DATABASE] = database
+            await flag(client, {"backend": "memory"})
+            await flag(client, {"backend": "memory", "shadow": "database"})
+            view = await storage(client)
+            assert (view["repair_queue"], view["repair_overflow"]) == (0, 0)
+            await same_in_both(container, ["u1", "u2", "u3", "u4"])

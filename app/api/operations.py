@@ -62,6 +62,7 @@ def _storage_view(container: ContainerDep) -> dict[str, Any]:
         "changed_at": storage.changed_at.isoformat(),
         "comparison": container.shadow.view(),
         "repair_queue": container.shadow.repair_queue,
+        "repair_overflow": container.shadow.repair_overflow,
         "cache_backend": storage.cache_backend.value,
     }
 

@@ -4,7 +4,9 @@ differently for is repaired in the background from the primary.
 
 The client only ever gets the primary's answer. A repair copies the user's whole state
 from the primary with the hand-over's merge, so it also mends a shadow that drifted for
-reasons no write explains (a row changed underneath the service).
+reasons no write explains (a row changed underneath the service). The queue holds at most
+`repair_max` users: past it a user is counted (`repair_overflow`) instead of queued, and
+the shadow needs seeding again (README, runbook).
 """
 
 from __future__ import annotations
@@ -43,10 +45,13 @@ class Shadow:
         states: dict[StorageBackend, StateRepository],
         *,
         compare_rate: float,
+        repair_max: int,
     ) -> None:
         self._provider = provider
         self._states = states
         self._compare_rate = compare_rate
+        self._repair_max = repair_max
+        self.repair_overflow = 0
         self._rng = random.Random()
         self.compared = 0
         self.mismatches = 0
@@ -56,7 +61,7 @@ class Shadow:
 
     def restart(self) -> None:
         """A new shadow: nothing compared yet, nothing to repair."""
-        self.compared = self.mismatches = 0
+        self.compared = self.mismatches = self.repair_overflow = 0
         self.samples.clear()
         self._repairs.clear()
 
@@ -96,6 +101,14 @@ class Shadow:
         self.repair(user_id)
 
     def repair(self, user_id: str) -> None:
+        if user_id not in self._repairs and len(self._repairs) >= self._repair_max:
+            if not self.repair_overflow:
+                logger.error(
+                    "shadow repair queue full (%d users): the shadow needs seeding again",
+                    self._repair_max,
+                )
+            self.repair_overflow += 1
+            return
         self._repairs.add(user_id)
         if self._repairing is None or self._repairing.done():
             self._repairing = asyncio.get_running_loop().create_task(self._repair_loop())
