@@ -38,10 +38,10 @@ def add_routes(
     for route in router.routes:
         if not isinstance(route, APIRoute):
             raise TypeError(f"{route!r} is not an API route")
-        responses, security = route.responses, route.openapi_extra
+        responses, extra = route.responses, route.openapi_extra
         if authenticated:
             responses = {**AUTHENTICATED_RESPONSES, **responses}  # a route's own 403 stays
-            security = {**(security or {}), "security": [{BEARER_SCHEME: []}]}
+            extra = {**(extra or {}), "security": [{BEARER_SCHEME: []}]}
         app.add_api_route(
             prefix + route.path,
             route.endpoint,
@@ -54,7 +54,7 @@ def add_routes(
             description=route.description,
             response_description=route.response_description,
             responses=responses,
-            openapi_extra=security,
+            openapi_extra=extra,
             deprecated=route.deprecated,
             operation_id=route.operation_id,
             include_in_schema=route.include_in_schema,
