@@ -130,9 +130,8 @@ class Attempt:
     key: str | None = None
     own_key: bool = False
     sent: bool = False
-    # Set by the first store to decide the call: was its key applied before? The
-    # primary decides before a shadow, and a retry after a lost commit keeps the answer
-    # the first decision gave.
+    # Set by the first store to decide the call (the primary, before any shadow): was its
+    # key applied before? A retry after a commit whose answer was lost finds it applied.
     replayed: bool | None = None
 
     def decided(self, replayed: bool) -> None:

@@ -73,6 +73,7 @@ class SqlCreditRepository:
                 if await self._store(conn, before, outcome.account, attempt.at):
                     break
                 # A racing first sight created the account: decide again on it.
+            attempt.decided(claimed is not None)
             await self._record(conn, user_id, outcome, attempt)
             if (
                 attempt.key is not None
@@ -90,7 +91,6 @@ class SqlCreditRepository:
                         request=claim.request,
                     )
                 )
-        attempt.decided(claimed is not None)
         return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
