@@ -45,6 +45,7 @@ def normalise_database_url(url: str) -> str:
     return url
 
 
+DEFAULT_TERMS_VERSION = "1"  # consents recorded before versions existed accepted this one
 MIN_ADMIN_TOKEN = 16
 MIN_JWT_SECRET = 32
 
@@ -95,6 +96,9 @@ class Settings(BaseSettings):
     shadow_repair_max_users: int = Field(100_000, ge=1)
     # How often each replica looks for a storage flag changed by another one.
     storage_flag_poll_seconds: float = Field(2.0, gt=0)
+
+    # The terms in force (SPEC §10): a consent to another version does not count.
+    terms_version: str = Field(DEFAULT_TERMS_VERSION, min_length=1, max_length=32, pattern=r"^\S+$")
 
     guest_max_credits: int = Field(10, ge=1)
     registered_max_credits: int = Field(50, ge=1)

@@ -120,7 +120,7 @@ class Container:
 
     def _services_on(self, backend: StorageBackend) -> Services:
         credits = CreditService(self._credits)
-        consents = UserConsentService(self._consents)
+        consents = UserConsentService(self._consents, terms_version=self.settings.terms_version)
         cache = QueryCacheService(
             self.storage.cache_of(backend),
             default_ttl_seconds=self.settings.query_cache_ttl_seconds,

@@ -104,6 +104,18 @@ class ConsentRequiredError(AppError):
         self.user_id = user_id
 
 
+class TermsOutdatedError(AppError):
+    status_code = 403
+    code = "terms_outdated"
+
+    def __init__(self, user_id: str, current: str) -> None:
+        super().__init__(
+            f"user {user_id!r} accepted an earlier version of the terms; version {current} "
+            "must be accepted"
+        )
+        self.user_id = user_id
+
+
 class StorageUnavailableError(AppError):
     """The store cannot serve right now; clients should retry after `retry_after` seconds."""
 

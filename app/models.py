@@ -34,6 +34,7 @@ NAMING_CONVENTION = {
 }
 
 USER_ID_LENGTH = 128
+TERMS_VERSION_LENGTH = 32
 IDEMPOTENCY_KEY_LENGTH = 128
 
 
@@ -144,6 +145,23 @@ class UserConsentRow(Base):
     marketing_consent: Mapped[bool] = mapped_column(Boolean, nullable=False)
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    terms_version: Mapped[str | None] = mapped_column(String(TERMS_VERSION_LENGTH), nullable=True)
+
+
+class ConsentEventRow(Base):
+    """The consent history, append-only: one row per acknowledged consent change, written
+    in the change's transaction (migration 0007). Ordered by `id`, which the row lock of
+    the change orders too."""
+
+    __tablename__ = "consent_events"
+    __table_args__ = (Index("ix_consent_events_user_id_id", "user_id", "id"),)
+
+    id: Mapped[int] = mapped_column(LedgerId, primary_key=True, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    terms_accepted: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    marketing_consent: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    terms_version: Mapped[str | None] = mapped_column(String(TERMS_VERSION_LENGTH), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class QueryCacheRow(Base):

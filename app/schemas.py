@@ -39,3 +39,26 @@ class UserConsent(BaseModel):
     marketing_consent: bool
     timestamp: AwareDatetime
     updated_at: AwareDatetime
+    # The TERMS_VERSION accepted (SPEC §10); None while the terms are not accepted.
+    terms_version: str | None = None
+
+
+class ConsentEvent(BaseModel):
+    """One acknowledged consent change, as recorded (SPEC §10: the consent history)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    terms_accepted: bool
+    marketing_consent: bool
+    terms_version: str | None
+    recorded_at: AwareDatetime
+
+
+def event_of(consent: UserConsent) -> ConsentEvent:
+    """The history event of a consent as just recorded."""
+    return ConsentEvent(
+        terms_accepted=consent.terms_accepted,
+        marketing_consent=consent.marketing_consent,
+        terms_version=consent.terms_version,
+        recorded_at=consent.updated_at,
+    )

@@ -8,7 +8,14 @@ import httpx
 import pytest
 
 CONSENTS = "/api/v1/consents"
-CONSENT_FIELDS = {"user_id", "terms_accepted", "marketing_consent", "timestamp", "updated_at"}
+CONSENT_FIELDS = {
+    "user_id",
+    "terms_accepted",
+    "marketing_consent",
+    "timestamp",
+    "updated_at",
+    "terms_version",
+}
 
 
 def utc_instant(text: str) -> datetime:

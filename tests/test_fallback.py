@@ -13,7 +13,7 @@ from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset
 from app.errors import StorageUnavailableError
 from app.repositories.base import CreditRepository, Stores
 from app.repositories.memory import MemoryConsentRepository, MemoryData, memory_stores
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.fallback import OutageFallback, with_fallback
@@ -64,11 +64,21 @@ class DownableConsents(MemoryConsentRepository):
         self._outage = outage
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
         self._outage.check()
         return await super().upsert(
-            user_id, terms_accepted=terms_accepted, marketing_consent=marketing_consent, now=now
+            user_id,
+            terms_accepted=terms_accepted,
+            marketing_consent=marketing_consent,
+            terms_version=terms_version,
+            now=now,
         )
 
     async def set_marketing(
@@ -76,6 +86,10 @@ class DownableConsents(MemoryConsentRepository):
     ) -> UserConsent | None:
         self._outage.check()
         return await super().set_marketing(user_id, marketing_consent, now=now)
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        self._outage.check()
+        return await super().history(user_id)
 
 
 @pytest.fixture
@@ -199,3 +213,18 @@ async def test_a_replayed_change_whose_key_the_database_holds_for_another_reques
     await fallback.replay(database)
     assert (fallback.depth, fallback.key_conflicts) == (0, 1)
     assert [row.amount for row in await database.credits.history("twice", 10)] == [-1, -2]
+
+
+async def test_the_consent_history_is_refused_during_an_outage_not_half_told(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = database_of(outage)
+    consents = UserConsentService(with_fallback(database, fallback).consents)
+    await consents.record_consent("told", terms_accepted=True)
+    outage.down = True
+    await consents.record_consent("told", terms_accepted=True, marketing_consent=True)
+    with pytest.raises(StorageUnavailableError):
+        await consents.consent_history("told")
+    outage.down = False
+    await fallback.replay(database)
+    assert len(await consents.consent_history("told")) == 2

@@ -28,6 +28,7 @@ from app.errors import IdempotencyKeyReusedError
 from app.models import Base
 from app.ops.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.repositories.sql import sql_stores
+from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.cluster_flag import FlagStore, StoredFlag
 from app.storage.engine import create_engine
@@ -249,6 +250,45 @@ class TestKeyRequests:
         with pytest.raises(IdempotencyKeyReusedError):
             await credits.deduct_credits("holder", 1, idempotency_key="new")
         assert (await credits.get_user_credits("holder")).available_credits == 6
+
+
+class TestConsentHistory:
+    async def test_0007_backfills_one_event_per_consent_and_down_keeps_every_consent(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "0006")
+        at = datetime(2026, 3, 1, tzinfo=UTC)
+        async with empty_engine.begin() as connection:
+            for user, accepted in (("yes", True), ("no", False)):
+                await connection.execute(
+                    text(
+                        "INSERT INTO user_consents (user_id, terms_accepted, marketing_consent,"
+                        " timestamp, updated_at) VALUES (:user, :accepted, true, :at, :at)"
+                    ),
+                    {"user": user, "accepted": accepted, "at": at},
+                )
+
+        await alembic(empty_engine, "upgrade", "head")
+        consents = UserConsentService(sql_stores(empty_engine, RULES).consents)
+        assert await consents.has_accepted_terms("yes")  # version "1", the terms there were
+        assert not await consents.has_accepted_terms("no")
+        events = await consents.consent_history("yes")
+        assert [(e.terms_accepted, e.terms_version, e.recorded_at) for e in events] == [
+            (True, "1", at)
+        ]
+        assert [e.terms_version for e in await consents.consent_history("no")] == [None]
+        await consents.update_marketing_consent("yes", False)
+
+        await alembic(empty_engine, "downgrade", "0006")
+        assert "consent_events" not in await table_names(empty_engine)
+        async with empty_engine.connect() as connection:
+            rows = await connection.execute(
+                text("SELECT user_id, terms_accepted, marketing_consent FROM user_consents")
+            )
+            assert sorted(tuple(row) for row in rows) == [("no", False, True), ("yes", True, False)]
+
+        await alembic(empty_engine, "upgrade", "head")
+        assert len(await consents.consent_history("yes")) == 1  # the consent as it is now
 
 
 def _free_port() -> int:

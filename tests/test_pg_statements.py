@@ -23,12 +23,20 @@ ACCOUNT_COLUMNS = [
 ]
 RETURNED = {
     HISTORY.name: ["id", "user_id", "transaction_type", "amount", "timestamp", "description"],
-    CONSENT.name: ["user_id", "terms_accepted", "marketing_consent", "timestamp", "updated_at"],
+    CONSENT.name: [
+        "user_id",
+        "terms_accepted",
+        "marketing_consent",
+        "timestamp",
+        "updated_at",
+        "terms_version",
+    ],
     ADMISSION.name: [
         "terms_accepted",
         "marketing_consent",
         "timestamp",
         "updated_at",
+        "terms_version",
         "is_guest",
         "available_credits",
         "max_credits",

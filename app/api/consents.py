@@ -1,4 +1,4 @@
-"""Consent routes (SPEC §4)."""
+"""Consent routes (SPEC §4, §10)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from app.api.access import caller_of
 from app.api.deps import services
 from app.api.errors import responses
 from app.api.inputs import ConsentRequest, MarketingConsentRequest, UserId
-from app.api.rendering import rendered
+from app.api.rendering import rendered, rendered_history
 from app.errors import ConsentNotFoundError
-from app.schemas import UserConsent
+from app.schemas import ConsentEvent, UserConsent
 
 router = APIRouter(prefix="/consents", tags=["consents"])
 
@@ -43,3 +43,11 @@ async def update_marketing(
     return rendered(
         await services(request).consents.update_marketing_consent(user_id, body.marketing_consent)
     )
+
+
+@router.get("/{user_id}/history", response_model=list[ConsentEvent], responses=responses(404))
+async def history(user_id: UserId, request: Request) -> Response:
+    """Every recorded change of the user's consent, newest first (SPEC §10)."""
+    caller_of(request).acts_for(user_id)
+    events = await services(request).consents.consent_history(user_id)
+    return rendered_history(events)

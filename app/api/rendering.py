@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from fastapi import Response
 from pydantic import BaseModel, TypeAdapter
 
-from app.schemas import CreditTransaction
+from app.schemas import ConsentEvent, CreditTransaction
 from app.services.credits import Applied
 
 _LEDGER = TypeAdapter(list[CreditTransaction])
+_HISTORY = TypeAdapter(list[ConsentEvent])
 
 
 def rendered(model: BaseModel) -> Response:
@@ -33,3 +34,7 @@ def rendered_applied(applied: Applied) -> Response:
 
 def rendered_ledger(rows: Sequence[CreditTransaction]) -> Response:
     return Response(_LEDGER.dump_json(list(rows)), media_type="application/json")
+
+
+def rendered_history(events: Sequence[ConsentEvent]) -> Response:
+    return Response(_HISTORY.dump_json(list(events)), media_type="application/json")

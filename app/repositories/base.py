@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 from app.domain.credits import Attempt, Operation
 from app.domain.state import Merged, Round, UserState, verified
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 
 
 class CreditRepository(Protocol):
@@ -39,15 +39,27 @@ class ConsentRepository(Protocol):
     async def get(self, user_id: str) -> UserConsent | None: ...
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
-        """Creates the record, or updates it keeping its first-recorded `timestamp`."""
+        """Creates the record, or updates it keeping its first-recorded `timestamp`; its
+        history gains the event in the same unit of work."""
         ...
 
     async def set_marketing(
         self, user_id: str, marketing_consent: bool, *, now: datetime
     ) -> UserConsent | None:
-        """None when no consent is recorded for the user."""
+        """None when no consent is recorded for the user; else its history gains the
+        event in the same unit of work."""
+        ...
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        """Every recorded change of the user's consent, newest first."""
         ...
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:

@@ -28,7 +28,7 @@ from app.domain.state import (
 )
 from app.errors import StorageFullError
 from app.repositories.base import Stores, read_back_verified
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits, event_of
 
 DEFAULT_MAX_USERS = 100_000
 DEFAULT_CACHE_ENTRIES = 10_000
@@ -42,6 +42,9 @@ class MemoryData:
     ledger: defaultdict[str, list[LedgerRecord]] = field(default_factory=lambda: defaultdict(list))
     keys: dict[tuple[str, str], tuple[datetime, Claim]] = field(default_factory=dict)
     consents: dict[str, UserConsent] = field(default_factory=dict)
+    consent_events: defaultdict[str, list[ConsentEvent]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     max_users: int = DEFAULT_MAX_USERS
     held: set[str] = field(default_factory=set)  # users with an account or a consent
@@ -128,7 +131,13 @@ class MemoryConsentRepository:
         return self._consents.get(user_id)
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
         existing = self._consents.get(user_id)
         if existing is None and user_id not in self._data.held:
@@ -139,9 +148,11 @@ class MemoryConsentRepository:
             marketing_consent=marketing_consent,
             timestamp=existing.timestamp if existing else now,
             updated_at=now,
+            terms_version=terms_version,
         )
         self._consents[user_id] = consent
         self._data.held.add(user_id)
+        self._recorded(consent)
         return consent
 
     async def set_marketing(
@@ -154,7 +165,14 @@ class MemoryConsentRepository:
             update={"marketing_consent": marketing_consent, "updated_at": now}
         )
         self._consents[user_id] = consent
+        self._recorded(consent)
         return consent
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        return list(reversed(self._data.consent_events.get(user_id, ())))
+
+    def _recorded(self, consent: UserConsent) -> None:
+        self._data.consent_events[consent.user_id].append(event_of(consent))
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         ordered = sorted(self._consents.values(), key=lambda consent: consent.user_id)

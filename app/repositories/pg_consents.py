@@ -11,7 +11,7 @@ from app.domain.credits import CreditRules
 from app.repositories.pg_connections import FastConnections
 from app.repositories.pg_statements import ADMISSION, CONSENT
 from app.repositories.sql_consents import SqlConsentRepository
-from app.schemas import UserConsent, UserCredits
+from app.schemas import ConsentEvent, UserConsent, UserCredits
 
 
 class PostgresConsentRepository:
@@ -36,18 +36,32 @@ class PostgresConsentRepository:
         rows = await self._connections.fetch(ADMISSION.sql, user_id, self._rules.reset_cutoff(now))
         if rows is None:
             return await self._general.admission(user_id, now=now)
-        terms, marketing, first, updated, is_guest, available, maximum, last_reset = rows[0]
-        consent = None if terms is None else _consent(user_id, terms, marketing, first, updated)
+        terms, marketing, first, updated, version, is_guest, available, maximum, last_reset = rows[
+            0
+        ]
+        consent = (
+            None if terms is None else _consent(user_id, terms, marketing, first, updated, version)
+        )
         account = None
         if is_guest is not None:
             account = self._rules.credits(user_id, is_guest, available, maximum, last_reset)
         return consent, account
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
         return await self._general.upsert(
-            user_id, terms_accepted=terms_accepted, marketing_consent=marketing_consent, now=now
+            user_id,
+            terms_accepted=terms_accepted,
+            marketing_consent=marketing_consent,
+            terms_version=terms_version,
+            now=now,
         )
 
     async def set_marketing(
@@ -55,12 +69,20 @@ class PostgresConsentRepository:
     ) -> UserConsent | None:
         return await self._general.set_marketing(user_id, marketing_consent, now=now)
 
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        return await self._general.history(user_id)
+
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._general.page(limit, offset)
 
 
 def _consent(
-    user_id: str, terms: bool, marketing: bool, first: datetime, updated: datetime
+    user_id: str,
+    terms: bool,
+    marketing: bool,
+    first: datetime,
+    updated: datetime,
+    version: str | None,
 ) -> UserConsent:
     return UserConsent(
         user_id=user_id,
@@ -68,4 +90,5 @@ def _consent(
         marketing_consent=marketing,
         timestamp=first,
         updated_at=updated,
+        terms_version=version,
     )

@@ -59,7 +59,8 @@ CREATE TEMPORARY TABLE IF NOT EXISTS state_consents (
     terms_accepted boolean NOT NULL,
     marketing_consent boolean NOT NULL,
     timestamp timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL
+    updated_at timestamptz NOT NULL,
+    terms_version text
 ) ON COMMIT DELETE ROWS;
 """
 
@@ -195,15 +196,16 @@ ON CONFLICT DO NOTHING
 # Of two consents the later `updated_at` wins; the held one stays on a tie.
 _CONSENTS = """
 INSERT INTO user_consents AS held (user_id, terms_accepted, marketing_consent, timestamp,
-                                   updated_at)
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+                                   updated_at, terms_version)
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
   FROM state_consents
  ORDER BY user_id
 ON CONFLICT (user_id) DO UPDATE
    SET terms_accepted = excluded.terms_accepted,
        marketing_consent = excluded.marketing_consent,
        timestamp = excluded.timestamp,
-       updated_at = excluded.updated_at
+       updated_at = excluded.updated_at,
+       terms_version = excluded.terms_version
  WHERE held.updated_at < excluded.updated_at
 """
 
@@ -296,7 +298,7 @@ SELECT user_id, transaction_type, amount, timestamp, description, idempotency_ke
 """
 
 _READ_CONSENTS = """
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
   FROM user_consents
  WHERE user_id = ANY($1::text[])
 """
@@ -442,6 +444,7 @@ def _consent(state: UserState) -> tuple[Any, ...]:
         consent.marketing_consent,
         consent.timestamp,
         consent.updated_at,
+        consent.terms_version,
     )
 
 

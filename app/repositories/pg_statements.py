@@ -260,7 +260,7 @@ CONSENT = Statement(
     "consent",
     (("user_id", "varchar"),),
     """
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
   FROM user_consents
  WHERE user_id = $1::varchar
 """,
@@ -272,7 +272,7 @@ ADMISSION = Statement(
     """
 -- What the assistant reads before answering: the consent, and the account while no
 -- reset is due (DUE RESET), each an indexed read, in one round trip.
-SELECT c.terms_accepted, c.marketing_consent, c.timestamp, c.updated_at,
+SELECT c.terms_accepted, c.marketing_consent, c.timestamp, c.updated_at, c.terms_version,
        a.is_guest, a.available_credits, a.max_credits, a.last_reset_timestamp
   FROM (SELECT $1::varchar AS user_id) AS u
   LEFT JOIN user_consents AS c ON c.user_id = u.user_id

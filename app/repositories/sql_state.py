@@ -120,7 +120,13 @@ _ACCOUNT_FIELDS = (
     "last_reset_timestamp",
     "updated_at",
 )
-_CONSENT_FIELDS = ("terms_accepted", "marketing_consent", "timestamp", "updated_at")
+_CONSENT_FIELDS = (
+    "terms_accepted",
+    "marketing_consent",
+    "timestamp",
+    "updated_at",
+    "terms_version",
+)
 _MARK_FIELDS = ("is_guest", "available_credits", "max_credits", "last_reset_timestamp")
 marks = table(HandoverMarkRow)
 

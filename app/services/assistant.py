@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from app.assistant.answerer import Answerer
-from app.errors import AnswerFailedError, ConsentRequiredError
+from app.errors import AnswerFailedError
 from app.schemas import UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -73,13 +73,12 @@ class AssistantService:
     async def ask(
         self, user_id: str, query: str, *, is_guest: bool, context: dict[str, Any]
     ) -> AssistantReply:
-        """Raises ConsentRequiredError, InsufficientCreditsError or AnswerFailedError
+        """Raises ConsentRequiredError, TermsOutdatedError, InsufficientCreditsError or
+        AnswerFailedError
         (after refunding the charge). Identical queries in flight at once are answered
         once: the callers that waited get the answer as a free cache hit. The consent and
         the account come in one read where the store can (a cache hit then costs one)."""
-        accepted, account = await self._consents.admission(user_id)
-        if not accepted:
-            raise ConsentRequiredError(user_id)
+        account = await self._consents.admit(user_id)
         key = cache_key(query, context)
         # Checking for a leader and becoming one happen with no await in between,
         # so two identical queries never both compute.

@@ -1,18 +1,33 @@
-"""Terms and marketing consent."""
+"""Terms and marketing consent, with the version of the terms accepted and the history of
+every change (SPEC §3, §10)."""
 
 from __future__ import annotations
 
 from app.clock import Clock, utc_now
-from app.errors import ConsentNotFoundError, InvalidInputError
+from app.config import DEFAULT_TERMS_VERSION
+from app.errors import (
+    ConsentNotFoundError,
+    ConsentRequiredError,
+    InvalidInputError,
+    TermsOutdatedError,
+)
 from app.repositories.base import ConsentRepository
-from app.schemas import UserConsent, UserCredits
+from app.schemas import ConsentEvent, UserConsent, UserCredits
 
 
 class UserConsentService:
-    """What each user agreed to (SPEC §3)."""
+    """What each user agreed to, and when. Terms accepted count only for the version in
+    force, `terms_version` (TERMS_VERSION)."""
 
-    def __init__(self, repository: ConsentRepository, *, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        repository: ConsentRepository,
+        *,
+        terms_version: str = DEFAULT_TERMS_VERSION,
+        clock: Clock = utc_now,
+    ) -> None:
         self._repository = repository
+        self._terms_version = terms_version
         self._clock = clock
 
     async def get_consent(self, user_id: str) -> UserConsent | None:
@@ -21,11 +36,13 @@ class UserConsentService:
     async def record_consent(
         self, user_id: str, *, terms_accepted: bool = True, marketing_consent: bool = False
     ) -> UserConsent:
-        """Creates or replaces the record; its first-recorded `timestamp` is kept."""
+        """Creates or replaces the record (its first-recorded `timestamp` kept); accepted
+        terms are the version in force."""
         return await self._repository.upsert(
             user_id,
             terms_accepted=terms_accepted,
             marketing_consent=marketing_consent,
+            terms_version=self._terms_version if terms_accepted else None,
             now=self._clock(),
         )
 
@@ -38,14 +55,29 @@ class UserConsentService:
             raise ConsentNotFoundError(user_id)
         return consent
 
-    async def has_accepted_terms(self, user_id: str) -> bool:
-        return _accepted(await self._repository.get(user_id))
+    async def consent_history(self, user_id: str) -> list[ConsentEvent]:
+        """Every change of the user's consent, newest first. Raises ConsentNotFoundError
+        when there is none."""
+        events = await self._repository.history(user_id)
+        if not events:
+            raise ConsentNotFoundError(user_id)
+        return events
 
-    async def admission(self, user_id: str) -> tuple[bool, UserCredits | None]:
-        """Whether the user accepted the terms, and their account where the store read it
-        in the same round trip (else None: ask the credit service)."""
+    async def has_accepted_terms(self, user_id: str) -> bool:
+        """True only for the terms in force."""
+        consent = await self._repository.get(user_id)
+        return consent is not None and self._current(consent)
+
+    async def admit(self, user_id: str) -> UserCredits | None:
+        """The assistant's gate: raises ConsentRequiredError without accepted terms,
+        TermsOutdatedError when the user accepted an earlier version. Answers the account
+        where the store read it in the same round trip (else None: ask the credit service)."""
         consent, account = await self._repository.admission(user_id, now=self._clock())
-        return _accepted(consent), account
+        if consent is None or not consent.terms_accepted:
+            raise ConsentRequiredError(user_id)
+        if not self._current(consent):
+            raise TermsOutdatedError(user_id, self._terms_version)
+        return account
 
     async def list_consents(self, limit: int = 100, offset: int = 0) -> list[UserConsent]:
         """Stable order by user_id."""
@@ -53,6 +85,5 @@ class UserConsentService:
             raise InvalidInputError("limit must be at least 1 and offset at least 0")
         return await self._repository.page(limit, offset)
 
-
-def _accepted(consent: UserConsent | None) -> bool:
-    return consent is not None and consent.terms_accepted
+    def _current(self, consent: UserConsent) -> bool:
+        return consent.terms_accepted and consent.terms_version == self._terms_version

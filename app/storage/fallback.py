@@ -30,8 +30,8 @@ from app.errors import (
     StorageUnavailableError,
 )
 from app.models import IDEMPOTENCY_KEY_LENGTH
-from app.repositories.base import Stores
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.repositories.base import ConsentRepository, Stores
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +49,7 @@ class ConsentRecorded:
     user_id: str
     terms_accepted: bool
     marketing_consent: bool
+    terms_version: str | None
     now: datetime
 
 
@@ -130,11 +131,12 @@ class OutageFallback:
                         type(change).__name__.lower(),
                         user_id,
                     )
-            case ConsentRecorded(user_id, terms_accepted, marketing_consent, now):
+            case ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now):
                 await database.consents.upsert(
                     user_id,
                     terms_accepted=terms_accepted,
                     marketing_consent=marketing_consent,
+                    terms_version=version,
                     now=now,
                 )
             case MarketingChanged(user_id, marketing_consent, now):
@@ -227,13 +229,29 @@ class FallbackConsents(_FallingBack):
         )
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
-        values = {"terms_accepted": terms_accepted, "marketing_consent": marketing_consent}
+        def upsert(consents: ConsentRepository) -> Awaitable[UserConsent]:
+            return consents.upsert(
+                user_id,
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing_consent,
+                terms_version=terms_version,
+                now=now,
+            )
+
         return await self._either(
-            self._database.consents.upsert(user_id, **values, now=now),
-            lambda: self._fallback.memory.consents.upsert(user_id, **values, now=now),
-            lambda _: ConsentRecorded(user_id, terms_accepted, marketing_consent, now),
+            upsert(self._database.consents),
+            lambda: upsert(self._fallback.memory.consents),
+            lambda _: ConsentRecorded(
+                user_id, terms_accepted, marketing_consent, terms_version, now
+            ),
         )
 
     async def set_marketing(
@@ -249,6 +267,11 @@ class FallbackConsents(_FallingBack):
                 None if consent is None else MarketingChanged(user_id, marketing_consent, now)
             ),
         )
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        """The database's only: the fallback store knows no history from before the
+        outage, and a part of it would be a wrong answer (503 instead)."""
+        return await self._database.consents.history(user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._either(

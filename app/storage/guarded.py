@@ -20,7 +20,7 @@ from app.repositories.base import (
     CreditRepository,
     StateRepository,
 )
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.storage.resilience import Guard
 
 
@@ -57,13 +57,20 @@ class GuardedConsents:
         return await self._guard.run(self._inner.get, user_id)
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
         return await self._guard.run(
             self._inner.upsert,
             user_id,
             terms_accepted=terms_accepted,
             marketing_consent=marketing_consent,
+            terms_version=terms_version,
             now=now,
         )
 
@@ -71,6 +78,9 @@ class GuardedConsents:
         self, user_id: str, marketing_consent: bool, *, now: datetime
     ) -> UserConsent | None:
         return await self._guard.run(self._inner.set_marketing, user_id, marketing_consent, now=now)
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        return await self._guard.run(self._inner.history, user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._guard.run(self._inner.page, limit, offset)

@@ -17,8 +17,8 @@ from typing import Any
 
 from app.domain.credits import Attempt, Operation
 from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.repositories.base import Stores
-from app.schemas import CreditTransaction, UserConsent, UserCredits
+from app.repositories.base import ConsentRepository, Stores
+from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.storage.provider import StorageProvider
 from app.storage.shadow import Answer, Shadow
 
@@ -172,25 +172,33 @@ class RoutedConsents:
         return answer
 
     async def upsert(
-        self, user_id: str, *, terms_accepted: bool, marketing_consent: bool, now: datetime
+        self,
+        user_id: str,
+        *,
+        terms_accepted: bool,
+        marketing_consent: bool,
+        terms_version: str | None,
+        now: datetime,
     ) -> UserConsent:
+        def upsert(consents: ConsentRepository) -> Coroutine[Any, Any, UserConsent]:
+            return consents.upsert(
+                user_id,
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing_consent,
+                terms_version=terms_version,
+                now=now,
+            )
+
         await self._gate.enter(user_id)
         try:
-            answer = await self._provider.stores.consents.upsert(
-                user_id, terms_accepted=terms_accepted, marketing_consent=marketing_consent, now=now
-            )
+            answer = await upsert(self._provider.stores.consents)
             shadow = self._shadow.stores
             if shadow is not None:
                 await self._compared(
                     user_id,
                     "upsert_consent",
                     answer,
-                    shadow.consents.upsert(
-                        user_id,
-                        terms_accepted=terms_accepted,
-                        marketing_consent=marketing_consent,
-                        now=now,
-                    ),
+                    upsert(shadow.consents),
                 )
             return answer
         finally:
@@ -230,6 +238,9 @@ class RoutedConsents:
             return
         if self._shadow.sampled():
             self._shadow.compare(user_id, operation, primary, answer)
+
+    async def history(self, user_id: str) -> list[ConsentEvent]:
+        return await self._provider.stores.consents.history(user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
         return await self._provider.stores.consents.page(limit, offset)

@@ -105,6 +105,8 @@ class ConsentLine(_Line):
     marketing_consent: bool
     timestamp: AwareDatetime
     updated_at: AwareDatetime
+    # Absent from streams written before terms were versioned (SPEC §10).
+    terms_version: str | None = Field(None, min_length=1, max_length=32)
 
 
 class Footer(_Line):
@@ -219,13 +221,14 @@ class Spooled:
 
 
 def _consent(row: tuple[Any, ...]) -> UserConsent:
-    _, user_id, terms_accepted, marketing_consent, timestamp, updated_at = row
+    _, user_id, terms_accepted, marketing_consent, timestamp, updated_at, version = row
     return UserConsent(
         user_id=user_id,
         terms_accepted=terms_accepted,
         marketing_consent=marketing_consent,
         timestamp=timestamp,
         updated_at=updated_at,
+        terms_version=version,
     )
 
 
@@ -260,6 +263,7 @@ def _spooled_row(line: AccountLine | LedgerLine | ConsentLine) -> tuple[Any, ...
                 line.marketing_consent,
                 line.timestamp,
                 line.updated_at,
+                line.terms_version,
             )
 
 
