@@ -42,11 +42,21 @@ def closed_within(connection: socket.socket, seconds: float) -> bool:
 
 
 def answer(connection: socket.socket) -> bytes:
+    """One whole response, head and body (its Content-Length), so that the next read on
+    the connection starts with the next response; returns the head."""
     connection.settimeout(5)
     received = b""
     while b"\r\n\r\n" not in received:
         received += connection.recv(4096)
-    return received
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += connection.recv(4096)
+    return head
 
 
 def test_a_head_that_never_completes_loses_its_connection(server: Served) -> None:
