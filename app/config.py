@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     # Verified JWTs remembered until their exp: size it to the users active on one replica
     # within a token's lifetime (about 400 bytes each).
     jwt_cache_size: int = Field(16384, ge=0)
+    # The HMAC key of erasure's pseudonyms (SPEC §10); unset, erasure is refused (501).
+    erasure_key: SecretStr | None = None
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)
@@ -156,6 +158,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"JWT_SECRET must be at least {MIN_JWT_SECRET} characters (RFC 7518 3.2)"
             )
+        erasure_key = self.erasure_key.get_secret_value() if self.erasure_key else ""
+        if erasure_key and len(erasure_key) < MIN_JWT_SECRET:
+            raise ValueError(f"ERASURE_KEY must be at least {MIN_JWT_SECRET} characters")
         if self.api_auth is ApiAuth.JWT and not (self.jwt_secret or self.jwt_public_key):
             raise ValueError(
                 "API_AUTH=jwt needs JWT_SECRET (HS256) or JWT_PUBLIC_KEY (RS256/ES256)"
@@ -175,6 +180,7 @@ class Settings(BaseSettings):
         "jwt_public_key",
         "jwt_audience",
         "jwt_issuer",
+        "erasure_key",
         mode="before",
     )
     @classmethod

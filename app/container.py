@@ -15,6 +15,7 @@ from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.domain.credits import CreditRules
+from app.domain.privacy import Pseudonyms
 from app.domain.state import Round
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
@@ -27,6 +28,7 @@ from app.repositories.sql import sql_stores, state_repository
 from app.services.assistant import Answer, AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
+from app.services.privacy import PrivacyService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
 from app.storage.cluster_flag import ClusterFlag, FlagStore, StoredFlag
@@ -68,12 +70,14 @@ class Container:
     cache_tiers: CacheTiers
     fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
+    pseudonyms: Pseudonyms | None = None  # erasure configured (ERASURE_KEY)
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
     shadow: Shadow = field(init=False)
     cluster: ClusterFlag = field(init=False)
     retention: RetentionJob = field(init=False)
+    privacy: PrivacyService = field(init=False)
     _services: dict[StorageBackend, Services] = field(init=False)
     _flag_changing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
@@ -91,6 +95,14 @@ class Container:
         self._credits = RoutedCredits(self.storage, self.gate, self.shadow)
         self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
+        self.privacy = PrivacyService(
+            stores=self._primary_then_shadow,
+            consents=self._consents,
+            rules=self.rules,
+            pseudonyms=self.pseudonyms,
+            exclusive=self._moving_state,
+            pending=lambda: 0 if self.fallback is None else self.fallback.depth,
+        )
         self.retention = RetentionJob(
             database=lambda: (
                 self.engine if self.storage.backend is StorageBackend.DATABASE else None
@@ -100,6 +112,13 @@ class Container:
             retention_days=self.settings.transaction_retention_days,
             interval_seconds=self.settings.retention_interval_seconds,
         )
+
+    def _primary_then_shadow(self) -> list[StateRepository]:
+        storage = self.storage
+        backends = (
+            [storage.backend] if storage.shadow is None else [storage.backend, storage.shadow]
+        )
+        return [self.states[backend] for backend in backends]
 
     @property
     def services(self) -> Services:
@@ -289,14 +308,23 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         masked_url(settings.database_url),
     )
     fast = fast_connections(engine, settings)
-    sql = sql_stores(engine, rules, batch_size=settings.retention_batch_size, fast=fast)
+    key = settings.erasure_key
+    pseudonyms = None if key is None else Pseudonyms(key.get_secret_value())
+    sql = sql_stores(
+        engine, rules, batch_size=settings.retention_batch_size, fast=fast, pseudonyms=pseudonyms
+    )
     guarded = guarded_stores(sql, breaker, settings)
     fallback = None
     max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(lambda: memory_stores(rules, MemoryData(max_users=max_users)))
     memory_data = MemoryData(max_users=max_users)
-    memory = memory_stores(rules, memory_data, cache_entries=settings.memory_cache_max_entries)
+    memory = memory_stores(
+        rules,
+        memory_data,
+        cache_entries=settings.memory_cache_max_entries,
+        pseudonyms=pseudonyms,
+    )
     cache_tiers = build_cache_tiers(settings, memory=memory.cache, database=guarded.cache)
     storage = StorageProvider(
         backend=settings.storage_backend,
@@ -322,6 +350,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         cache_tiers=cache_tiers,
         fast=fast,
         fallback=fallback,
+        pseudonyms=pseudonyms,
     )
 
 

@@ -116,6 +116,25 @@ class TermsOutdatedError(AppError):
         self.user_id = user_id
 
 
+class UserNotFoundError(AppError):
+    status_code = 404
+    code = "user_not_found"
+
+    def __init__(self, user_id: str) -> None:
+        super().__init__(f"no data is held for user {user_id!r}")
+
+
+class ErasureNotConfiguredError(AppError):
+    """Erasure needs ERASURE_KEY: without it there is no pseudonym to keep the ledger under,
+    and a plain hash of a guessable id would be no pseudonym at all."""
+
+    status_code = 501
+    code = "erasure_not_configured"
+
+    def __init__(self) -> None:
+        super().__init__("erasure is not configured on this service (ERASURE_KEY is unset)")
+
+
 class StorageUnavailableError(AppError):
     """The store cannot serve right now; clients should retry after `retry_after` seconds."""
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
-from app.api import assistant, consents, credits, operations
+from app.api import assistant, consents, credits, operations, users
 from app.api.access import (
     AUTHENTICATED_RESPONSES,
     BEARER_SCHEME,
@@ -23,7 +23,7 @@ from app.config import ApiAuth, Settings, StorageBackend, get_settings
 from app.container import build_container
 
 API_PREFIX = "/api/v1"
-API_ROUTERS = (credits.router, consents.router, assistant.router)
+API_ROUTERS = (credits.router, consents.router, assistant.router, users.router)
 
 
 def add_routes(

@@ -164,6 +164,21 @@ class ConsentEventRow(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
+class CreditErasureRow(Base):
+    """The account an erased user had, under the erasure's pseudonym (SPEC §10): an id
+    created again before its next reset resumes it (ERASED RESUMES), and the pseudonymised
+    ledger is checked against it."""
+
+    __tablename__ = "credit_erasures"
+
+    pseudonym: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
+    is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
+    last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    erased_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
 class QueryCacheRow(Base):
     __tablename__ = "query_cache"
     __table_args__ = (

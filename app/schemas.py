@@ -54,6 +54,21 @@ class ConsentEvent(BaseModel):
     recorded_at: AwareDatetime
 
 
+class SubjectExport(BaseModel):
+    """Everything held of one user (SPEC §10, GDPR Art. 15/20)."""
+
+    user_id: str
+    credits: UserCredits | None
+    transactions: list[CreditTransaction]  # all, newest first
+    consent: UserConsent | None
+    consent_history: list[ConsentEvent]
+
+
+class Erased(BaseModel):
+    erased: bool
+    ledger_rows_pseudonymised: int
+
+
 def event_of(consent: UserConsent) -> ConsentEvent:
     """The history event of a consent as just recorded."""
     return ConsentEvent(

@@ -166,3 +166,30 @@ class TestReset:
 def test_the_account_shows_when_its_next_reset_is_due() -> None:
     shown = RULES.view(guest(4))
     assert (shown.available_credits, shown.max_credits, shown.next_reset_at) == (4, 10, DUE)
+
+
+class TestErasedResumes:
+    """ERASED RESUMES: an id erased before its next reset opens as it was erased."""
+
+    def test_an_id_erased_with_no_reset_due_resumes_its_balance_with_the_spent_part(
+        self,
+    ) -> None:
+        erased = guest(3)
+        outcome = RULES.apply(None, "u", Deduct(1), T0, erased=erased)
+        assert outcome.account == guest(2)
+        assert outcome.entries == (
+            Entry("deduction", -7, "spent before erasure"),
+            Entry("deduction", -1, None),
+        )
+        assert not outcome.keyed(0) and outcome.keyed(1)
+
+    def test_a_full_erased_balance_writes_no_row(self) -> None:
+        assert RULES.apply(None, "u", Read(), T0, erased=guest(10)) == Outcome(guest(10))
+
+    def test_once_the_reset_is_due_the_id_opens_with_a_full_budget(self) -> None:
+        outcome = RULES.apply(None, "u", Read(False), DUE, erased=guest(3))
+        assert outcome.account == Account("u", False, 50, 50, DUE)
+        assert outcome.entries == ()
+
+    def test_an_account_that_exists_ignores_an_erasure(self) -> None:
+        assert RULES.apply(guest(5), "u", Read(), T0, erased=guest(1)).account == guest(5)

@@ -37,7 +37,11 @@ def served_at(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The service on SQLite in its own process; its base URL."""
     database = tmp_path_factory.mktemp("schemathesis") / "service.db"
     with served(
-        database, API_AUTH="token", API_TOKENS=SERVICE_TOKEN, ADMIN_TOKEN=ADMIN_TOKEN
+        database,
+        API_AUTH="token",
+        API_TOKENS=SERVICE_TOKEN,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        ERASURE_KEY="schemathesis-erasure-key-0123456789",
     ) as running:
         yield running.base
 

@@ -125,5 +125,6 @@ _DESCRIPTIONS = {
     403: "Forbidden (admin token or consent missing)",
     404: "Not found",
     409: "Conflict with a change in progress or a failed verification",
+    501: "Erasure is not configured (ERASURE_KEY)",
     502: "The answerer failed; the charge was refunded",
 }

@@ -8,6 +8,9 @@ statements mirror its steady state, each naming the rule it mirrors
 (app/repositories/pg_statements.py). The rules, by the names the stores cite:
 
 - FIRST SIGHT: an unseen account opens with the full budget of its tier, no ledger row.
+- ERASED RESUMES: an id erased (SPEC §10) before its next reset was due opens as it was
+  erased: its tier and reset instant, and its balance, the spent part written as one
+  `deduction` row, so erasure is no way to a fresh budget and the ledger still sums.
 - DUE RESET: when `now >= last_reset + period`, any access first refills to the maximum
   and restarts the period, with one `reset` row of the refill (none if nothing moved).
 - DEDUCT: only a balance that covers the amount; otherwise a refusal that changes nothing.
@@ -35,6 +38,7 @@ from app.schemas import TransactionType, UserCredits
 
 RESET_NOTE = "credits reset"
 UPGRADE_NOTE = "upgraded to registered"
+CARRIED_NOTE = "spent before erasure"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,18 +182,19 @@ class CreditRules:
         now: datetime,
         *,
         claimed: Claim | None = None,
+        erased: Account | None = None,
     ) -> Outcome:
         """The account after `operation` and the ledger entries it writes, FIRST SIGHT
         and DUE RESET first. `claimed`: the claim of the operation's key, applied before
-        (REPEATED KEY). Raises IdempotencyKeyReusedError (REUSED KEY) and
+        (REPEATED KEY). `erased`: for an unseen account, the account its id had when it
+        was erased (ERASED RESUMES). Raises IdempotencyKeyReusedError (REUSED KEY) and
         InsufficientCreditsError (DEDUCT); the caller then changes nothing."""
         if claimed is not None and not (
             isinstance(operation, Deduct | Refund) and claimed.admits(operation)
         ):
             raise IdempotencyKeyReusedError(claimed.operation)
         if account is None:
-            account = self.opened(user_id, _opening_tier(operation), now)
-            settled: tuple[Entry, ...] = ()
+            account, settled = self._first_sight(user_id, operation, now, erased)
         elif account.last_reset <= self.reset_cutoff(now):
             account, settled = self._refilled(account, now)
         else:
@@ -198,6 +203,18 @@ class CreditRules:
             return Outcome(account, settled, len(settled))
         after = self._change(account, operation, now)
         return Outcome(after.account, settled + after.entries, len(settled))
+
+    def _first_sight(
+        self, user_id: str, operation: Operation, now: datetime, erased: Account | None
+    ) -> tuple[Account, tuple[Entry, ...]]:
+        """FIRST SIGHT, or ERASED RESUMES while the erased account's reset is not due
+        (once it is, a fresh budget is what the reset would give anyway)."""
+        if erased is None or erased.last_reset <= self.reset_cutoff(now):
+            return self.opened(user_id, _opening_tier(operation), now), ()
+        account = Account(
+            user_id, erased.is_guest, erased.available, erased.maximum, erased.last_reset
+        )
+        return account, _entry("deduction", erased.available - erased.maximum, CARRIED_NOTE)
 
     def _change(self, account: Account, change: Change, now: datetime) -> Outcome:
         match change:

@@ -114,6 +114,13 @@ class StateRepository(Protocol):
         one process's own, has no other replica to weigh and ignores it)."""
         ...
 
+    async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        """SPEC §10, as one unit of work: the user's consent, history, keys and account
+        removed, the account kept under `pseudonym` (ERASED RESUMES), the ledger rows
+        moved to `pseudonym` with descriptions and keys cleared. Counts the rows moved;
+        None when the store holds nothing of the user."""
+        ...
+
     async def merge_verified(
         self, states: Sequence[UserState], round: Round | None = None
     ) -> Merged:

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
+from app.domain.privacy import Pseudonyms
 from app.domain.state import (
     LedgerRecord,
     Merged,
@@ -45,6 +46,7 @@ class MemoryData:
     consent_events: defaultdict[str, list[ConsentEvent]] = field(
         default_factory=lambda: defaultdict(list)
     )
+    erasures: dict[str, Account] = field(default_factory=dict)  # by pseudonym (SPEC §10)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     max_users: int = DEFAULT_MAX_USERS
     held: set[str] = field(default_factory=set)  # users with an account or a consent
@@ -61,9 +63,12 @@ class MemoryCreditRepository:
     """Accounts, ledger and idempotency keys in dicts (see CreditRepository): the
     domain's rules applied, the outcome stored only once decided."""
 
-    def __init__(self, rules: CreditRules, data: MemoryData) -> None:
+    def __init__(
+        self, rules: CreditRules, data: MemoryData, pseudonyms: Pseudonyms | None = None
+    ) -> None:
         self._rules = rules
         self._data = data
+        self._pseudonyms = pseudonyms
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         data = self._data
@@ -72,8 +77,12 @@ class MemoryCreditRepository:
         key = None if attempt.key is None else (user_id, attempt.key)
         held = None if key is None else data.keys.get(key)
         claimed = None if held is None else held[1]
+        account = data.accounts.get(user_id)
+        erased = None
+        if account is None and self._pseudonyms is not None and data.erasures:
+            erased = data.erasures.get(self._pseudonyms.of(user_id))
         outcome = self._rules.apply(
-            data.accounts.get(user_id), user_id, operation, attempt.at, claimed=claimed
+            account, user_id, operation, attempt.at, claimed=claimed, erased=erased
         )
         attempt.decided(claimed is not None)
         data.accounts[user_id] = outcome.account
@@ -279,17 +288,37 @@ class MemoryStateRepository:
     ) -> Merged:
         return await read_back_verified(self, states, round)
 
+    async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        data = self._data
+        rows = data.ledger.pop(user_id, [])
+        account = data.accounts.pop(user_id, None)
+        consent = data.consents.pop(user_id, None)
+        events = data.consent_events.pop(user_id, None)
+        if account is None and consent is None and not rows and not events:
+            return None
+        data.held.discard(user_id)
+        if account is not None:
+            data.erasures[pseudonym] = replace(account, user_id=pseudonym)
+        kept = data.ledger[pseudonym]
+        kept.extend(
+            replace(row, user_id=pseudonym, description=None, idempotency_key=None) for row in rows
+        )
+        kept.sort(key=lambda row: (row.timestamp, row.id))
+        data.keys = {key: held for key, held in data.keys.items() if key[0] != user_id}
+        return len(rows)
+
 
 def memory_stores(
     rules: CreditRules,
     data: MemoryData | None = None,
     *,
     cache_entries: int = DEFAULT_CACHE_ENTRIES,
+    pseudonyms: Pseudonyms | None = None,
 ) -> Stores:
     """The memory store's repositories, over `data` (fresh when not given)."""
     data = MemoryData() if data is None else data
     return Stores(
-        credits=MemoryCreditRepository(rules, data),
+        credits=MemoryCreditRepository(rules, data, pseudonyms),
         consents=MemoryConsentRepository(data),
         cache=MemoryCacheRepository(cache_entries),
     )

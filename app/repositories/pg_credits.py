@@ -28,6 +28,7 @@ from app.domain.credits import (
     Reset,
     Upgrade,
 )
+from app.domain.privacy import Pseudonyms
 from app.errors import InsufficientCreditsError
 from app.repositories.pg_connections import FastConnections
 from app.repositories.pg_statements import (
@@ -49,11 +50,16 @@ class PostgresCreditRepository:
     """The fast path in front of the general path (see the module docstring)."""
 
     def __init__(
-        self, general: SqlCreditRepository, connections: FastConnections, rules: CreditRules
+        self,
+        general: SqlCreditRepository,
+        connections: FastConnections,
+        rules: CreditRules,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self._general = general
         self._connections = connections
         self._rules = rules
+        self._pseudonyms = pseudonyms
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         row = await self._steady(user_id, operation, attempt)
@@ -138,6 +144,8 @@ class PostgresCreditRepository:
             claim and attempt.key,
             claim and claim.operation,
             claim and claim.request,
+            self._pseudonyms and self._pseudonyms.of(user_id),
+            self._rules.reset_cutoff(attempt.at),
         )
 
     async def _row(self, statement: Statement, *values: object) -> asyncpg.Record | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -28,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import Account
 from app.domain.state import LedgerRecord, Merged, Round, UserState
+from app.repositories.sql_state import erase
 from app.schemas import UserConsent
 
 # Planned for the users at hand, every time: a plan kept from when the tables were small
@@ -363,6 +365,9 @@ class PostgresStateRepository:
             for user_id, _, difference in await driver.fetch(_VERIFY, round is not None):
                 mismatched.setdefault(user_id, []).append(difference)
         return Merged(added, mismatched)
+
+    async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        return await erase(self._engine, user_id, pseudonym, now)
 
     @asynccontextmanager
     async def _driver(self) -> AsyncIterator[asyncpg.Connection]:

@@ -53,16 +53,22 @@ CREATE = Statement(
         ("claimed_key", "varchar"),
         ("claimed_operation", "varchar"),
         ("claimed_request", "varchar"),
+        ("pseudonym", "varchar"),
+        ("reset_cutoff", "timestamptz"),
     ),
     """
 -- FIRST SIGHT: the account as the rules opened it, the operation applied, with its
 -- ledger row (none when $6 is null) carrying its key, and the key claimed with its
--- request (REUSED KEY) unless it is the call's own; nothing when the account exists.
+-- request (REUSED KEY) unless it is the call's own; nothing when the account exists, or
+-- when its id was erased with no reset due since (ERASED RESUMES: $13 the pseudonym).
 WITH created AS (
     INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
                               last_reset_timestamp, created_at, updated_at)
-    VALUES ($1::varchar, $3::boolean, $4::integer, $5::integer,
-            $2::timestamptz, $2::timestamptz, $2::timestamptz)
+    SELECT $1::varchar, $3::boolean, $4::integer, $5::integer,
+           $2::timestamptz, $2::timestamptz, $2::timestamptz
+     WHERE NOT EXISTS (SELECT 1 FROM credit_erasures
+                        WHERE pseudonym = $13::varchar
+                          AND last_reset_timestamp > $14::timestamptz)
         ON CONFLICT (user_id) DO NOTHING
  RETURNING user_id, is_guest, available_credits, max_credits, last_reset_timestamp
 ), entry AS (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import CreditRules
+from app.domain.privacy import Pseudonyms
 from app.repositories.base import StateRepository, Stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.pg_consents import PostgresConsentRepository
@@ -23,15 +24,17 @@ def sql_stores(
     *,
     batch_size: int = DEFAULT_BATCH,
     fast: FastConnections | None = None,
+    pseudonyms: Pseudonyms | None = None,
 ) -> Stores:
     """With `fast` connections (PostgreSQL), credit operations and consent reads take the
-    single-statement fast path first; without, and on SQLite, the general path alone."""
-    general = SqlCreditRepository(engine, rules, batch_size=batch_size)
+    single-statement fast path first; without, and on SQLite, the general path alone.
+    `pseudonyms`: erasure is configured, and an erased id resumes its account."""
+    general = SqlCreditRepository(engine, rules, batch_size=batch_size, pseudonyms=pseudonyms)
     consents = SqlConsentRepository(engine)
     if fast is None:
         return Stores(general, consents, SqlCacheRepository(engine, batch_size=batch_size))
     return Stores(
-        credits=PostgresCreditRepository(general, fast, rules),
+        credits=PostgresCreditRepository(general, fast, rules, pseudonyms),
         consents=PostgresConsentRepository(consents, fast, rules),
         cache=SqlCacheRepository(engine, batch_size=batch_size),
     )

@@ -34,7 +34,14 @@ from app.domain.credits import (
     Outcome,
     Refund,
 )
-from app.models import CreditIdempotencyKeyRow, CreditTransactionRow, UserCreditsRow, table
+from app.domain.privacy import Pseudonyms
+from app.models import (
+    CreditErasureRow,
+    CreditIdempotencyKeyRow,
+    CreditTransactionRow,
+    UserCreditsRow,
+    table,
+)
 from app.repositories.sql_base import DEFAULT_BATCH, delete_in_batches, insert, transaction
 from app.schemas import CreditTransaction, UserCredits
 
@@ -43,6 +50,7 @@ ledger = table(CreditTransactionRow)
 # A ledger entry as the service shows it: the key is for retries and moves only.
 _ENTRY_COLUMNS = [column for column in ledger.c if column.name != "idempotency_key"]
 claimed_keys = table(CreditIdempotencyKeyRow)
+erasures = table(CreditErasureRow)
 
 _ACCOUNT = (
     accounts.c.user_id,
@@ -58,18 +66,27 @@ class SqlCreditRepository:
     docstring); PostgreSQL's fast path hands it whatever it cannot do in one statement."""
 
     def __init__(
-        self, engine: AsyncEngine, rules: CreditRules, *, batch_size: int = DEFAULT_BATCH
+        self,
+        engine: AsyncEngine,
+        rules: CreditRules,
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self._engine = engine
         self._rules = rules
         self._batch_size = batch_size
+        self._pseudonyms = pseudonyms
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         async with transaction(self._engine) as conn:
             while True:
                 before = await self._locked(conn, user_id)
                 claimed = await self._claimed(conn, user_id, operation, attempt)
-                outcome = self._rules.apply(before, user_id, operation, attempt.at, claimed=claimed)
+                erased = None if before is not None else await self._erased(conn, user_id)
+                outcome = self._rules.apply(
+                    before, user_id, operation, attempt.at, claimed=claimed, erased=erased
+                )
                 if await self._store(conn, before, outcome.account, attempt.at):
                     break
                 # A racing first sight created the account: decide again on it.
@@ -119,6 +136,24 @@ class SqlCreditRepository:
             batch_size=self._batch_size,
         )
         return deleted
+
+    async def _erased(self, conn: AsyncConnection, user_id: str) -> Account | None:
+        """ERASED RESUMES: the account the id had when it was erased, if it was."""
+        if self._pseudonyms is None:
+            return None
+        pseudonym = self._pseudonyms.of(user_id)
+        row = (
+            await conn.execute(
+                select(
+                    erasures.c.pseudonym,
+                    erasures.c.is_guest,
+                    erasures.c.available_credits,
+                    erasures.c.max_credits,
+                    erasures.c.last_reset_timestamp,
+                ).where(erasures.c.pseudonym == pseudonym)
+            )
+        ).first()
+        return None if row is None else Account(*row)
 
     @staticmethod
     async def _locked(conn: AsyncConnection, user_id: str) -> Account | None:

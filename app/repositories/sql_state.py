@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, select, union
+from sqlalchemy import Table, delete, select, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.domain.credits import Account
@@ -22,8 +22,8 @@ from app.domain.state import (
 from app.models import HandoverMarkRow, table
 from app.repositories.base import read_back_verified
 from app.repositories.sql_base import insert, transaction
-from app.repositories.sql_consents import consents
-from app.repositories.sql_credits import accounts, claimed_keys, ledger
+from app.repositories.sql_consents import consent_events, consents
+from app.repositories.sql_credits import accounts, claimed_keys, erasures, ledger
 from app.schemas import UserConsent
 
 
@@ -56,6 +56,9 @@ class SqlStateRepository:
                 await conn.execution_options(isolation_level="REPEATABLE READ")
             async with conn.begin():
                 return await _read(conn, user_ids)
+
+    async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        return await erase(self._engine, user_id, pseudonym, now)
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         if not states:
@@ -250,3 +253,41 @@ def _ledger_row(row: LedgerRecord) -> dict[str, Any]:
     fields = row.fields()
     del fields["id"]  # the receiving table numbers its own rows
     return fields
+
+
+async def erase(engine: AsyncEngine, user_id: str, pseudonym: str, now: datetime) -> int | None:
+    """StateRepository.erase on a SQL store (SQLite or PostgreSQL), one transaction that
+    holds the account row: nothing of the user is left under their id."""
+    async with transaction(engine) as conn:
+        columns = [accounts.c[name] for name in _MARK_FIELDS]  # the account as a mark holds it
+        held = (
+            await conn.execute(
+                select(*columns).where(accounts.c.user_id == user_id).with_for_update()
+            )
+        ).first()
+        if held is not None:
+            record = dict(held._mapping, pseudonym=pseudonym, erased_at=now)
+            statement = insert(conn, erasures).values(**record)
+            await conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[erasures.c.pseudonym],
+                    set_={name: statement.excluded[name] for name in record if name != "pseudonym"},
+                )
+            )
+        moved = await conn.execute(
+            update(ledger)
+            .where(ledger.c.user_id == user_id)
+            .values(user_id=pseudonym, description=None, idempotency_key=None)
+        )
+        removed = 0
+        for table_, column in (
+            (claimed_keys, claimed_keys.c.user_id),
+            (consent_events, consent_events.c.user_id),
+            (consents, consents.c.user_id),
+            (marks, marks.c.user_id),
+            (accounts, accounts.c.user_id),
+        ):
+            removed += (await conn.execute(delete(table_).where(column == user_id))).rowcount
+        if not moved.rowcount and not removed:
+            return None
+        return moved.rowcount

@@ -150,3 +150,6 @@ class GuardedState:
         self, states: Sequence[UserState], round: Round | None = None
     ) -> Merged:
         return await self._guard.run(self._inner.merge_verified, states, round)
+
+    async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        return await self._guard.run(self._inner.erase, user_id, pseudonym, now)

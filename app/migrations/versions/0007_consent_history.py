@@ -1,12 +1,14 @@
-"""Consent history and terms versions (SPEC §10).
+"""Consent history, terms versions and erasure (SPEC §10).
 
 `user_consents.terms_version` records the version of the terms a consent accepted; consents
 recorded before this revision accepted the only terms there were, version "1" (TERMS_VERSION's
 default), and rejections carry none. `consent_events` is the append-only history of consent
 changes; each existing consent gets one event, at its `updated_at`, saying what it holds now
-(what it held before was never recorded).
+(what it held before was never recorded). `credit_erasures` keeps, under its pseudonym, the
+account an erased user had.
 
-Downgrade drops the history and the column and keeps every consent.
+Downgrade drops the history, the column and the erasure records (an id erased before then
+gets a fresh budget when created again: README, "Privacy") and keeps every consent.
 
 Revision ID: 0007
 Revises: 0006
@@ -46,6 +48,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_consent_events")),
     )
     op.create_index("ix_consent_events_user_id_id", "consent_events", ["user_id", "id"])
+    op.create_table(
+        "credit_erasures",
+        sa.Column("pseudonym", sa.String(128), nullable=False),
+        sa.Column("is_guest", sa.Boolean(), nullable=False),
+        sa.Column("available_credits", sa.Integer(), nullable=False),
+        sa.Column("max_credits", sa.Integer(), nullable=False),
+        sa.Column("last_reset_timestamp", UTCDateTime(), nullable=False),
+        sa.Column("erased_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("pseudonym", name=op.f("pk_credit_erasures")),
+    )
     op.execute(
         "INSERT INTO consent_events (user_id, terms_accepted, marketing_consent, terms_version,"
         " recorded_at) SELECT user_id, terms_accepted, marketing_consent, terms_version,"
@@ -54,6 +66,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("credit_erasures")
     op.drop_index("ix_consent_events_user_id_id", table_name="consent_events")
     op.drop_table("consent_events")
     with op.batch_alter_table("user_consents") as batch:

@@ -1,0 +1,87 @@
+"""A user's data as a whole (SPEC §10): the subject's export (GDPR Art. 15/20) and erasure
+(Art. 17) that keeps the books (Art. 17(3)(b): the ledger stays, under a pseudonym)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+
+from app.clock import Clock, utc_now
+from app.domain.credits import CreditRules
+from app.domain.privacy import Pseudonyms
+from app.domain.state import LedgerRecord
+from app.errors import ErasureNotConfiguredError, StorageUnavailableError, UserNotFoundError
+from app.repositories.base import ConsentRepository, StateRepository
+from app.schemas import CreditTransaction, SubjectExport
+
+
+class PrivacyService:
+    """Export and erasure of one user, on the primary store (and the shadow, for erasure).
+
+    `stores`: the state repositories of the primary, then of the shadow if there is one.
+    `exclusive`: held while erasing, so that no hand-over or import moves the user's state
+    at the same time (HandoverInProgressError, 409, while one runs). `pending`: changes
+    made during an outage not yet replayed, which would bring an erased user back.
+    """
+
+    def __init__(
+        self,
+        *,
+        stores: Callable[[], Sequence[StateRepository]],
+        consents: ConsentRepository,
+        rules: CreditRules,
+        pseudonyms: Pseudonyms | None,
+        exclusive: Callable[[], AbstractAsyncContextManager[None]],
+        pending: Callable[[], int],
+        clock: Clock = utc_now,
+    ) -> None:
+        self._stores = stores
+        self._consents = consents
+        self._rules = rules
+        self._pseudonyms = pseudonyms
+        self._exclusive = exclusive
+        self._pending = pending
+        self._clock = clock
+
+    async def export(self, user_id: str) -> SubjectExport:
+        """What the primary holds of the user; empty (not an error) when nothing."""
+        (state,) = await self._stores()[0].read([user_id])
+        return SubjectExport(
+            user_id=user_id,
+            credits=None if state.account is None else self._rules.view(state.account),
+            transactions=[_transaction(row) for row in reversed(state.ledger)],
+            consent=state.consent,
+            consent_history=await self._consents.history(user_id),
+        )
+
+    async def erase(self, user_id: str) -> int:
+        """Erases the user from the primary and the shadow; counts the primary's ledger
+        rows pseudonymised. Raises ErasureNotConfiguredError without ERASURE_KEY,
+        UserNotFoundError when no store holds the user, StorageUnavailableError while
+        outage changes wait to be replayed."""
+        if self._pseudonyms is None:
+            raise ErasureNotConfiguredError()
+        if self._pending():
+            raise StorageUnavailableError(
+                "changes made during an outage are still being replayed; erase after them"
+            )
+        pseudonym = self._pseudonyms.of(user_id)
+        async with self._exclusive():
+            now = self._clock()
+            # One by one, the primary first: a shadow that fails leaves the answer 503, and
+            # a retry erases what is left (the primary then holding nothing).
+            erased = [await store.erase(user_id, pseudonym, now) for store in self._stores()]
+        if all(rows is None for rows in erased):
+            raise UserNotFoundError(user_id)
+        return erased[0] or 0
+
+
+def _transaction(row: LedgerRecord) -> CreditTransaction:
+    return CreditTransaction(
+        id=row.id,
+        user_id=row.user_id,
+        transaction_type=row.kind,
+        amount=row.amount,
+        timestamp=row.timestamp,
+        description=row.description,
+    )
