@@ -70,5 +70,6 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=level, handlers=[handler])
     for name in UVICORN_LOGGERS:
         logger = logging.getLogger(name)
-        logger.handlers.clear()
-        logger.propagate = True
+        if logger.handlers:  # none on the access log when uvicorn was told to keep it off
+            logger.handlers.clear()
+            logger.propagate = True

@@ -168,3 +168,16 @@ def test_the_served_service_writes_json_lines_with_the_echoed_request_id(tmp_pat
     assert "/api/v1/credits/carol/deduct" in by_id["trace-carol"]
     assert "/health" in by_id[made]
     assert secret not in log.read_text()
+
+
+def test_json_logs_keep_the_access_log_off_when_asked(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    with (
+        log.open("w") as stderr,
+        served(tmp_path / "a.db", log=stderr, LOG_FORMAT="json", LOG_LEVEL="INFO") as service,
+        urllib.request.urlopen(f"{service.base}/health", timeout=10) as response,
+    ):
+        assert response.status == 200  # served with ACCESS_LOG=false
+    loggers = {json.loads(line)["logger"] for line in log.read_text().splitlines() if line}
+    assert "uvicorn.error" in loggers  # JSON lines were written
+    assert "uvicorn.access" not in loggers
