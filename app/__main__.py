@@ -12,9 +12,11 @@ import os
 import sys
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from app.config import ApiAuth, get_settings
 from app.http_protocol import HeadDeadlineProtocol
+from app.logs import uvicorn_log_config
 from app.ops.state_cli import export_state, import_state
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -24,7 +26,8 @@ def serve(application: str = "app.main:app") -> None:
     """Serve `application` (an import string, so that workers can import it). Without
     authentication (API_AUTH=none) only on the loopback interface, whatever HOST says."""
     host = os.environ.get("HOST", "127.0.0.1")
-    if get_settings().api_auth is ApiAuth.NONE and host not in LOOPBACK:
+    settings = get_settings()
+    if settings.api_auth is ApiAuth.NONE and host not in LOOPBACK:
         print(
             f"API_AUTH=none: serving on 127.0.0.1, not HOST={host}; set API_AUTH=token or "
             "jwt to serve other hosts (README, Access)",
@@ -40,6 +43,7 @@ def serve(application: str = "app.main:app") -> None:
         proxy_headers=True,
         server_header=False,  # no banner naming the server (SPEC §8)
         http=HeadDeadlineProtocol,  # a deadline for each request's head
+        log_config=uvicorn_log_config(settings) or LOGGING_CONFIG,  # JSON, or uvicorn's own
     )
 
 

@@ -26,6 +26,11 @@ class ApiAuth(StrEnum):
     JWT = "jwt"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 class CacheBackend(StrEnum):
     MEMORY = "memory"
     DATABASE = "database"
@@ -138,6 +143,9 @@ class Settings(BaseSettings):
     # A request's head (request line and headers) must arrive within this (app/http_protocol.py).
     request_header_timeout_seconds: float = Field(10, gt=0)
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+    # GET /metrics and the counting behind it; off only to measure what they cost.
+    metrics_enabled: bool = True
 
     @field_validator("database_url")
     @classmethod

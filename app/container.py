@@ -19,9 +19,10 @@ from app.domain.privacy import Pseudonyms
 from app.domain.state import Round
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
+from app.ops.metrics import CreditOutcomes
 from app.ops.migrate import upgrade_to_head
 from app.ops.retention import RetentionJob
-from app.repositories.base import StateRepository, Stores
+from app.repositories.base import CreditRepository, StateRepository, Stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.sql import sql_stores, state_repository
@@ -36,6 +37,7 @@ from app.storage.engine import create_engine, fast_connections, masked_url
 from app.storage.fallback import OutageFallback, with_fallback
 from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
 from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
+from app.storage.metered import MeteredCredits
 from app.storage.provider import StorageProvider
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
@@ -71,6 +73,7 @@ class Container:
     fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
     pseudonyms: Pseudonyms | None = None  # erasure configured (ERASURE_KEY)
+    credit_outcomes: CreditOutcomes | None = None  # counted when the metrics are on
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
@@ -92,7 +95,9 @@ class Container:
         self.cluster = ClusterFlag(
             FlagStore(self.engine), poll_seconds=self.settings.storage_flag_poll_seconds
         )
-        self._credits = RoutedCredits(self.storage, self.gate, self.shadow)
+        self._credits: CreditRepository = RoutedCredits(self.storage, self.gate, self.shadow)
+        if self.credit_outcomes is not None:
+            self._credits = MeteredCredits(self._credits, self.credit_outcomes)
         self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.privacy = PrivacyService(
@@ -295,7 +300,12 @@ def credit_rules(settings: Settings) -> CreditRules:
     )
 
 
-def build_container(settings: Settings, *, answerer: Answerer | None = None) -> Container:
+def build_container(
+    settings: Settings,
+    *,
+    answerer: Answerer | None = None,
+    credit_outcomes: CreditOutcomes | None = None,
+) -> Container:
     rules = credit_rules(settings)
     engine = create_engine(settings)
     breaker = CircuitBreaker(
@@ -351,6 +361,7 @@ def build_container(settings: Settings, *, answerer: Answerer | None = None) -> 
         fast=fast,
         fallback=fallback,
         pseudonyms=pseudonyms,
+        credit_outcomes=credit_outcomes,
     )
 
 

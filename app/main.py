@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,9 +17,12 @@ from app.api.access import (
 )
 from app.api.errors import install_error_handlers
 from app.api.limits import RequestLimits
+from app.api.observe import Observe
 from app.assistant.answerer import Answerer
 from app.config import ApiAuth, Settings, StorageBackend, get_settings
 from app.container import build_container
+from app.logs import configure_logging
+from app.ops.metrics import Metrics
 
 API_PREFIX = "/api/v1"
 API_ROUTERS = (credits.router, consents.router, assistant.router, users.router)
@@ -69,11 +71,12 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         resolved = settings or get_settings()
-        logging.basicConfig(
-            level=resolved.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        configure_logging(resolved)
+        container = build_container(
+            resolved,
+            answerer=answerer,
+            credit_outcomes=metrics.credits if metrics is not None else None,
         )
-        container = build_container(resolved, answerer=answerer)
         try:
             if resolved.storage_backend is StorageBackend.DATABASE:
                 await container.prepare_database()
@@ -96,14 +99,20 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
     )
     install_error_handlers(app)
     configured = settings or get_settings()
+    metrics: Metrics | None = None
+    if configured.metrics_enabled:
+        metrics = Metrics(lambda: getattr(app.state, "container", None))
+        app.state.metrics = metrics
     if configured.api_auth is not ApiAuth.NONE:
         app.add_middleware(Authentication, settings=configured)
-    # Added last, so outermost: a body too large is refused before anything else.
+    # A body too large is refused before anything but the request id and the count.
     app.add_middleware(
         RequestLimits,
         max_body_bytes=configured.max_body_bytes,
         body_timeout=configured.request_body_timeout_seconds,
     )
+    # Added last, so outermost: every answer carries the request id and is counted.
+    app.add_middleware(Observe, metrics=metrics, routes=app.router.routes)
     authenticated = configured.api_auth is not ApiAuth.NONE
     for router in API_ROUTERS:
         add_routes(app, router, prefix=API_PREFIX, authenticated=authenticated)
@@ -111,6 +120,8 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         document_bearer(app, tokens_are_jwts=configured.api_auth is ApiAuth.JWT)
     add_routes(app, operations.health, prefix="")
     add_routes(app, operations.admin, prefix="")
+    if metrics is not None:
+        add_routes(app, operations.metrics, prefix="")
     return app
 
 

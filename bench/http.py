@@ -263,6 +263,7 @@ async def run(ctx: Context) -> None:
         _throughput(ctx, medians, runs, rounds)
         await _latency(ctx, routes, medians, limit, project)
         await _authenticated(ctx, url, project)
+        await _observed(ctx, url)
         if not ctx.quick:
             await _workers(ctx, url, project)
             await _clients(ctx, project, limit)
@@ -401,6 +402,48 @@ async def _authenticated(ctx: Context, url: str, open_project: Server) -> None:
     share = checked / none if none else 0.0
     detail = f"{rate(checked)} vs {rate(none)} req/s = {share:.2f}x, tokens presented before"
     ctx.targets.check("HTTP deduct with API_AUTH=jwt >= 0.9x none", detail, share >= 0.9)
+
+
+async def _observed(ctx: Context, url: str) -> None:
+    """The deduction with /metrics counting and JSON logs at INFO beside a server with
+    METRICS_ENABLED=false and text logs, rounds alternating: what observability costs a
+    request. The request id is made either way (every response echoes it). The access log
+    stays off on both (ACCESS_LOG=false, as everywhere here): it is uvicorn's, the same
+    cost in either format, and a proxy in front often logs requests instead."""
+    rounds = 1 if ctx.quick else 5
+    served: dict[str, list[float]] = {"off": [], "on": []}
+    database = {"STORAGE_BACKEND": "database"}
+    async with (
+        _served("unobserved", "app", url, METRICS_ENABLED="false", **database) as off,
+        _served("observed", "app", url, LOG_FORMAT="json", LOG_LEVEL="INFO", **database) as on,
+    ):
+        for _ in range(rounds):
+            for name, server in (("off", off), ("on", on)):
+                measured = await _drive(ctx, server, DEDUCT)
+                error = measured.result.first_error
+                if error:
+                    say(f"  deduct, observability {name}: first error: {error}")
+                served[name].append(measured.result.ops_per_s)
+    say(f"\n  the deduction with metrics and JSON logs beside without (median of {rounds} rounds)")
+    without = statistics.median(served["off"])
+    table(
+        ["metrics + JSON logs", "req/s", "vs off", "rounds"],
+        [
+            [
+                name,
+                rate(statistics.median(values)),
+                f"{statistics.median(values) / without:.2f}x" if without else "-",
+                " ".join(map(rate, values)),
+            ]
+            for name, values in served.items()
+        ],
+    )
+    observed = statistics.median(served["on"])
+    share = observed / without if without else 0.0
+    detail = f"{rate(observed)} vs {rate(without)} req/s = {share:.2f}x"
+    ctx.targets.check(
+        "HTTP deduct with metrics and JSON logs >= 0.9x without", detail, share >= 0.9
+    )
 
 
 async def _present_every_token(server: Server, tokens: dict[str, str]) -> None:

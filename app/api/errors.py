@@ -89,7 +89,10 @@ async def _http_error(_: Request, error: Exception) -> JSONResponse:
     )
 
 
-async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+def unexpected_error(error: Exception) -> JSONResponse:
+    """The answer to an error no handler took: 503 when the store is unavailable, else a
+    generic 500, the error logged. Rendered by the outermost middleware
+    (app/api/observe.py), so that this answer too carries the request id."""
     if is_unavailable(error):
         return _unavailable(StorageUnavailableError())
     logger.exception("unhandled error", exc_info=error)
@@ -100,7 +103,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(AppError, _app_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

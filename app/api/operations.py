@@ -5,19 +5,29 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
 from app.ops.health import database_status
+from app.ops.metrics import CONTENT_TYPE, Metrics
 from app.storage.stream import export_lines
 
 NDJSON = "application/x-ndjson"
 
 health = APIRouter(prefix="/health", tags=["health"])
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+# Open like /health (SPEC §8): operators restrict it at the network level (README).
+metrics = APIRouter(tags=["operations"])
+
+
+@metrics.get("/metrics", response_class=PlainTextResponse)
+async def scrape(request: Request) -> PlainTextResponse:
+    """The Prometheus series of this process (of every worker in multiprocess mode)."""
+    collected: Metrics = request.app.state.metrics
+    return PlainTextResponse(collected.scrape(), media_type=CONTENT_TYPE)
 
 
 @health.get("")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,9 +33,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(database: Path, **settings: str) -> Iterator[Served]:
+def served(database: Path, *, log: IO[str] | None = None, **settings: str) -> Iterator[Served]:
     """The service on the SQLite file `database`, with these settings (environment
-    variables) added, until ready; stopped on exit."""
+    variables) added, until ready; stopped on exit. Its stderr goes to `log` if given."""
     port = free_port()
     env = {
         **os.environ,
@@ -46,7 +47,11 @@ def served(database: Path, **settings: str) -> Iterator[Served]:
         **settings,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "app"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "app"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE if log is None else log,
+        text=True,
     )
     running = Served(port)
     try:
