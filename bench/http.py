@@ -365,42 +365,21 @@ async def _authenticated(ctx: Context, url: str, open_project: Server) -> None:
     expires = int(time.time()) + 24 * 3600
     tokens = {user: jwt.encode({"sub": user, "exp": expires}, secret) for user in POOL}
     extra = {"STORAGE_BACKEND": "database", "API_AUTH": "jwt", "JWT_SECRET": secret}
-    rounds = 1 if ctx.quick else 5
-    names = ("none", "jwt", "jwt, every token new")
-    served: dict[str, list[float]] = {name: [] for name in names}
     async with (
         _served("jwt", "app", url, **extra) as authenticated,
         _served("jwt uncached", "app", url, JWT_CACHE_SIZE="0", **extra) as uncached,
     ):
         await _present_every_token(authenticated, tokens)
-        for _ in range(rounds):
-            for name, server, request in zip(
-                names,
-                (open_project, authenticated, uncached),
-                (DEDUCT, as_user(DEDUCT, tokens), as_user(DEDUCT, tokens)),
-                strict=True,
-            ):
-                measured = await _drive(ctx, server, request)
-                if measured.result.first_error:
-                    say(f"  deduct, API_AUTH={name}: first error: {measured.result.first_error}")
-                served[name].append(measured.result.ops_per_s)
-    say(f"\n  the deduction with API_AUTH=jwt beside none (median of {rounds} alternating rounds)")
-    none = statistics.median(served["none"])
-    table(
-        ["API_AUTH", "req/s", "vs none", "rounds"],
-        [
-            [
-                name,
-                rate(statistics.median(values)),
-                f"{statistics.median(values) / none:.2f}x" if none else "-",
-                " ".join(map(rate, values)),
-            ]
-            for name, values in served.items()
-        ],
-    )
-    checked = statistics.median(served["jwt"])
-    share = checked / none if none else 0.0
-    detail = f"{rate(checked)} vs {rate(none)} req/s = {share:.2f}x, tokens presented before"
+        served = await _alternating(
+            ctx,
+            {
+                "none": (open_project, DEDUCT),
+                "jwt": (authenticated, as_user(DEDUCT, tokens)),
+                "jwt, every token new": (uncached, as_user(DEDUCT, tokens)),
+            },
+        )
+    share = _versus(served, "the deduction with API_AUTH=jwt beside none", "API_AUTH")
+    detail = f"{share:.2f}x, tokens presented before"
     ctx.targets.check("HTTP deduct with API_AUTH=jwt >= 0.9x none", detail, share >= 0.9)
 
 
@@ -410,40 +389,52 @@ async def _observed(ctx: Context, url: str) -> None:
     request. The request id is made either way (every response echoes it). The access log
     stays off on both (ACCESS_LOG=false, as everywhere here): it is uvicorn's, the same
     cost in either format, and a proxy in front often logs requests instead."""
-    rounds = 1 if ctx.quick else 5
-    served: dict[str, list[float]] = {"off": [], "on": []}
     database = {"STORAGE_BACKEND": "database"}
     async with (
         _served("unobserved", "app", url, METRICS_ENABLED="false", **database) as off,
         _served("observed", "app", url, LOG_FORMAT="json", LOG_LEVEL="INFO", **database) as on,
     ):
-        for _ in range(rounds):
-            for name, server in (("off", off), ("on", on)):
-                measured = await _drive(ctx, server, DEDUCT)
-                error = measured.result.first_error
-                if error:
-                    say(f"  deduct, observability {name}: first error: {error}")
-                served[name].append(measured.result.ops_per_s)
-    say(f"\n  the deduction with metrics and JSON logs beside without (median of {rounds} rounds)")
-    without = statistics.median(served["off"])
+        served = await _alternating(ctx, {"off": (off, DEDUCT), "on": (on, DEDUCT)})
+    share = _versus(
+        served, "the deduction with metrics and JSON logs beside without", "metrics + JSON logs"
+    )
+    ctx.targets.check(
+        "HTTP deduct with metrics and JSON logs >= 0.9x without", f"{share:.2f}x", share >= 0.9
+    )
+
+
+async def _alternating(
+    ctx: Context, variants: dict[str, tuple[Server, Request]]
+) -> dict[str, list[float]]:
+    """Each variant's throughput (req/s) in rounds alternating between them."""
+    served: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(1 if ctx.quick else 5):
+        for name, (server, request) in variants.items():
+            measured = await _drive(ctx, server, request)
+            if measured.result.first_error:
+                say(f"  {name}: first error: {measured.result.first_error}")
+            served[name].append(measured.result.ops_per_s)
+    return served
+
+
+def _versus(served: dict[str, list[float]], title: str, column: str) -> float:
+    """Prints each variant's median beside the first's; answers the second's ratio."""
+    medians = {name: statistics.median(values) for name, values in served.items()}
+    first, second = list(medians.values())[:2]
+    say(f"\n  {title} (median of {len(next(iter(served.values())))} alternating rounds)")
     table(
-        ["metrics + JSON logs", "req/s", "vs off", "rounds"],
+        [column, "req/s", "vs first", "rounds"],
         [
             [
                 name,
-                rate(statistics.median(values)),
-                f"{statistics.median(values) / without:.2f}x" if without else "-",
+                rate(medians[name]),
+                f"{medians[name] / first:.2f}x" if first else "-",
                 " ".join(map(rate, values)),
             ]
             for name, values in served.items()
         ],
     )
-    observed = statistics.median(served["on"])
-    share = observed / without if without else 0.0
-    detail = f"{rate(observed)} vs {rate(without)} req/s = {share:.2f}x"
-    ctx.targets.check(
-        "HTTP deduct with metrics and JSON logs >= 0.9x without", detail, share >= 0.9
-    )
+    return second / first if first else 0.0
 
 
 async def _present_every_token(server: Server, tokens: dict[str, str]) -> None:
