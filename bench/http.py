@@ -31,6 +31,7 @@ import httpx
 import jwt
 
 from app.assistant.answerer import CatalogueAnswerer
+from app.config import DEFAULT_TERMS_VERSION
 from bench import fixtures
 from bench.context import Context
 from bench.http_clients import (
@@ -180,11 +181,13 @@ async def _prepare(url: str, project: Server) -> list[str]:
         await conn.execute(
             """
             INSERT INTO user_consents (user_id, terms_accepted, marketing_consent,
-                                       timestamp, updated_at)
-            SELECT user_id, true, false, now(), now() FROM user_credits WHERE user_id LIKE $1
+                                       timestamp, updated_at, terms_version)
+            SELECT user_id, true, false, now(), now(), $2
+              FROM user_credits WHERE user_id LIKE $1
             ON CONFLICT (user_id) DO NOTHING
             """,
             fixtures.POOL_PREFIX + "%",
+            DEFAULT_TERMS_VERSION,  # the servers' TERMS_VERSION, which the bench leaves as is
         )
     finally:
         await conn.close()
