@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     # its query cache this many answers: process memory is not a database.
     memory_store_max_users: int = Field(100_000, ge=1)
     memory_cache_max_entries: int = Field(10_000, ge=1)
+    # Changes an outage may hold for replay; past it writes are 503 like the database's.
+    outage_outbox_max_changes: int = Field(100_000, ge=1)
     # None: the cache follows the active storage backend, also across a runtime toggle.
     cache_backend: CacheBackend | None = None
     run_migrations_on_startup: bool = True

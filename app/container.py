@@ -327,7 +327,10 @@ def build_container(
     fallback = None
     max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
-        fallback = OutageFallback(lambda: memory_stores(rules, MemoryData(max_users=max_users)))
+        fallback = OutageFallback(
+            lambda: memory_stores(rules, MemoryData(max_users=max_users)),
+            max_changes=settings.outage_outbox_max_changes,
+        )
     memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(
         rules,

@@ -228,3 +228,26 @@ async def test_the_consent_history_is_refused_during_an_outage_not_half_told(
     outage.down = False
     await fallback.replay(database)
     assert len(await consents.consent_history("told")) == 2
+
+
+async def test_a_full_outbox_refuses_further_writes_and_keeps_serving_reads(
+    outage: Outage,
+) -> None:
+    fallback = OutageFallback(lambda: memory_stores(RULES), max_changes=2)
+    database = database_of(outage)
+    stores = with_fallback(database, fallback)
+    credits, consents = CreditService(stores.credits), UserConsentService(stores.consents)
+    outage.down = True
+    await credits.deduct_credits("full", 1)
+    await consents.record_consent("full", terms_accepted=True)
+    with pytest.raises(StorageUnavailableError):
+        await credits.deduct_credits("full", 1)
+    with pytest.raises(StorageUnavailableError):
+        await consents.record_consent("full", terms_accepted=False)
+    assert (await credits.get_user_credits("full")).available_credits == 9  # nothing half-made
+    assert fallback.depth == 2
+    outage.down = False
+    await fallback.replay(database)
+    outage.down = True
+    await credits.deduct_credits("full", 1)  # room again once replayed
+    assert fallback.depth == 1

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+DEFAULT_MAX_CHANGES = 100_000
+
+
 @dataclass(frozen=True)
 class CreditChange:
     user_id: str
@@ -66,10 +69,13 @@ Served = CreditChange | ConsentRecorded | MarketingChanged
 class OutageFallback:
     """Owns the fallback store, the outbox and the replay."""
 
-    def __init__(self, make_memory: Callable[[], Stores]) -> None:
+    def __init__(
+        self, make_memory: Callable[[], Stores], *, max_changes: int = DEFAULT_MAX_CHANGES
+    ) -> None:
         self._make_memory = make_memory
         self.memory = make_memory()
         self.outbox: list[Served] = []
+        self._max_changes = max_changes
         self.clamped = 0
         self.key_conflicts = 0
         self.replayed = 0
@@ -79,6 +85,12 @@ class OutageFallback:
     @property
     def depth(self) -> int:
         return len(self.outbox)
+
+    @property
+    def full(self) -> bool:
+        """The outbox holds OUTAGE_OUTBOX_MAX_CHANGES: further changes are refused (503)
+        rather than held in memory without bound."""
+        return len(self.outbox) >= self._max_changes
 
     def record(self, change: Served) -> None:
         self.outbox.append(change)
@@ -179,14 +191,22 @@ class _FallingBack:
         self,
         database: Awaitable[T],
         memory: Callable[[], Awaitable[T]],
-        served: Callable[[T], Served | None] = lambda _: None,
+        served: Callable[[T], Served | None] | None = None,
     ) -> T:
         """The database's answer; the fallback store's while the database cannot serve,
-        with the change it made (`served`) recorded for the replay. A database that
-        answers again gets the outbox replayed."""
+        with the change it made (`served`, for a write) recorded for the replay, unless
+        the outbox is full: then the write is refused as the database refused it. A
+        database that answers again gets the outbox replayed."""
         try:
             result = await database
-        except StorageUnavailableError:
+        except StorageUnavailableError as unavailable:
+            if served is None:
+                return await memory()
+            if self._fallback.full:
+                raise StorageUnavailableError(
+                    "the database is unavailable and the outage outbox is full",
+                    retry_after=unavailable.retry_after,
+                ) from unavailable
             result = await memory()
             change = served(result)
             if change is not None:
@@ -203,9 +223,9 @@ class FallbackCredits(_FallingBack):
         return await self._either(
             self._database.credits.apply(user_id, operation, attempt),
             lambda: self._fallback.memory.credits.apply(user_id, operation, attempt),
-            lambda _: (
-                None if isinstance(operation, Read) else CreditChange(user_id, operation, attempt)
-            ),
+            None
+            if isinstance(operation, Read)
+            else lambda _: CreditChange(user_id, operation, attempt),
         )
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
