@@ -39,9 +39,11 @@ RUN pip install . \
 # The built-in SQLite default (./assistant.db) would land in read-only /app, so the image
 # points it at /app/data (mount a volume there to keep it). Compose and production set
 # DATABASE_URL to PostgreSQL instead.
+# The outage journal (SPEC §9) goes there too: it must outlive the container.
 ENV HOST=0.0.0.0 \
     PORT=8000 \
-    DATABASE_URL=sqlite+aiosqlite:////app/data/assistant.db
+    DATABASE_URL=sqlite+aiosqlite:////app/data/assistant.db \
+    OUTAGE_JOURNAL_PATH=/app/data/outage-journal.db
 
 USER 10001:10001
 

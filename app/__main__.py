@@ -1,5 +1,6 @@
 """`python -m app`: serve the API with uvicorn; `python -m app state export|import`: move
-the database's state out or in as NDJSON (SPEC §7).
+the database's state out or in as NDJSON (SPEC §7); `python -m app journal replay FILE`:
+replay an outage journal a replica left (SPEC §9).
 
 HOST and PORT from the environment (default 127.0.0.1:8000); WEB_CONCURRENCY worker
 processes (uvicorn's own variable, default 1), each with its own pools (README,
@@ -17,6 +18,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.config import ApiAuth, get_settings
 from app.http_protocol import HeadDeadlineProtocol
 from app.logs import uvicorn_log_config
+from app.ops.journal_cli import replay_journal
 from app.ops.state_cli import export_state, import_state
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -56,7 +58,17 @@ def main(argv: list[str]) -> int:
     actions.add_parser("export", help="write every account, ledger row and consent to stdout")
     importing = actions.add_parser("import", help="merge an export into the database")
     importing.add_argument("file", help="an export (NDJSON), or - for stdin")
+    journal = commands.add_parser("journal", help="the outage journal (SPEC §9)")
+    journal_actions = journal.add_subparsers(dest="action", required=True)
+    replaying = journal_actions.add_parser(
+        "replay",
+        help="replay a journal file into the database; exit 0 when all of it landed, 1 "
+        "when changes wait or became dead letters, 2 when it could not run",
+    )
+    replaying.add_argument("file", help="a journal (OUTAGE_JOURNAL_PATH) no process holds")
     args = parser.parse_args(argv)
+    if args.command == "journal":
+        return replay_journal(args.file)
     if args.command == "state":
         if args.action == "export":
             return asyncio.run(export_state(sys.stdout.buffer))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,6 +96,11 @@ class Settings(BaseSettings):
     memory_cache_max_entries: int = Field(10_000, ge=1)
     # Changes an outage may hold for replay; past it writes are 503 like the database's.
     outage_outbox_max_changes: int = Field(100_000, ge=1)
+    # Where the fallback journals each change before acknowledging it (SPEC §9); a second
+    # process given the same path takes the next free slot beside it.
+    outage_journal_path: Path = Path("./outage-journal.db")
+    # Users whose last state in the database this process keeps for the fallback to start from.
+    fallback_snapshot_max_users: int = Field(100_000, ge=1)
     # None: the cache follows the active storage backend, also across a runtime toggle.
     cache_backend: CacheBackend | None = None
     run_migrations_on_startup: bool = True

@@ -37,6 +37,7 @@ from app.storage.engine import create_engine, fast_connections, masked_url
 from app.storage.fallback import OutageFallback, with_fallback
 from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
 from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
+from app.storage.journal import OutageJournal
 from app.storage.metered import MeteredCredits
 from app.storage.provider import StorageProvider
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
@@ -280,6 +281,13 @@ class Container:
         async with self._flag_changing:
             yield
 
+    async def start_jobs(self) -> None:
+        """The background work of a started service: retention, and the outage journal's
+        replay (what an earlier process left included)."""
+        self.retention.start()
+        if self.fallback is not None:
+            await self.fallback.start(self.guarded)
+
     async def close(self) -> None:
         await self.cluster.stop()
         await self.retention.stop()
@@ -328,8 +336,12 @@ def build_container(
     max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(
-            lambda: memory_stores(rules, MemoryData(max_users=max_users)),
+            rules,
+            OutageJournal.open(settings.outage_journal_path),
+            max_users=max_users,
             max_changes=settings.outage_outbox_max_changes,
+            snapshot_max_users=settings.fallback_snapshot_max_users,
+            retry_seconds=settings.db_breaker_reset_seconds,
         )
     memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(

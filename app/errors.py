@@ -135,6 +135,14 @@ class ErasureNotConfiguredError(AppError):
         super().__init__("erasure is not configured on this service (ERASURE_KEY is unset)")
 
 
+class DeadLetterNotFoundError(AppError):
+    status_code = 404
+    code = "dead_letter_not_found"
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(f"the outage journal holds no dead letter {seq}")
+
+
 class StorageUnavailableError(AppError):
     """The store cannot serve right now; clients should retry after `retry_after` seconds."""
 

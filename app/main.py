@@ -82,7 +82,7 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
                 await container.prepare_database()
             await container.take_stored_flag()
             app.state.container = container
-            container.retention.start()
+            await container.start_jobs()
             yield
         finally:
             await container.close()

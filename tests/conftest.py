@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -273,6 +274,8 @@ def app_settings(backend: str, database_url: str, **overrides: object) -> Settin
         if backend == "memory"
         else StorageBackend.DATABASE,
         "admin_token": "test-admin-token",
+        # Each application its own outage journal: one left by another test is not this one's.
+        "outage_journal_path": Path(tempfile.mkdtemp(prefix="journal-")) / "outage-journal.db",
         **overrides,
     }
     return Settings.model_validate(values)

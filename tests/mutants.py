@@ -682,10 +682,24 @@ MUTANTS = [
         (f"{MODEL}[memory]", "tests/test_api_credits.py", "-k", "memory"),
     ),
     Mutant(
-        "fallback: a change served during an outage not recorded",
+        "fallback: a change served during an outage not journaled",
         FALLBACK,
-        "else lambda _: CreditChange(user_id, operation, attempt),",
-        "else lambda _: None,",
+        "await self._journaled(CreditChange(user_id, operation, attempt), unavailable)",
+        "pass",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: an outage starts each user afresh, not as last seen",
+        FALLBACK,
+        "self._data.adopt(user_id, seen.account, seen.consent)",
+        "pass",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a change the database refuses for good stops the replay",
+        FALLBACK,
+        "await self._dead_letter(seq, _reason(refused))",
+        "return",
         ("tests/test_fallback.py",),
     ),
     Mutant(

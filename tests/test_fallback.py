@@ -4,19 +4,31 @@ reaches the database on replay, once; reads are never replayed."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import get_args
 
 import pytest
 
-from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset, Upgrade
-from app.errors import StorageUnavailableError
+from app.domain.credits import Attempt, Change, Deduct, Operation, Read, Refund, Reset, Upgrade
+from app.errors import InsufficientCreditsError, StorageUnavailableError
 from app.repositories.base import CreditRepository, Stores
 from app.repositories.memory import MemoryConsentRepository, MemoryData, memory_stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.fallback import OutageFallback, with_fallback
+from app.storage.journal import CreditChange, JournalError, OutageJournal
+from app.storage.last_known import LastKnown
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
 
@@ -91,6 +103,16 @@ class DownableConsents(MemoryConsentRepository):
         self._outage.check()
         return await super().history(user_id)
 
+    async def get(self, user_id: str) -> UserConsent | None:
+        self._outage.check()
+        return await super().get(user_id)
+
+    async def admission(
+        self, user_id: str, *, now: datetime
+    ) -> tuple[UserConsent | None, UserCredits | None]:
+        self._outage.check()
+        return await super().admission(user_id, now=now)
+
 
 @pytest.fixture
 def outage() -> Outage:
@@ -98,8 +120,34 @@ def outage() -> Outage:
 
 
 @pytest.fixture
-def fallback() -> OutageFallback:
-    return OutageFallback(lambda: memory_stores(RULES))
+async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFallback]]:
+    """Fallbacks journaling in `tmp_path`, closed after the test."""
+    opened: list[OutageFallback] = []
+
+    def open_one(*, max_changes: int = 100, name: str = "journal.db") -> OutageFallback:
+        fallback = OutageFallback(
+            RULES,
+            OutageJournal.open(tmp_path / name),
+            max_users=100,
+            max_changes=max_changes,
+            snapshot_max_users=100,
+        )
+        opened.append(fallback)
+        return fallback
+
+    yield open_one
+    for fallback in opened:
+        await fallback.journal.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fallback(open_fallback: Callable[..., OutageFallback]) -> OutageFallback:
+    return open_fallback()
 
 
 def database_of(outage: Outage) -> Stores:
@@ -131,7 +179,7 @@ async def test_a_change_served_during_an_outage_reaches_the_database_once(
     attempt = Attempt(clock.now, "during" if isinstance(change, Deduct | Refund) else None)
     await with_fallback(database, fallback).credits.apply("traveller", change, attempt)
     assert fallback.depth == 1
-    assert served.available_credits == 10  # the fallback store knew nothing of the 6
+    assert served.available_credits == 4  # as last seen in the database
 
     outage.down = False
     await fallback.replay(database)
@@ -211,7 +259,7 @@ async def test_a_replayed_change_whose_key_the_database_holds_for_another_reques
     await credits.deduct_credits("twice", 1, idempotency_key="order-2")
     outage.down = False
     await fallback.replay(database)
-    assert (fallback.depth, fallback.key_conflicts) == (0, 1)
+    assert (fallback.depth, fallback.journal.dead_letters) == (0, 1)
     assert [row.amount for row in await database.credits.history("twice", 10)] == [-1, -2]
 
 
@@ -230,10 +278,10 @@ async def test_the_consent_history_is_refused_during_an_outage_not_half_told(
     assert len(await consents.consent_history("told")) == 2
 
 
-async def test_a_full_outbox_refuses_further_writes_and_keeps_serving_reads(
-    outage: Outage,
+async def test_a_full_journal_refuses_further_writes_and_keeps_serving_reads(
+    outage: Outage, open_fallback: Callable[..., OutageFallback]
 ) -> None:
-    fallback = OutageFallback(lambda: memory_stores(RULES), max_changes=2)
+    fallback = open_fallback(max_changes=2)
     database = database_of(outage)
     stores = with_fallback(database, fallback)
     credits, consents = CreditService(stores.credits), UserConsentService(stores.consents)
@@ -251,3 +299,212 @@ async def test_a_full_outbox_refuses_further_writes_and_keeps_serving_reads(
     outage.down = True
     await credits.deduct_credits("full", 1)  # room again once replayed
     assert fallback.depth == 1
+
+
+class Poisoned(DownableCredits):
+    """A database that refuses one user's changes for good."""
+
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        self._outage.check()
+        if user_id == "poison" and not isinstance(operation, Read):
+            raise ValueError("check constraint violated (test)")
+        return await super().apply(user_id, operation, attempt)
+
+
+async def test_a_known_users_balance_and_consent_are_honoured_during_an_outage(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    stores = with_fallback(database_of(outage), fallback)
+    credits, consents = CreditService(stores.credits), UserConsentService(stores.consents)
+    await credits.deduct_credits("known", 7)
+    await consents.record_consent("known", terms_accepted=True)
+    outage.down = True
+    assert (await credits.get_user_credits("known")).available_credits == 3
+    consent = await consents.get_consent("known")
+    assert consent is not None and consent.terms_accepted
+    with pytest.raises(InsufficientCreditsError):
+        await credits.deduct_credits("known", 4)
+    assert fallback.unknown_accounts == 0
+
+
+async def test_a_consent_never_seen_is_unavailable_during_an_outage_not_refused(
+    outage: Outage, fallback: OutageFallback, clock: FakeClock
+) -> None:
+    stores = with_fallback(database_of(outage), fallback)
+    consents = UserConsentService(stores.consents, clock=clock)
+    assert await consents.get_consent("asked") is None  # the database holds none
+    outage.down = True
+    with pytest.raises(StorageUnavailableError):
+        await consents.get_consent("stranger")
+    with pytest.raises(StorageUnavailableError):
+        await stores.consents.admission("stranger", now=clock.now)
+    with pytest.raises(StorageUnavailableError):
+        await consents.update_marketing_consent("stranger", True)
+    assert await consents.get_consent("asked") is None  # known to have none: still none
+    await consents.record_consent("stranger", terms_accepted=True)  # recorded: known now
+    assert (await stores.consents.admission("stranger", now=clock.now))[0] is not None
+
+
+async def test_an_account_never_seen_starts_with_a_full_budget_and_is_counted(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    outage.down = True
+    assert (await credits.get_user_credits("stranger")).available_credits == 10
+    await credits.deduct_credits("stranger", 1)
+    assert (fallback.unknown_accounts, fallback.figures["unknown_accounts"]) == (1, 1)
+
+
+async def test_changes_journaled_before_a_crash_land_once_after_restarts(
+    outage: Outage, open_fallback: Callable[..., OutageFallback], tmp_path: Path
+) -> None:
+    database = database_of(outage)
+    crashed = open_fallback()
+    stores = with_fallback(database, crashed)
+    credits, consents = CreditService(stores.credits), UserConsentService(stores.consents)
+    await credits.deduct_credits("kept", 2)
+    outage.down = True
+    for n in range(3):
+        await credits.deduct_credits("kept", 1, idempotency_key=f"k{n}")
+    await credits.deduct_credits("kept", 1)  # no client key: the service's own
+    await consents.record_consent("kept", terms_accepted=True, marketing_consent=True)
+    await crashed.journal.close()  # the process dies: nothing replayed, the journal kept
+
+    restarted = open_fallback()
+    await restarted.start(database)  # the database is still down
+    assert restarted.depth == 5
+    assert (await restarted.memory.credits.history("kept", 10))[0].amount == -1
+    outage.down = False
+    shutil.copy(tmp_path / "journal.db", tmp_path / "image.db")  # as if killed mid-replay
+    shutil.copy(tmp_path / "journal.db-wal", tmp_path / "image.db-wal")
+    await restarted.replay(database)
+    assert restarted.depth == 0
+    again = open_fallback(name="image.db")  # the same changes, replayed once more
+    await again.replay(database)
+    assert again.replayed == 5
+    ledger = await database.credits.history("kept", 10)
+    assert [row.amount for row in ledger] == [-1, -1, -1, -1, -2]
+    consent = await database.consents.get("kept")
+    assert consent is not None and consent.marketing_consent
+
+
+async def test_a_torn_last_record_is_dropped_and_the_intact_ones_replay(
+    outage: Outage, open_fallback: Callable[..., OutageFallback], tmp_path: Path
+) -> None:
+    database = database_of(outage)
+    writing = open_fallback()
+    credits = CreditService(with_fallback(database, writing).credits)
+    outage.down = True
+    for n in range(3):  # three commits, the last one torn below
+        await credits.deduct_credits("torn", 1, idempotency_key=f"t{n}")
+    shutil.copy(tmp_path / "journal.db", tmp_path / "torn.db")
+    wal = (tmp_path / "journal.db-wal").read_bytes()
+    (tmp_path / "torn.db-wal").write_bytes(wal[:-100])  # power lost mid-write
+    outage.down = False
+    survivor = open_fallback(name="torn.db")
+    assert survivor.depth == 2
+    await survivor.replay(database)
+    assert [row.amount for row in await database.credits.history("torn", 10)] == [-1, -1]
+
+
+async def test_a_change_the_database_refuses_for_good_becomes_a_dead_letter(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = dataclasses.replace(database_of(outage), credits=Poisoned(outage))
+    credits = CreditService(with_fallback(database, fallback).credits)
+    outage.down = True
+    for user in ("before", "poison", "after"):
+        await credits.deduct_credits(user, 1)
+    outage.down = False
+    await fallback.replay(database)
+    assert (fallback.depth, fallback.replayed, fallback.journal.dead_letters) == (0, 2, 1)
+    for user in ("before", "after"):
+        assert [row.amount for row in await database.credits.history(user, 10)] == [-1]
+    [letter] = await fallback.journal.letters(10)
+    assert letter.change["user_id"] == "poison"
+    assert letter.reason.startswith("ValueError: check constraint violated")
+    assert await fallback.journal.forget(letter.seq)
+    assert fallback.journal.dead_letters == 0
+
+
+async def test_a_change_the_journal_cannot_keep_is_refused_and_undone(
+    outage: Outage, fallback: OutageFallback, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    outage.down = True
+    await credits.deduct_credits("disk", 1)
+
+    def disk_full(texts: list[str]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(fallback.journal, "_insert", disk_full)
+    with pytest.raises(StorageUnavailableError):
+        await credits.deduct_credits("disk", 2)
+    assert (await credits.get_user_credits("disk")).available_credits == 9
+    assert fallback.depth == 1
+
+
+async def test_concurrent_changes_are_journaled_in_the_order_they_were_made(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = database_of(outage)
+    credits = CreditService(with_fallback(database, fallback).credits)
+    outage.down = True
+    await asyncio.gather(*(credits.refund_credits("busy", n + 1) for n in range(40)))
+    served = [row.amount for row in await fallback.memory.credits.history("busy", 100)]
+    outage.down = False
+    await fallback.replay(database)
+    assert [row.amount for row in await database.credits.history("busy", 100)] == served
+
+
+async def test_a_second_process_on_the_same_journal_takes_the_next_slot(
+    tmp_path: Path,
+) -> None:
+    first = OutageJournal.open(tmp_path / "j.db")
+    second = OutageJournal.open(tmp_path / "j.db")
+    try:
+        assert (first.path.name, second.path.name) == ("j.db", "j.1.db")
+        with pytest.raises(JournalError, match="held by another process"):
+            OutageJournal.open(tmp_path / "j.db", exact=True)
+    finally:
+        await first.close()
+        await second.close()
+
+
+def test_the_snapshot_keeps_the_users_seen_last() -> None:
+    seen = LastKnown(max_users=2)
+    for user_id in ("a", "b", "c"):
+        seen.saw_consent(user_id, None)
+    seen.saw_consent("b", None)
+    assert (len(seen), seen.of("a"), seen.of("b") is not None) == (2, None, True)
+
+
+async def test_the_replay_command_replays_a_journal_left_behind_once(tmp_path: Path) -> None:
+    left = OutageJournal.open(tmp_path / "left.db")
+    at = FakeClock().now
+    for n in range(2):
+        change = CreditChange("orphan", Deduct(1), Attempt(at, f"left-{n}"))
+        await left.append(change)
+    await left.close()
+    database = tmp_path / "service.db"
+
+    def replay(path: Path) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "DATABASE_URL": f"sqlite+aiosqlite:///{database}"}
+        command = [sys.executable, "-m", "app", "journal", "replay", str(path)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+    first = await asyncio.to_thread(replay, tmp_path / "left.db")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["replayed"] == 2
+    second = await asyncio.to_thread(replay, tmp_path / "left.db")
+    assert (second.returncode, json.loads(second.stdout)["replayed"]) == (0, 0)
+    with sqlite3.connect(database) as rows:
+        ledger = rows.execute(
+            "SELECT amount FROM credit_transactions WHERE user_id = 'orphan'"
+        ).fetchall()
+    assert ledger == [(-1,), (-1,)]
+    missing = await asyncio.to_thread(replay, tmp_path / "nothing.db")
+    assert (missing.returncode, missing.stderr.strip()) == (
+        2,
+        f"no journal at {tmp_path / 'nothing.db'}",
+    )

@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import _server_or_skip, app_settings, plain_dsn, run_outside_loop
 from tests.support.app_client import running
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_local_cluster
+from tests.support.served import Served, served
 
 pytestmark = pytest.mark.postgres
 
@@ -286,7 +288,7 @@ class TestMemoryFallback:
                 assert consent.status_code == 200
                 ready = await client.get("/health/ready")
                 assert (ready.status_code, ready.json()["mode"]) == (200, "memory fallback")
-                assert ready.json()["fallback"]["outbox_depth"] == fallback.depth >= 6
+                assert ready.json()["fallback"]["journal_depth"] == fallback.depth >= 6
             finally:
                 await asyncio.to_thread(fault_server.resume)
 
@@ -302,18 +304,23 @@ class TestMemoryFallback:
             consent_row = (await client.get("/api/v1/consents/traveller")).json()
             assert consent_row["marketing_consent"] is True
             ready = (await client.get("/health/ready")).json()
-            assert (ready["mode"], ready["fallback"]["outbox_depth"]) == ("database", 0)
+            assert (ready["mode"], ready["fallback"]["journal_depth"]) == ("database", 0)
 
     async def test_a_replayed_deduction_that_no_longer_fits_is_clamped_to_what_is_left(
         self, fault_url: str, fault_server: PostgresServer
     ) -> None:
-        async with started(fault_url, db_outage_fallback="memory") as (app, client):
+        async with (
+            started(fault_url, db_outage_fallback="memory") as (app, client),
+            started(fault_url) as (_, other_replica),
+        ):
             fallback = app.state.container.fallback
             user = "/api/v1/credits/spender"
-            assert (await client.post(f"{user}/deduct", json={"amount": 7})).status_code == 200
+            assert (await client.get(user)).json()["available_credits"] == 10
+            spent = await other_replica.post(f"{user}/deduct", json={"amount": 7})
+            assert spent.status_code == 200
 
             await asyncio.to_thread(fault_server.pause)
-            try:  # the fallback store knows nothing of the 7 spent: it allows 5 more
+            try:  # this replica last saw 10, not the 7 spent on the other: it allows 5
                 response = await client.post(f"{user}/deduct", json={"amount": 5})
                 assert response.status_code == 200
             finally:
@@ -329,3 +336,178 @@ class TestMemoryFallback:
             assert [row["amount"] for row in ledger] == [-3, -7]
             assert "clamped from 5" in ledger[0]["description"]
             assert (await client.get("/health/ready")).json()["fallback"]["clamped"] == 1
+
+
+JOURNALED = {
+    "DB_OUTAGE_FALLBACK": "memory",
+    "DB_RETRY_ATTEMPTS": "2",
+    "DB_RETRY_MAX_SECONDS": "1",
+    "DB_BREAKER_FAILURE_THRESHOLD": "2",
+    "DB_BREAKER_RESET_SECONDS": "0.5",
+    "DB_CONNECT_TIMEOUT": "2",
+    "REGISTERED_MAX_CREDITS": str(BUDGET),
+}
+
+
+def journal_settings(path: Path) -> dict[str, str]:
+    return {**JOURNALED, "OUTAGE_JOURNAL_PATH": str(path)}
+
+
+def replayed_all(server: Served, seconds: float = 30) -> dict[str, int]:
+    """Waits until the service's journal is empty; its /health/ready figures then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        figures: dict[str, int] = httpx.get(f"{server.base}/health/ready").json()["fallback"]
+        if figures["journal_depth"] == 0:
+            return figures
+        assert time.monotonic() < deadline, f"journal not replayed: {figures}"
+        time.sleep(0.2)
+
+
+async def ledger_of(url: str, user_id: str) -> list[tuple[int, str | None]]:
+    connection = await asyncpg.connect(plain_dsn(url))
+    try:
+        rows = await connection.fetch(
+            "SELECT amount, idempotency_key FROM credit_transactions WHERE user_id = $1 "
+            "ORDER BY id",
+            user_id,
+        )
+        balance = await connection.fetchval(
+            "SELECT available_credits FROM user_credits WHERE user_id = $1", user_id
+        )
+    finally:
+        await connection.close()
+    return [(balance, None), *((row["amount"], row["idempotency_key"]) for row in rows)]
+
+
+class TestOutageJournal:
+    """SPEC §9 with real processes killed by SIGKILL and a real server stopped."""
+
+    def test_changes_acknowledged_before_a_kill_land_once_after_restarts(
+        self, fault_url: str, fault_server: PostgresServer, tmp_path: Path
+    ) -> None:
+        settings = journal_settings(tmp_path / "outage-journal.db")
+        credits, body = "/api/v1/credits/kept", {"amount": 1, "is_guest": False}
+        with served(fault_url, **settings) as first, httpx.Client(base_url=first.base) as api:
+            assert api.post(f"{credits}/deduct", json={**body, "amount": 2}).status_code == 200
+            consent = {"terms_accepted": True, "marketing_consent": False}
+            assert api.put("/api/v1/consents/kept", json=consent).status_code == 200
+            fault_server.pause()
+            try:
+                for n in range(10):
+                    keyed = api.post(
+                        f"{credits}/deduct", json=body, headers={"Idempotency-Key": f"k{n}"}
+                    )
+                    assert keyed.status_code == 200, keyed.text
+                assert api.post(f"{credits}/deduct", json=body).status_code == 200  # own key
+                assert api.get(credits).json()["available_credits"] == BUDGET - 13
+                marketing = api.patch("/api/v1/consents/kept", json={"marketing_consent": True})
+                assert marketing.status_code == 200  # known: seen in the database before
+                assert api.get("/api/v1/consents/never-seen").status_code == 503
+                ready = api.get("/health/ready").json()
+                assert (ready["mode"], ready["fallback"]["journal_depth"]) == (
+                    "memory fallback",
+                    12,
+                )
+                first.kill()
+            finally:
+                fault_server.resume()
+
+        with served(fault_url, **settings) as second:
+            assert replayed_all(second)["replayed"] == 12
+        ledger = run_outside_loop(ledger_of(fault_url, "kept"))
+        assert ledger[0] == (BUDGET - 13, None)
+        assert [amount for amount, _ in ledger[1:]] == [-2] + [-1] * 11
+        keys = [key for _, key in ledger[2:12]]
+        assert keys == [f"k{n}" for n in range(10)]
+
+        with served(fault_url, **settings) as third:
+            assert replayed_all(third)["replayed"] == 0
+            consent_now = httpx.get(f"{third.base}/api/v1/consents/kept").json()
+            assert consent_now["marketing_consent"] is True
+        assert run_outside_loop(ledger_of(fault_url, "kept")) == ledger
+
+    def test_two_replicas_journals_replay_concurrently_into_one_database(
+        self, fault_url: str, fault_server: PostgresServer, tmp_path: Path
+    ) -> None:
+        replicas = [journal_settings(tmp_path / f"replica-{n}.db") for n in range(2)]
+        credits = "/api/v1/credits/shared"
+        with served(fault_url, **replicas[0]) as one, served(fault_url, **replicas[1]) as two:
+            for replica in (one, two):  # each sees the account at its full 10
+                assert httpx.get(f"{replica.base}{credits}").json()["available_credits"] == 10
+            fault_server.pause()
+            try:
+                for name, replica in (("a", one), ("b", two)):
+                    for n in range(6):  # together 12 of the 10 there are
+                        spent = httpx.post(
+                            f"{replica.base}{credits}/deduct",
+                            json={"amount": 1},
+                            headers={"Idempotency-Key": f"{name}{n}"},
+                        )
+                        assert spent.status_code == 200, spent.text
+                    replica.kill()
+            finally:
+                fault_server.resume()
+        with served(fault_url, **replicas[0]) as one, served(fault_url, **replicas[1]) as two:
+            figures = [replayed_all(one), replayed_all(two)]
+        assert sum(f["replayed"] for f in figures) == 12
+        assert sum(f["clamped"] for f in figures) == 2
+        ledger = run_outside_loop(ledger_of(fault_url, "shared"))
+        assert ledger[0] == (0, None)
+        keys = [key for _, key in ledger[1:]]
+        assert len(keys) == len(set(keys)) == 10  # each change at most once, none twice
+        assert sum(amount for amount, _ in ledger[1:]) == -10  # the ledger sums
+
+    async def test_a_change_the_database_refuses_becomes_a_dead_letter_and_the_rest_land(
+        self, fault_url: str, fault_server: PostgresServer
+    ) -> None:
+        refuse = """
+            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.user_id = 'poison' THEN RAISE EXCEPTION 'refused (test)'; END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON credit_transactions
+                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+        """
+        async with started(fault_url, db_outage_fallback="memory") as (app, client):
+            connection = await asyncpg.connect(plain_dsn(fault_url))
+            try:
+                await connection.execute(refuse)
+            finally:
+                await connection.close()
+            await asyncio.to_thread(fault_server.pause)
+            try:
+                for user in ("before", "poison", "after"):
+                    spent = await client.post(f"/api/v1/credits/{user}/deduct", json={"amount": 1})
+                    assert spent.status_code == 200, spent.text
+            finally:
+                await asyncio.to_thread(fault_server.resume)
+            fallback = app.state.container.fallback
+
+            async def drained() -> bool:
+                await client.get("/api/v1/credits/before")
+                return bool(fallback.depth == 0)
+
+            await wait_for(drained)
+            ready = (await client.get("/health/ready")).json()["fallback"]
+            assert (ready["dead_letters"], ready["replayed"]) == (1, 2)
+            for user in ("before", "after"):
+                ledger = (await client.get(f"/api/v1/credits/{user}/transactions")).json()
+                assert [row["amount"] for row in ledger] == [-1]
+            admin = {"Authorization": "Bearer test-admin-token"}
+            letters = (await client.get("/admin/outage/dead-letters", headers=admin)).json()
+            [letter] = letters["dead_letters"]
+            assert letter["change"]["user_id"] == "poison"
+            assert "refused (test)" in letter["reason"]
+            forgotten = await client.delete(
+                f"/admin/outage/dead-letters/{letter['seq']}", headers=admin
+            )
+            assert forgotten.status_code == 200
+            again = await client.delete(
+                f"/admin/outage/dead-letters/{letter['seq']}", headers=admin
+            )
+            assert (again.status_code, again.json()["error"]["code"]) == (
+                404,
+                "dead_letter_not_found",
+            )

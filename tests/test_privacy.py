@@ -236,10 +236,10 @@ async def test_during_an_outage_erasure_is_refused_and_erases_nothing(
             assert refused.status_code == 503
             assert refused.json()["error"]["code"] == "storage_unavailable"
             await relay.restore()
-            for _ in range(100):  # the outbox replays once the database answers again
+            for _ in range(100):  # the journal replays once the database answers again
                 await client.get(f"{API}/credits/kim")
                 ready = (await client.get("/health/ready")).json()
-                if ready.get("fallback", {}).get("outbox_depth") == 0:
+                if ready.get("fallback", {}).get("journal_depth") == 0:
                     break
                 await asyncio.sleep(0.1)
             kept = await export(client, "kim")

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
+from app.errors import DeadLetterNotFoundError
 from app.ops.health import database_status
 from app.ops.metrics import CONTENT_TYPE, Metrics
 from app.storage.stream import export_lines
@@ -55,12 +56,7 @@ async def ready(container: ContainerDep) -> JSONResponse:
         "circuit_breaker": {"state": container.breaker.state.value},
     }
     if fallback is not None:
-        body["fallback"] = {
-            "outbox_depth": fallback.depth,
-            "replayed": fallback.replayed,
-            "clamped": fallback.clamped,
-            "key_conflicts": fallback.key_conflicts,
-        }
+        body["fallback"] = fallback.figures
     return JSONResponse(body, status_code=200 if serving else 503)
 
 
@@ -132,6 +128,39 @@ async def cleanup(container: ContainerDep) -> dict[str, Any]:
     """Delete ledger rows older than TRANSACTION_RETENTION_DAYS and expired cache entries,
     in bounded batches; `skipped` when another replica is running the same job."""
     return await container.retention.run_once()
+
+
+@admin.get("/outage/dead-letters", responses=responses(403))
+async def dead_letters(
+    container: ContainerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> dict[str, Any]:
+    """Journaled changes the database refused for good on replay, oldest first, each
+    with its reason (SPEC §9); empty without the outage fallback."""
+    fallback = container.fallback
+    if fallback is None:
+        return {"journal": None, "dead_letters": []}
+    letters = await fallback.journal.letters(limit)
+    return {
+        "journal": str(fallback.journal.path),
+        "dead_letters": [
+            {
+                "seq": letter.seq,
+                "change": letter.change,
+                "reason": letter.reason,
+                "at": letter.at.isoformat(),
+            }
+            for letter in letters
+        ],
+    }
+
+
+@admin.delete("/outage/dead-letters/{seq}", responses=responses(403, 404))
+async def forget_dead_letter(seq: int, container: ContainerDep) -> dict[str, bool]:
+    """Drop a dead letter an operator has dealt with (applied by hand, or decided against)."""
+    fallback = container.fallback
+    if fallback is None or not await fallback.journal.forget(seq):
+        raise DeadLetterNotFoundError(seq)
+    return {"deleted": True}
 
 
 @admin.delete("/cache", responses=responses(403))

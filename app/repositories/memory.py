@@ -58,6 +58,18 @@ class MemoryData:
         if new and len(self.held) + len(new) > self.max_users:
             raise StorageFullError(self.max_users)
 
+    def adopt(self, user_id: str, account: Account | None, consent: UserConsent | None) -> None:
+        """Hold a user as another store last held it, unless held here already (the
+        outage fallback's start). StorageFullError past `max_users`."""
+        if user_id in self.held or (account is None and consent is None):
+            return
+        self.room_for((user_id,))
+        if account is not None:
+            self.accounts[user_id] = account
+        if consent is not None:
+            self.consents[user_id] = consent
+        self.held.add(user_id)
+
 
 class MemoryCreditRepository:
     """Accounts, ledger and idempotency keys in dicts (see CreditRepository): the

@@ -1,15 +1,16 @@
-"""The in-memory fallback (DB_OUTAGE_FALLBACK=memory) and its outbox.
+"""The in-memory fallback (DB_OUTAGE_FALLBACK=memory), its journal and the replay (SPEC §9).
 
-While the database cannot serve, credit and consent calls are served by an
-in-memory store of their own. Every change made there goes into an outbox, in
-order, and is replayed into the database once it answers again. A credit change
-carries its attempt (app/domain/credits.py) into the replay, so each is applied
-exactly once, however often a replay is interrupted and resumed. A deduction that no
-longer fits the database balance is clamped to what is left and logged, never
-dropped silently.
+While the database cannot serve, credit and consent calls are served by an in-memory
+store of their own, which starts each user from what this process last saw of them in
+the database (app/storage/last_known.py). Each change made there is written to the
+outage journal (app/storage/journal.py) before it is acknowledged, and replayed into
+the database in order once it answers again: at once after any call that reached it,
+and every `retry_seconds` while changes wait, those a killed process left included.
 
-The outbox lives in process memory: if the process dies during an outage, the
-changes made since the outage began are lost (README, "When the database is down").
+A credit change carries its attempt (app/domain/credits.py), so it is applied once
+however often a replay is interrupted. A deduction that no longer fits the database's
+balance is clamped to what is left and logged. A change the database refuses for good
+becomes a dead letter with its reason, and the changes behind it go on.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar, assert_never
 
-from app.domain.credits import Attempt, Change, Deduct, Operation, Read
+from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read
 from app.errors import (
     IdempotencyKeyReusedError,
     InsufficientCreditsError,
@@ -31,130 +32,245 @@ from app.errors import (
 )
 from app.models import IDEMPOTENCY_KEY_LENGTH
 from app.repositories.base import ConsentRepository, Stores
+from app.repositories.memory import MemoryData, memory_stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
+from app.storage.journal import (
+    ConsentRecorded,
+    CreditChange,
+    JournalError,
+    MarketingChanged,
+    OutageJournal,
+    Served,
+    decode,
+)
+from app.storage.last_known import LastKnown
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-
 DEFAULT_MAX_CHANGES = 100_000
-
-
-@dataclass(frozen=True)
-class CreditChange:
-    user_id: str
-    change: Change
-    attempt: Attempt
-
-
-@dataclass(frozen=True)
-class ConsentRecorded:
-    user_id: str
-    terms_accepted: bool
-    marketing_consent: bool
-    terms_version: str | None
-    now: datetime
-
-
-@dataclass(frozen=True)
-class MarketingChanged:
-    user_id: str
-    marketing_consent: bool
-    now: datetime
-
-
-Served = CreditChange | ConsentRecorded | MarketingChanged
+REPLAY_BATCH = 500
 
 
 class OutageFallback:
-    """Owns the fallback store, the outbox and the replay."""
+    """Owns the fallback store, the journal, the snapshot and the replay."""
 
     def __init__(
-        self, make_memory: Callable[[], Stores], *, max_changes: int = DEFAULT_MAX_CHANGES
+        self,
+        rules: CreditRules,
+        journal: OutageJournal,
+        *,
+        max_users: int,
+        max_changes: int = DEFAULT_MAX_CHANGES,
+        snapshot_max_users: int,
+        retry_seconds: float = 5.0,
     ) -> None:
-        self._make_memory = make_memory
-        self.memory = make_memory()
-        self.outbox: list[Served] = []
+        self._rules = rules
+        self._max_users = max_users
+        self.journal = journal
+        self.last_known = LastKnown(snapshot_max_users)
+        self._data, self.memory = self._fresh()
         self._max_changes = max_changes
+        self._retry_seconds = retry_seconds
         self.clamped = 0
-        self.key_conflicts = 0
         self.replayed = 0
+        self.unknown_accounts = 0  # accounts served with a full budget, never seen before
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
+        self._retrying: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
-        return len(self.outbox)
+        return self.journal.depth
 
     @property
     def full(self) -> bool:
-        """The outbox holds OUTAGE_OUTBOX_MAX_CHANGES: further changes are refused (503)
-        rather than held in memory without bound."""
-        return len(self.outbox) >= self._max_changes
+        """The journal holds OUTAGE_OUTBOX_MAX_CHANGES: further changes are refused (503)
+        rather than queued without bound."""
+        return self.journal.depth >= self._max_changes
 
-    def record(self, change: Served) -> None:
-        self.outbox.append(change)
+    @property
+    def figures(self) -> dict[str, int]:
+        """For /health/ready (SPEC §9)."""
+        return {
+            "journal_depth": self.journal.depth,
+            "dead_letters": self.journal.dead_letters,
+            "replayed": self.replayed,
+            "clamped": self.clamped,
+            "unknown_accounts": self.unknown_accounts,
+            "snapshot_users": len(self.last_known),
+        }
+
+    async def start(self, database: Stores) -> None:
+        """At start-up: the fallback store as the journal leaves it, a replay of what an
+        earlier process left, and a retry every `retry_seconds` while changes wait."""
+        await self._rebuild()
+        self.replay_soon(database)
+        self._retrying = asyncio.create_task(self._keep_replaying(database))
+
+    # Serving while the database cannot.
+
+    async def credits(
+        self,
+        user_id: str,
+        operation: Operation,
+        attempt: Attempt,
+        unavailable: StorageUnavailableError,
+    ) -> UserCredits:
+        if user_id not in self._data.held:
+            seen = self.last_known.of(user_id)
+            if seen is None or seen.credits is None:
+                self.unknown_accounts += 1
+        self._adopt(user_id)
+        if isinstance(operation, Read):
+            return await self.memory.credits.apply(user_id, operation, attempt)
+        self._refuse_if_full(unavailable)
+        credits = await self.memory.credits.apply(user_id, operation, attempt)
+        await self._journaled(CreditChange(user_id, operation, attempt), unavailable)
+        return credits
+
+    def consent(self, user_id: str, unavailable: StorageUnavailableError) -> UserConsent | None:
+        """The consent as the fallback knows it; StorageUnavailableError (503) when it
+        does not: neither seen in the database nor recorded during the outage."""
+        self._adopt(user_id)
+        consent = self._data.consents.get(user_id)
+        if consent is None:
+            seen = self.last_known.of(user_id)
+            if seen is None or not seen.consent_known:
+                raise StorageUnavailableError(
+                    "the database is unavailable and this user's consent is not known here",
+                    retry_after=unavailable.retry_after,
+                )
+        return consent
+
+    async def record(
+        self,
+        user_id: str,
+        write: Callable[[ConsentRepository], Awaitable[T]],
+        served: Callable[[T], Served | None],
+        unavailable: StorageUnavailableError,
+    ) -> T:
+        """A consent change made in the fallback store, journaled (`served`: what to
+        replay, None for nothing)."""
+        self._refuse_if_full(unavailable)
+        self._adopt(user_id)
+        result = await write(self.memory.consents)
+        change = served(result)
+        if change is not None:
+            await self._journaled(change, unavailable)
+        return result
+
+    def _adopt(self, user_id: str) -> None:
+        seen = self.last_known.of(user_id)
+        if seen is not None:
+            self._data.adopt(user_id, seen.account, seen.consent)
+
+    def _refuse_if_full(self, unavailable: StorageUnavailableError) -> None:
+        if self.full:
+            raise StorageUnavailableError(
+                "the database is unavailable and the outage journal is full",
+                retry_after=unavailable.retry_after,
+            ) from unavailable
+
+    async def _journaled(self, served: Served, unavailable: StorageUnavailableError) -> None:
+        """On disk before the caller acknowledges it. A change the journal could not keep
+        is undone (the fallback store rebuilt from the journal) and refused."""
+        try:
+            await self.journal.append(served)
+        except JournalError as error:
+            logger.error("outage journal write failed: %s", error)
+            await self._rebuild()
+            raise StorageUnavailableError(
+                "the database is unavailable and the outage journal cannot be written",
+                retry_after=unavailable.retry_after,
+            ) from error
+
+    def _fresh(self) -> tuple[MemoryData, Stores]:
+        data = MemoryData(max_users=self._max_users)
+        return data, memory_stores(self._rules, data)
+
+    async def _rebuild(self) -> None:
+        """The fallback store as the journal has it: each waiting change served again,
+        from what this process last saw of its user."""
+        self._data, self.memory = self._fresh()
+        async for _, served in self._waiting():
+            if isinstance(served, str):
+                continue
+            self._adopt(served.user_id)
+            # The fallback store only approximates: a change it refuses now (a deduction
+            # past a budget it started afresh) is the replay's to settle with the database.
+            with contextlib.suppress(Exception):
+                if isinstance(served, CreditChange):
+                    await _credit_into(self.memory, served)
+                else:
+                    await _consent_into(self.memory, served)
+
+    # Replay.
 
     def replay_soon(self, database: Stores) -> None:
         """Start a replay in the background unless one runs or nothing waits."""
-        if self.outbox and (self._replay_task is None or self._replay_task.done()):
-            self._replay_task = asyncio.create_task(self.replay(database))
+        if self.journal.depth and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.create_task(self._replay_logged(database))
 
     async def replay(self, database: Stores) -> None:
-        """Apply the outbox to the database in order; stops, keeping the rest, if the
-        database fails again. When it is empty the fallback store starts afresh, so a
-        later outage does not serve stale balances."""
+        """Apply the journal to the database in order, each change once; stops, keeping
+        the rest, if the database fails again. When nothing waits the fallback store
+        starts afresh: the snapshot, refreshed by the replay, holds what it knew."""
         async with self._lock:
-            while self.outbox:
+            async for seq, served in self._waiting():
+                if isinstance(served, str):
+                    await self._dead_letter(seq, served)
+                    continue
                 try:
-                    await self._apply(self.outbox[0], database)
+                    await self._replay_one(served, database)
                 except StorageUnavailableError:
-                    logger.warning("outbox replay paused: %d change(s) wait", len(self.outbox))
+                    logger.warning("journal replay paused: %d change(s) wait", self.depth)
                     return
-                self.outbox.pop(0)
+                except Exception as refused:  # not transient: the database refuses it for good
+                    await self._dead_letter(seq, _reason(refused))
+                    continue
+                await self.journal.done(seq)
                 self.replayed += 1
-            self.memory = self._make_memory()
-            logger.info("outbox replayed into the database")
+            if self.journal.depth == 0:
+                self._data, self.memory = self._fresh()
+                logger.info("outage journal replayed into the database")
 
-    async def close(self, database: Stores) -> None:
-        """At shutdown: one last replay attempt, so an outage that ended is not lost."""
-        if self._replay_task is not None:
-            with contextlib.suppress(Exception):
-                await self._replay_task
-        with contextlib.suppress(Exception):
-            await self.replay(database)
-        if self.outbox:
-            logger.error("%d change(s) made during the outage were not replayed", self.depth)
-
-    async def _apply(self, served: Served, database: Stores) -> None:
-        match served:
-            case CreditChange(user_id, change, attempt):
+    async def _waiting(self) -> AsyncIterator[tuple[int, Served | str]]:
+        """The journal's records in order, each decoded, or why it cannot be."""
+        after = 0
+        while batch := await self.journal.head(after, REPLAY_BATCH):
+            for seq, text in batch:
+                after = seq
                 try:
-                    await database.credits.apply(user_id, change, attempt)
-                except InsufficientCreditsError as short:
-                    await self._clamp(served, short, database)
-                except IdempotencyKeyReusedError:
-                    # The database holds the key for another request, made before the
-                    # outage: its first use stands, and the change is not applied.
-                    self.key_conflicts += 1
-                    logger.error(
-                        "replayed %s for %s not applied: its idempotency key was first used "
-                        "for another request",
-                        type(change).__name__.lower(),
-                        user_id,
-                    )
-            case ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now):
-                await database.consents.upsert(
-                    user_id,
-                    terms_accepted=terms_accepted,
-                    marketing_consent=marketing_consent,
-                    terms_version=version,
-                    now=now,
-                )
-            case MarketingChanged(user_id, marketing_consent, now):
-                await database.consents.set_marketing(user_id, marketing_consent, now=now)
-            case _:
-                assert_never(served)
+                    yield seq, decode(text)
+                except (ValueError, KeyError, TypeError) as unreadable:
+                    yield seq, f"unreadable record: {unreadable!r}"
+
+    async def _replay_logged(self, database: Stores) -> None:
+        try:
+            await self.replay(database)
+        except Exception:  # a background task: logged, and the next trigger tries again
+            logger.exception("outage journal replay failed")
+
+    async def _keep_replaying(self, database: Stores) -> None:
+        while True:
+            await asyncio.sleep(self._retry_seconds)
+            self.replay_soon(database)
+
+    async def _dead_letter(self, seq: int, reason: str) -> None:
+        logger.error("journaled change %d moved to the dead letters: %s", seq, reason)
+        await self.journal.dead(seq, reason)
+
+    async def _replay_one(self, served: Served, database: Stores) -> None:
+        """One change into the database; what it answers refreshes the snapshot."""
+        if isinstance(served, CreditChange):
+            try:
+                self.last_known.saw_credits(await _credit_into(database, served))
+            except InsufficientCreditsError as short:
+                await self._clamp(served, short, database)
+            return
+        consent = await _consent_into(database, served)
+        self.last_known.saw_consent(served.user_id, consent)
 
     async def _clamp(
         self, served: CreditChange, short: InsufficientCreditsError, database: Stores
@@ -172,8 +288,57 @@ class OutageFallback:
                 amount=short.available,
                 description=f"clamped from {short.required}: replayed after an outage",
             )
-            attempt = Attempt(served.attempt.at, _derived_key("clamped", served.attempt.key))
-            await database.credits.apply(served.user_id, clamped, attempt)
+            attempt = Attempt(
+                served.attempt.at, _derived_key("clamped", served.attempt.key), sent=True
+            )
+            credits = await database.credits.apply(served.user_id, clamped, attempt)
+            self.last_known.saw_credits(credits)
+
+    async def close(self, database: Stores) -> None:
+        """At shutdown: one last replay attempt; what still waits stays in the journal
+        for the next start."""
+        if self._retrying is not None:
+            self._retrying.cancel()
+        if self._replay_task is not None:
+            with contextlib.suppress(Exception):
+                await self._replay_task
+        with contextlib.suppress(Exception):
+            await self.replay(database)
+        if self.depth:
+            logger.warning(
+                "%d change(s) made during the outage wait in %s for the next start",
+                self.depth,
+                self.journal.path,
+            )
+        await self.journal.close()
+
+
+async def _credit_into(stores: Stores, served: CreditChange) -> UserCredits:
+    return await stores.credits.apply(served.user_id, served.change, served.attempt)
+
+
+async def _consent_into(
+    stores: Stores, served: ConsentRecorded | MarketingChanged
+) -> UserConsent | None:
+    match served:
+        case ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now):
+            return await stores.consents.upsert(
+                user_id,
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing_consent,
+                terms_version=version,
+                now=now,
+            )
+        case MarketingChanged(user_id, marketing_consent, now):
+            return await stores.consents.set_marketing(user_id, marketing_consent, now=now)
+        case _:
+            assert_never(served)
+
+
+def _reason(refused: Exception) -> str:
+    if isinstance(refused, IdempotencyKeyReusedError):
+        return "its idempotency key was first used for another request, which stands"
+    return f"{type(refused).__name__}: {refused}"
 
 
 def _derived_key(prefix: str, key: str | None) -> str:
@@ -182,71 +347,49 @@ def _derived_key(prefix: str, key: str | None) -> str:
     return f"{prefix}:{digest}"[:IDEMPOTENCY_KEY_LENGTH]
 
 
-class _FallingBack:
+class FallbackCredits:
+    """A CreditRepository: the database, or the fallback store while it cannot serve."""
+
     def __init__(self, database: Stores, fallback: OutageFallback) -> None:
         self._database = database
         self._fallback = fallback
 
-    async def _either(
-        self,
-        database: Awaitable[T],
-        memory: Callable[[], Awaitable[T]],
-        served: Callable[[T], Served | None] | None = None,
-    ) -> T:
-        """The database's answer; the fallback store's while the database cannot serve,
-        with the change it made (`served`, for a write) recorded for the replay, unless
-        the outbox is full: then the write is refused as the database refused it. A
-        database that answers again gets the outbox replayed."""
-        try:
-            result = await database
-        except StorageUnavailableError as unavailable:
-            if served is None:
-                return await memory()
-            if self._fallback.full:
-                raise StorageUnavailableError(
-                    "the database is unavailable and the outage outbox is full",
-                    retry_after=unavailable.retry_after,
-                ) from unavailable
-            result = await memory()
-            change = served(result)
-            if change is not None:
-                self._fallback.record(change)
-            return result
-        self._fallback.replay_soon(self._database)
-        return result
-
-
-class FallbackCredits(_FallingBack):
-    """A CreditRepository: the database, or the fallback store while it cannot serve."""
-
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
-        return await self._either(
-            self._database.credits.apply(user_id, operation, attempt),
-            lambda: self._fallback.memory.credits.apply(user_id, operation, attempt),
-            None
-            if isinstance(operation, Read)
-            else lambda _: CreditChange(user_id, operation, attempt),
-        )
+        fallback = self._fallback
+        try:
+            credits = await self._database.credits.apply(user_id, operation, attempt)
+        except StorageUnavailableError as unavailable:
+            return await fallback.credits(user_id, operation, attempt, unavailable)
+        fallback.last_known.saw_credits(credits)
+        fallback.replay_soon(self._database)
+        return credits
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        return await self._either(
-            self._database.credits.history(user_id, limit),
-            lambda: self._fallback.memory.credits.history(user_id, limit),
-        )
+        try:
+            return await self._database.credits.history(user_id, limit)
+        except StorageUnavailableError:
+            return await self._fallback.memory.credits.history(user_id, limit)
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
         """The database's rows only: the fallback store's go with the outage."""
         return await self._database.credits.delete_transactions_before(cutoff)
 
 
-class FallbackConsents(_FallingBack):
-    """A ConsentRepository: the database, or the fallback store while it cannot serve."""
+class FallbackConsents:
+    """A ConsentRepository: the database, or the fallback store while it cannot serve.
+    A consent the fallback does not know is 503, never a refusal (SPEC §9)."""
+
+    def __init__(self, database: Stores, fallback: OutageFallback) -> None:
+        self._database = database
+        self._fallback = fallback
 
     async def get(self, user_id: str) -> UserConsent | None:
-        return await self._either(
-            self._database.consents.get(user_id),
-            lambda: self._fallback.memory.consents.get(user_id),
-        )
+        try:
+            consent = await self._database.consents.get(user_id)
+        except StorageUnavailableError as unavailable:
+            return self._fallback.consent(user_id, unavailable)
+        self._seen(user_id, consent)
+        return consent
 
     async def upsert(
         self,
@@ -266,27 +409,32 @@ class FallbackConsents(_FallingBack):
                 now=now,
             )
 
-        return await self._either(
-            upsert(self._database.consents),
-            lambda: upsert(self._fallback.memory.consents),
-            lambda _: ConsentRecorded(
-                user_id, terms_accepted, marketing_consent, terms_version, now
-            ),
-        )
+        try:
+            consent = await upsert(self._database.consents)
+        except StorageUnavailableError as unavailable:
+            change = ConsentRecorded(user_id, terms_accepted, marketing_consent, terms_version, now)
+            return await self._fallback.record(user_id, upsert, lambda _: change, unavailable)
+        self._seen(user_id, consent)
+        return consent
 
     async def set_marketing(
         self, user_id: str, marketing_consent: bool, *, now: datetime
     ) -> UserConsent | None:
-        return await self._either(
-            self._database.consents.set_marketing(user_id, marketing_consent, now=now),
-            lambda: self._fallback.memory.consents.set_marketing(
+        try:
+            consent = await self._database.consents.set_marketing(
                 user_id, marketing_consent, now=now
-            ),
-            # Nothing to replay where the fallback store knew no consent (answered 404).
-            lambda consent: (
-                None if consent is None else MarketingChanged(user_id, marketing_consent, now)
-            ),
-        )
+            )
+        except StorageUnavailableError as unavailable:
+            if self._fallback.consent(user_id, unavailable) is None:
+                return None  # known to have none: 404, as the database would answer
+            return await self._fallback.record(
+                user_id,
+                lambda consents: consents.set_marketing(user_id, marketing_consent, now=now),
+                lambda _: MarketingChanged(user_id, marketing_consent, now),
+                unavailable,
+            )
+        self._seen(user_id, consent)
+        return consent
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         """The database's only: the fallback store knows no history from before the
@@ -294,18 +442,26 @@ class FallbackConsents(_FallingBack):
         return await self._database.consents.history(user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
-        return await self._either(
-            self._database.consents.page(limit, offset),
-            lambda: self._fallback.memory.consents.page(limit, offset),
-        )
+        try:
+            return await self._database.consents.page(limit, offset)
+        except StorageUnavailableError:
+            return await self._fallback.memory.consents.page(limit, offset)
 
     async def admission(
         self, user_id: str, *, now: datetime
     ) -> tuple[UserConsent | None, UserCredits | None]:
-        return await self._either(
-            self._database.consents.admission(user_id, now=now),
-            lambda: self._fallback.memory.consents.admission(user_id, now=now),
-        )
+        try:
+            consent, credits = await self._database.consents.admission(user_id, now=now)
+        except StorageUnavailableError as unavailable:
+            return self._fallback.consent(user_id, unavailable), None
+        self._seen(user_id, consent)
+        if credits is not None:
+            self._fallback.last_known.saw_credits(credits)
+        return consent, credits
+
+    def _seen(self, user_id: str, consent: UserConsent | None) -> None:
+        self._fallback.last_known.saw_consent(user_id, consent)
+        self._fallback.replay_soon(self._database)
 
 
 def with_fallback(database: Stores, fallback: OutageFallback) -> Stores:

@@ -1,4 +1,4 @@
-"""`python -m app` in a process of its own, as it is deployed (real uvicorn), on SQLite."""
+"""`python -m app` in a process of its own, as it is deployed (real uvicorn)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Served:
     port: int
+    process: subprocess.Popen[str]
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown of any kind, as a crash or the OOM killer would end it."""
+        self.process.kill()
+        self.process.wait(timeout=30)
 
 
 def free_port() -> int:
@@ -33,13 +39,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(database: Path, *, log: IO[str] | None = None, **settings: str) -> Iterator[Served]:
-    """The service on the SQLite file `database`, with these settings (environment
-    variables) added, until ready; stopped on exit. Its stderr goes to `log` if given."""
+def served(
+    database: Path | str, *, log: IO[str] | None = None, **settings: str
+) -> Iterator[Served]:
+    """The service on `database` (an SQLite file, or a database URL), with these settings
+    (environment variables) added, until ready; stopped on exit. Its stderr goes to `log`
+    if given."""
     port = free_port()
+    url = database if isinstance(database, str) else f"sqlite+aiosqlite:///{database}"
     env = {
         **os.environ,
-        "DATABASE_URL": f"sqlite+aiosqlite:///{database}",
+        "DATABASE_URL": url,
         "HOST": "127.0.0.1",
         "PORT": str(port),
         "ACCESS_LOG": "false",
@@ -53,7 +63,7 @@ def served(database: Path, *, log: IO[str] | None = None, **settings: str) -> It
         stderr=subprocess.PIPE if log is None else log,
         text=True,
     )
-    running = Served(port)
+    running = Served(port, process)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -66,5 +76,6 @@ def served(database: Path, *, log: IO[str] | None = None, **settings: str) -> It
                 time.sleep(0.2)
         yield running
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)

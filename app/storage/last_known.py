@@ -1,0 +1,72 @@
+"""What this process last saw of each user in the database, for the outage fallback to
+start from (SPEC §9): a user at 3 credits stays at 3 when the database goes away, and a
+user who accepted the terms is still known to have.
+
+Bounded (FALLBACK_SNAPSHOT_MAX_USERS), least recently seen dropped first. Refreshed on
+every answer the database gives, so it costs the normal path one ordered-dict update.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from app.domain.credits import Account
+from app.schemas import UserConsent, UserCredits
+
+DEFAULT_MAX_USERS = 100_000
+
+
+@dataclass(slots=True)
+class Seen:
+    """A user as last seen. `consent_known`: the database was asked about the consent
+    (`consent` None then means it held none)."""
+
+    credits: UserCredits | None = None
+    consent: UserConsent | None = None
+    consent_known: bool = False
+
+    @property
+    def account(self) -> Account | None:
+        credits = self.credits
+        if credits is None:
+            return None
+        return Account(
+            credits.user_id,
+            credits.is_guest,
+            credits.available_credits,
+            credits.max_credits,
+            credits.last_reset_timestamp,
+        )
+
+
+class LastKnown:
+    """The bounded snapshot: `saw_*` after the database answered, `of` in an outage."""
+
+    def __init__(self, max_users: int = DEFAULT_MAX_USERS) -> None:
+        self._max_users = max_users
+        self._users: OrderedDict[str, Seen] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def of(self, user_id: str) -> Seen | None:
+        return self._users.get(user_id)
+
+    def saw_credits(self, credits: UserCredits) -> None:
+        self._seen(credits.user_id).credits = credits
+
+    def saw_consent(self, user_id: str, consent: UserConsent | None) -> None:
+        seen = self._seen(user_id)
+        seen.consent, seen.consent_known = consent, True
+
+    def _seen(self, user_id: str) -> Seen:
+        users = self._users
+        seen = users.get(user_id)
+        if seen is None:
+            seen = users[user_id] = Seen()
+            if len(users) > self._max_users:
+                users.popitem(last=False)
+        else:
+            users.move_to_end(user_id)
+        return seen
