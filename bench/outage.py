@@ -19,7 +19,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,7 +77,7 @@ async def _journaled(directory: Path) -> AsyncIterator[CreditService]:
 async def _fallback_round(ctx: Context, directory: Path) -> LoadResult:
     async with _journaled(directory) as service:
 
-        def deduct(rng: random.Random) -> Callable[[], object]:
+        def deduct(rng: random.Random) -> Callable[[], Awaitable[object]]:
             user = f"outage-{rng.randrange(10**9)}"
             return lambda: service.deduct_credits(user, 1, is_guest=False)
 
