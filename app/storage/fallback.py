@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar, assert_never
@@ -216,8 +216,8 @@ class OutageFallback:
         """Apply the journal to the database in order, each change once; stops, keeping
         the rest, if the database fails again. When nothing waits the fallback store
         starts afresh: the snapshot, refreshed by the replay, holds what it knew."""
-        async with self._lock:
-            async for seq, served in self._waiting():
+        async with self._lock, contextlib.aclosing(self._waiting()) as waiting:
+            async for seq, served in waiting:
                 if isinstance(served, str):
                     await self._dead_letter(seq, served)
                     continue
@@ -235,7 +235,7 @@ class OutageFallback:
                 self._data, self.memory = self._fresh()
                 logger.info("outage journal replayed into the database")
 
-    async def _waiting(self) -> AsyncIterator[tuple[int, Served | str]]:
+    async def _waiting(self) -> AsyncGenerator[tuple[int, Served | str], None]:
         """The journal's records in order, each decoded, or why it cannot be."""
         after = 0
         while batch := await self.journal.head(after, REPLAY_BATCH):
