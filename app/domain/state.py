@@ -23,7 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from app.domain.credits import KEYED_KINDS, Account, Claim
-from app.schemas import TransactionType, UserConsent
+from app.schemas import CreditTransaction, TransactionType, UserConsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +46,18 @@ class LedgerRecord:
         if self.idempotency_key is None or self.kind not in KEYED_KINDS:
             return None
         return Claim(self.kind, None)
+
+    def transaction(self) -> CreditTransaction:
+        """The row as the service shows it (SPEC §2), built without validation: its values
+        come typed from a store."""
+        return CreditTransaction.model_construct(
+            id=self.id,
+            user_id=self.user_id,
+            transaction_type=self.kind,
+            amount=self.amount,
+            timestamp=self.timestamp,
+            description=self.description,
+        )
 
     def fields(self) -> dict[str, Any]:
         """The row by the names of SPEC §7's ledger lines and the ledger table's columns."""

@@ -117,7 +117,7 @@ class MemoryCreditRepository:
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         rows = self._data.ledger.get(user_id, [])[-limit:]
-        return [_transaction(row) for row in reversed(rows)]
+        return [row.transaction() for row in reversed(rows)]
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
         data = self._data
@@ -128,17 +128,6 @@ class MemoryCreditRepository:
             data.ledger[user_id] = kept
         data.keys = {key: held for key, held in data.keys.items() if held[0] >= cutoff}
         return deleted
-
-
-def _transaction(row: LedgerRecord) -> CreditTransaction:
-    return CreditTransaction.model_construct(
-        id=row.id,
-        user_id=row.user_id,
-        transaction_type=row.kind,
-        amount=row.amount,
-        timestamp=row.timestamp,
-        description=row.description,
-    )
 
 
 class MemoryConsentRepository:

@@ -9,10 +9,9 @@ from contextlib import AbstractAsyncContextManager
 from app.clock import Clock, utc_now
 from app.domain.credits import CreditRules
 from app.domain.privacy import Pseudonyms
-from app.domain.state import LedgerRecord
 from app.errors import ErasureNotConfiguredError, StorageUnavailableError, UserNotFoundError
 from app.repositories.base import ConsentRepository, StateRepository
-from app.schemas import CreditTransaction, SubjectExport
+from app.schemas import SubjectExport
 
 
 class PrivacyService:
@@ -49,7 +48,7 @@ class PrivacyService:
         return SubjectExport(
             user_id=user_id,
             credits=None if state.account is None else self._rules.view(state.account),
-            transactions=[_transaction(row) for row in reversed(state.ledger)],
+            transactions=[row.transaction() for row in reversed(state.ledger)],
             consent=state.consent,
             consent_history=await self._consents.history(user_id),
         )
@@ -74,14 +73,3 @@ class PrivacyService:
         if all(rows is None for rows in erased):
             raise UserNotFoundError(user_id)
         return erased[0] or 0
-
-
-def _transaction(row: LedgerRecord) -> CreditTransaction:
-    return CreditTransaction(
-        id=row.id,
-        user_id=row.user_id,
-        transaction_type=row.kind,
-        amount=row.amount,
-        timestamp=row.timestamp,
-        description=row.description,
-    )
