@@ -24,7 +24,7 @@ from tests.support.app_client import running
 from tests.support.served import served
 
 CREDITS = "/api/v1/credits"
-FRESH_ID = re.compile(r"[0-9a-f]{32}")
+FRESH_ID = re.compile(r"req-[0-9a-f]{16}-[0-9a-f]+")  # made by the service (app/ids.py)
 
 
 class TestRequestId:

@@ -4,8 +4,8 @@ request a task and a stream copy of the body, and every answer (a 413 of the lim
 401 of the authentication, a 500) passes through here.
 
 - The request id is the client's `X-Request-ID` when it is sane (1 to 128 of HTTP's
-  token characters), else a fresh uuid4; it is the request's in app/logs.py's ContextVar
-  and echoed in the response's `X-Request-ID`.
+  token characters), else one made for it (app/ids.py); it is the request's in
+  app/logs.py's ContextVar and echoed in the response's `X-Request-ID`.
 - An error nothing handled is answered here (app/api/errors.py `unexpected_error`), inside
   the request's context: Starlette's own last resort sits outside every middleware.
 - The metrics label a request with its route's template (`/api/v1/credits/{user_id}`),
@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 
 from prometheus_client import Counter, Histogram
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import unexpected_error
+from app.ids import UniqueIds
 from app.logs import REQUEST_ID
 from app.ops.metrics import UNMATCHED, Metrics
 
 REQUEST_ID_HEADER = b"x-request-id"
+_request_id = UniqueIds("req", "-")  # token characters only, as an incoming id must be
 _SANE_ID = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # RFC 9110 token characters
 # A method label from the client's text would let a client grow the series without bound.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -48,7 +49,7 @@ class Observe:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        request_id = _incoming_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_id(scope) or _request_id()
         echoed = (REQUEST_ID_HEADER, request_id.encode())
         status_sent: int | None = None
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from app.assistant.answerer import Answerer
 from app.errors import AnswerFailedError
+from app.ids import UniqueIds
 from app.schemas import UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -18,6 +18,7 @@ from app.services.query_cache import QueryCacheService, cache_key
 from app.services.single_flight import SingleFlight
 
 logger = logging.getLogger(__name__)
+_charge_key = UniqueIds("assistant")  # each charge its own idempotency key
 
 
 class AssistantReply(BaseModel):
@@ -108,7 +109,7 @@ class AssistantService:
         self, user_id: str, query: str, *, is_guest: bool, context: dict[str, Any]
     ) -> AssistantReply:
         """Charge, answer, cache; refund when answering fails."""
-        charge = f"assistant:{uuid.uuid4()}"
+        charge = _charge_key()
         account = await self._credits.deduct_credits(
             user_id,
             self._cost,

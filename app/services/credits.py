@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
 from app.clock import Clock, utc_now
 from app.domain.credits import Attempt, Deduct, Keyed, Read, Refund, Reset, Upgrade
 from app.errors import InvalidInputError
+from app.ids import UniqueIds
 from app.repositories.base import CreditRepository
 from app.schemas import CreditTransaction, UserCredits
 
-
-class _OwnKeys:
-    """Keys unique to each call, across processes and restarts: 64 random bits drawn
-    once per process, then a counter. Random bits for every call would cost a system
-    call each."""
-
-    def __init__(self) -> None:
-        self._prefix = ""
-        self._counter = itertools.count()
-        os.register_at_fork(after_in_child=self._forget)  # a forked worker draws its own
-
-    def _forget(self) -> None:
-        self._prefix = ""
-
-    def __call__(self) -> str:
-        if not self._prefix:
-            self._prefix = f"call:{secrets.token_hex(8)}:"
-            self._counter = itertools.count()
-        return f"{self._prefix}{next(self._counter):x}"
-
-
-_own_key = _OwnKeys()
+# The keys of calls sent without one: "call:" + random + counter.
+_own_key = UniqueIds("call")
 
 
 def _require_positive(name: str, value: int) -> None:
