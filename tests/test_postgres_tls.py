@@ -106,6 +106,27 @@ class TestRefusedTls:
         assert refused.value.message.startswith("TLS verification of the database server failed: ")
         assert "certificate" in refused.value.message
 
+    @pytest.mark.parametrize(("mode", "refused"), [("verify-full", True), ("verify-ca", False)])
+    async def test_verify_full_refuses_a_host_name_the_certificate_does_not_carry(
+        self, postgres_tls_server: TlsPostgres, tls_database: str, mode: str, refused: bool
+    ) -> None:
+        # 127.1 is 127.0.0.1 to the resolver, but a name the certificate does not carry.
+        url = with_query(postgres_tls_server.server, tls_database, f"sslmode={mode}")
+        url = url.replace("@127.0.0.1:", "@127.1:", 1)
+        engine = create_engine(
+            Settings(database_url=url, db_ssl_root_cert=str(postgres_tls_server.root_cert))
+        )
+        try:
+            if refused:
+                with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+                    async with engine.connect():
+                        pass
+            else:
+                async with engine.connect() as connection:
+                    assert (await connection.exec_driver_sql(OWN_TLS)).scalar() is True
+        finally:
+            await engine.dispose()
+
     async def test_the_pool_and_the_fast_path_both_verify_the_certificate(
         self, postgres_tls_server: TlsPostgres, tls_database: str
     ) -> None:
