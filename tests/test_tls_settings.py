@@ -61,7 +61,8 @@ class TestRefusedSettings:
             ({"database_url": f"{DB}?sslmode=verify-everything"}, "sslmode must be one of"),
             ({"database_url": f"{DB}?ssl=require&sslmode=verify-full"}, "disagree"),
             ({"migration_database_url": f"{DB}?sslmode=strict"}, "sslmode must be one of"),
-            ({"db_ssl_root_cert": "/nowhere/root.crt"}, "no readable file at /nowhere/root.crt"),
+            ({"db_ssl_root_cert": "/nowhere/root.crt"}, "no CA certificate could be read from"),
+            ({"database_url": f"{DB}?sslmode=verify-full&sslrootcert=ca.pem"}, "DB_SSL_ROOT_CERT"),
         ],
     )
     def test_a_tls_setting_that_cannot_work_stops_start_up(
@@ -75,6 +76,12 @@ class TestRefusedSettings:
     ) -> None:
         with pytest.raises(ValidationError, match="sslmode=require does not verify the server"):
             Settings(database_url=f"{DB}?sslmode=require", db_ssl_root_cert=root_cert)
+
+    def test_a_root_certificate_file_without_a_certificate_is_refused(self, tmp_path: Path) -> None:
+        not_pem = tmp_path / "root.crt"
+        not_pem.write_text("not a certificate")
+        with pytest.raises(ValidationError, match="no CA certificate could be read from"):
+            Settings(database_url=DB, db_ssl_root_cert=str(not_pem))
 
     def test_sqlite_urls_are_left_alone(self) -> None:
         assert Settings(database_url="sqlite:///x.db?ssl=whatever").is_sqlite

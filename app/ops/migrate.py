@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.storage.engine import create_engine
+from app.storage.engine import create_engine, masked_url
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ async def upgrade_schema(settings: Settings, engine: AsyncEngine) -> None:
     if settings.migration_url == settings.database_url:
         await upgrade_to_head(engine)
         return
+    logger.info("migrating as MIGRATION_DATABASE_URL %s", masked_url(settings.migration_url))
     owner = create_engine(migration_settings(settings))
     try:
         await upgrade_to_head(owner)

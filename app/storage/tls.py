@@ -10,7 +10,6 @@ argument instead (SQLAlchemy's `connect_args`; the fast path's `asyncpg.connect`
 
 from __future__ import annotations
 
-import os
 import ssl
 from typing import Any
 
@@ -35,6 +34,8 @@ def ssl_mode(url: str, root_cert: str | None) -> str | None:
 
 def check_tls(url: str, root_cert: str | None) -> None:
     """Refuse, at start-up, TLS settings that would not do what they say."""
+    if "sslrootcert" in make_url(url).query:  # asyncpg.connect takes no such keyword
+        raise ValueError("the database URL's sslrootcert is not read: set DB_SSL_ROOT_CERT")
     mode = ssl_mode(url, root_cert)
     if mode is not None and mode not in SSL_MODES:
         raise ValueError(f"the database URL's sslmode must be one of {', '.join(SSL_MODES)}")
@@ -43,8 +44,17 @@ def check_tls(url: str, root_cert: str | None) -> None:
     if mode not in VERIFYING_MODES:
         # A CA file with a mode that never checks the certificate would look safe and not be.
         raise ValueError(f"DB_SSL_ROOT_CERT is set but sslmode={mode} does not verify the server")
-    if not os.access(root_cert, os.R_OK):
-        raise ValueError(f"DB_SSL_ROOT_CERT: no readable file at {root_cert}")
+    _trusting(root_cert)
+
+
+def _trusting(root_cert: str | None) -> ssl.SSLContext:
+    """A client context that trusts the CAs of `root_cert`, or the system's."""
+    try:
+        return ssl.create_default_context(cafile=root_cert)
+    except OSError as error:  # a missing file, or one with no PEM certificate (SSLError)
+        raise ValueError(
+            f"DB_SSL_ROOT_CERT: no CA certificate could be read from {root_cert} ({error})"
+        ) from None
 
 
 def driver_url(url: str) -> URL:
@@ -59,10 +69,7 @@ def tls_connect_args(url: str, root_cert: str | None) -> dict[str, Any]:
         return {}
     if mode not in VERIFYING_MODES:
         return {"ssl": mode}
-    try:
-        context = ssl.create_default_context(cafile=root_cert)
-    except ssl.SSLError as error:
-        raise ValueError(f"DB_SSL_ROOT_CERT holds no usable certificate: {error}") from None
+    context = _trusting(root_cert)
     context.check_hostname = mode == "verify-full"
     return {"ssl": context}
 
