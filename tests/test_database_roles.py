@@ -168,7 +168,6 @@ class TestServingAsTheServiceRole:
                 ("PUT", "/admin/storage", {"backend": "memory"}),  # the flag, a hand-over
                 ("PUT", "/admin/storage", {"backend": "database"}),
                 ("POST", "/admin/maintenance/cleanup", None),
-                ("GET", "/admin/state/export", None),
                 ("GET", f"{API}/users/ann/export", None),
                 ("POST", f"{API}/credits/bob/deduct", {"amount": 1}),
                 ("DELETE", f"{API}/users/bob", None),
@@ -177,6 +176,13 @@ class TestServingAsTheServiceRole:
             for method, path, body in calls:
                 response = await client.request(method, path, json=body, headers=ADMIN)
                 assert response.status_code == 200, (method, path, response.text)
+            exported_state = await client.get("/admin/state/export", headers=ADMIN)
+            imported = await client.post(
+                "/admin/state/import",
+                content=exported_state.content,
+                headers={**ADMIN, "Content-Type": "application/x-ndjson"},
+            )
+            assert imported.status_code == 200, imported.text  # staged in temporary tables
             container = app.state.container
             assert container.fast is not None and container.fast.figures["open"] >= 1
             exported = (await client.get(f"{API}/users/ann/export")).json()
