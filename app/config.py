@@ -10,6 +10,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.storage.tls import check_tls
+
 
 class StorageBackend(StrEnum):
     MEMORY = "memory"
@@ -65,6 +67,10 @@ class Settings(BaseSettings):
     )
 
     database_url: str = "sqlite+aiosqlite:///./assistant.db"
+    # The owner role's URL for Alembic (start-up and migration commands); None: DATABASE_URL.
+    migration_database_url: str | None = None
+    # PEM file of the CA(s) that sign the PostgreSQL server's certificate (app/storage/tls.py).
+    db_ssl_root_cert: str | None = None
     db_pool_size: int = Field(10, ge=1, le=1000)
     db_max_overflow: int = Field(20, ge=0, le=1000)
     db_pool_timeout: float = Field(30, gt=0)
@@ -155,10 +161,17 @@ class Settings(BaseSettings):
     # GET /metrics and the counting behind it; off only to measure what they cost.
     metrics_enabled: bool = True
 
-    @field_validator("database_url")
+    @field_validator("database_url", "migration_database_url")
     @classmethod
-    def _normalise_url(cls, value: str) -> str:
-        return normalise_database_url(value)
+    def _normalise_url(cls, value: str | None) -> str | None:
+        return None if value is None else normalise_database_url(value)
+
+    @model_validator(mode="after")
+    def _tls_configured(self) -> Settings:
+        for url in {self.database_url, self.migration_url}:
+            if not url.startswith("sqlite"):
+                check_tls(url, self.db_ssl_root_cert)
+        return self
 
     @model_validator(mode="after")
     def _access_configured(self) -> Settings:
@@ -197,6 +210,8 @@ class Settings(BaseSettings):
         "jwt_audience",
         "jwt_issuer",
         "erasure_key",
+        "migration_database_url",
+        "db_ssl_root_cert",
         mode="before",
     )
     @classmethod
@@ -218,6 +233,10 @@ class Settings(BaseSettings):
     @property
     def credit_reset_period(self) -> timedelta:
         return timedelta(hours=self.credit_reset_hours)
+
+    @property
+    def migration_url(self) -> str:
+        return self.migration_database_url or self.database_url
 
     @property
     def is_sqlite(self) -> bool:

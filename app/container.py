@@ -20,7 +20,7 @@ from app.domain.state import Round
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.metrics import CreditOutcomes
-from app.ops.migrate import upgrade_to_head
+from app.ops.migrate import upgrade_schema
 from app.ops.retention import RetentionJob
 from app.repositories.base import CreditRepository, StateRepository, Stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
@@ -44,6 +44,7 @@ from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavai
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.storage.shadow import Shadow
 from app.storage.stream import merge_spooled, spooled
+from app.storage.tls import tls_failure
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,10 @@ class Container:
         """Migrate (when enabled) and check that the schema is at head."""
         if self.settings.run_migrations_on_startup:
             try:
-                await upgrade_to_head(self.engine)
+                await upgrade_schema(self.settings, self.engine)
             except Exception as error:
+                if (tls := tls_failure(error)) is not None:
+                    raise StorageUnavailableError(tls) from error
                 if is_unavailable(error):
                     raise StorageUnavailableError("the database is unreachable") from error
                 logger.exception("database migrations failed")
@@ -176,6 +179,7 @@ class Container:
             raise StorageUnavailableError(
                 f"database not ready: reachable={status['reachable']}, "
                 f"revision={status['revision']}, head={status['head']}"
+                + (f", error={status['error']}" if "error" in status else "")
             )
 
     async def switch_storage(

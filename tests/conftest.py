@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,8 +41,14 @@ from app.storage.engine import create_engine, fast_connections
 from tests.support.app_client import client_for
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
-from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
+from tests.support.postgres import (
+    PostgresServer,
+    PostgresUnavailable,
+    start_local_cluster,
+    start_postgres,
+)
 from tests.support.redis import RedisServer, RedisUnavailable, start_local_redis, start_redis
+from tests.support.tls import make_authority, make_server_certificate
 
 STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 # The repositories' tests also run PostgreSQL without its fast path: the general path
@@ -59,6 +66,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("postgres") is not None:
             item.user_properties.append(("tier", "postgres"))
+        if item.get_closest_marker("postgres_tls") is not None:
+            item.user_properties.append(("tier", "postgres-tls"))
 
 
 def plain_dsn(url: str) -> str:
@@ -110,6 +119,31 @@ def redis_outage_server() -> Iterator[RedisServer]:
 def postgres_server() -> Iterator[PostgresServer]:
     server = _server_or_skip(start_postgres, "PostgreSQL", PostgresUnavailable)
     yield server
+    server.stop()
+
+
+@dataclass(frozen=True)
+class TlsPostgres:
+    """A local cluster that takes TCP connections over TLS only, and the CA files a
+    client may trust: the one that signed the server's certificate, and another."""
+
+    server: PostgresServer
+    root_cert: Path
+    other_ca: Path
+
+
+@pytest.fixture(scope="module")
+def postgres_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsPostgres]:
+    directory = tmp_path_factory.mktemp("tls")
+    authority = make_authority()
+    root_cert, other_ca = directory / "root.crt", directory / "other-ca.crt"
+    root_cert.write_bytes(authority.pem)
+    other_ca.write_bytes(make_authority("another test CA").pem)
+    certificate = make_server_certificate(authority)
+    server = _server_or_skip(
+        lambda: start_local_cluster(certificate), "PostgreSQL", PostgresUnavailable
+    )
+    yield TlsPostgres(server, root_cert, other_ca)
     server.stop()
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Connection
 
 from app.config import Settings
 from app.models import Base
-from app.ops.migrate import MIGRATION_LOCK_KEY
+from app.ops.migrate import MIGRATION_LOCK_KEY, migration_settings
 from app.storage.engine import create_engine
 
 config = context.config
@@ -43,7 +43,7 @@ def do_run_migrations(connection: Connection) -> None:
 
 
 async def run_async_migrations() -> None:
-    engine = create_engine(Settings(db_pool_size=1, db_max_overflow=0))
+    engine = create_engine(migration_settings(Settings()))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)

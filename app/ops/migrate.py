@@ -13,6 +13,9 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.config import Settings
+from app.storage.engine import create_engine, masked_url
+
 logger = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key serialising migrations across replicas ("shopasst").
@@ -45,6 +48,27 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         await connection.run_sync(_upgrade)
     logger.info("database schema at revision %s", head_revision())
+
+
+def migration_settings(settings: Settings) -> Settings:
+    """The settings of Alembic's own engine: the owner role's URL, one connection."""
+    return settings.model_copy(
+        update={"database_url": settings.migration_url, "db_pool_size": 1, "db_max_overflow": 0}
+    )
+
+
+async def upgrade_schema(settings: Settings, engine: AsyncEngine) -> None:
+    """Upgrade to head as the owner role: on the service's own engine when one role does
+    both, else on a short-lived engine of MIGRATION_DATABASE_URL."""
+    if settings.migration_url == settings.database_url:
+        await upgrade_to_head(engine)
+        return
+    logger.info("migrating as MIGRATION_DATABASE_URL %s", masked_url(settings.migration_url))
+    owner = create_engine(migration_settings(settings))
+    try:
+        await upgrade_to_head(owner)
+    finally:
+        await owner.dispose()
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:

@@ -14,7 +14,7 @@ from app.config import Settings
 from app.container import credit_rules
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
-from app.ops.migrate import upgrade_to_head
+from app.ops.migrate import upgrade_schema
 from app.repositories.sql import state_repository
 from app.storage.engine import create_engine
 from app.storage.stream import InvalidStreamError, export_lines, merge_spooled, spooled
@@ -89,7 +89,7 @@ async def _import(source: BinaryIO) -> int:
     engine = create_engine(settings)
     try:
         if settings.run_migrations_on_startup:
-            await upgrade_to_head(engine)
+            await upgrade_schema(settings, engine)
         async with spooled(_chunks(source)) as stream:
             progress = _progress(stream.lines)
             report = await merge_spooled(stream, state_repository(engine), progress=progress)

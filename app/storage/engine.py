@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.config import Settings
 from app.repositories.pg_connections import FastConnections
+from app.storage.tls import driver_url, tls_connect_args
 
 
 def masked_url(url: str) -> str:
@@ -59,6 +60,7 @@ def fast_connections(engine: AsyncEngine, settings: Settings) -> FastConnections
 def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
     return {
         "timeout": settings.db_connect_timeout,
+        **tls_connect_args(settings.database_url, settings.db_ssl_root_cert),
         "server_settings": {
             "application_name": "shopping-assistant",
             "statement_timeout": str(settings.db_statement_timeout_ms),
@@ -76,7 +78,7 @@ def answer_timeout(settings: Settings) -> float | None:
 
 def _pooled_engine(settings: Settings, connect_args: dict[str, Any]) -> AsyncEngine:
     return create_async_engine(
-        settings.database_url,
+        driver_url(settings.database_url),
         echo=settings.db_echo_sql,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow - fast_path_size(settings),

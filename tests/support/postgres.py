@@ -24,7 +24,11 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:  # only the stdlib is imported eagerly (module docstring)
+    from tests.support.tls import ServerCertificate
 
 # Durability is pointless for throwaway test data; these make DDL-heavy suites fast.
 _FAST_SETTINGS = {
@@ -181,7 +185,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _local_cluster() -> PostgresServer:
+def _require_tls(data: str, tls: ServerCertificate) -> dict[str, str]:
+    """Give the cluster its certificate, and accept TCP connections over TLS only
+    (`hostssl`), so that a client that got in spoke TLS. The key is owned by the server's
+    user, mode 0600: PostgreSQL refuses a key others can read. Returns the settings that
+    turn TLS on."""
+    owner = os.stat(data)
+    hba = b"local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
+    files = (("server.crt", tls.certificate_pem), ("server.key", tls.key_pem), ("pg_hba.conf", hba))
+    for name, content in files:
+        path = os.path.join(data, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        os.chmod(path, 0o600)
+        os.chown(path, owner.st_uid, owner.st_gid)
+    return {"ssl": "on", "ssl_cert_file": "'server.crt'", "ssl_key_file": "'server.key'"}
+
+
+def _local_cluster(tls: ServerCertificate | None = None) -> PostgresServer:
     bindir = _pg_bindir()
     as_user: list[str] = []
     # Under /tmp, not $TMPDIR: the postgres user must be able to traverse the parent.
@@ -223,6 +244,7 @@ def _local_cluster() -> PostgresServer:
             **_FAST_SETTINGS,
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{tmp}'",
+            **(_require_tls(data, tls) if tls is not None else {}),
         }
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("".join(f"\n{k} = {v}" for k, v in conf.items()) + "\n")
@@ -264,12 +286,15 @@ def _local_cluster() -> PostgresServer:
             raise PostgresUnavailable(f"pg_ctl start failed: {_tail(res.stderr)}")
 
     url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+    if tls is not None:  # asyncpg's DSN form: the admin connections encrypt, unverified
+        url += "?sslmode=require"
     return PostgresServer(url, "local cluster", stop, pause=pause, resume=resume)
 
 
-def start_local_cluster() -> PostgresServer:
-    """A dedicated throwaway cluster, for tests that stop and start their server."""
-    server = _local_cluster()
+def start_local_cluster(tls: ServerCertificate | None = None) -> PostgresServer:
+    """A dedicated throwaway cluster, for tests that stop and start their server, or
+    (with `tls`) that connect to it over TLS."""
+    server = _local_cluster(tls)
     _started.append(server)
     return server
 
