@@ -5,12 +5,15 @@ they are when scraped."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.domain.credits import Attempt, Deduct
+from app.storage.journal import CreditChange
 from tests.conftest import app_settings
 from tests.support.app_client import running
 
@@ -170,3 +173,27 @@ async def test_metrics_is_documented_as_text(tmp_path: Path) -> None:
     async with running(app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/a.db")) as (_, c):
         document = (await c.get("/openapi.json")).json()
     assert "text/plain" in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+async def test_the_journal_gauges_follow_the_outage_journal(tmp_path: Path) -> None:
+    settings = app_settings(
+        "database",
+        f"sqlite+aiosqlite:///{tmp_path}/a.db",
+        db_outage_fallback="memory",
+        db_breaker_reset_seconds=600,  # no background replay while the test looks
+    )
+    async with running(settings) as (app, client):
+        journal = app.state.container.fallback.journal
+        await journal.append(CreditChange(USER, Deduct(1), Attempt(datetime.now(UTC), "gauge")))
+        samples = await scrape(client)
+        assert (
+            value(samples, "outage_journal_depth"),
+            value(samples, "outage_journal_dead_letters"),
+        ) == (1, 0)
+        [(seq, _)] = await journal.head(0, 10)
+        await journal.dead(seq, "refused (test)")
+        samples = await scrape(client)
+        assert (
+            value(samples, "outage_journal_depth"),
+            value(samples, "outage_journal_dead_letters"),
+        ) == (0, 1)

@@ -138,6 +138,11 @@ class _StateCollector(Collector):
             "Changes served during a database outage and not yet replayed.",
             value=0 if fallback is None else fallback.depth,
         )
+        yield GaugeMetricFamily(
+            "outage_journal_dead_letters",
+            "Journaled changes the database refused for good, kept aside for an operator.",
+            value=0 if fallback is None else fallback.journal.dead_letters,
+        )
         yield CounterMetricFamily(
             "storage_shadow_mismatches",
             "Reads whose shadow answer differed from the primary's since the shadow started.",
