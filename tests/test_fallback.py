@@ -508,3 +508,11 @@ async def test_the_replay_command_replays_a_journal_left_behind_once(tmp_path: P
         2,
         f"no journal at {tmp_path / 'nothing.db'}",
     )
+
+
+def test_a_journal_that_cannot_be_made_says_where_and_why(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    with pytest.raises(JournalError) as refused:
+        OutageJournal.open(blocked / "j.db")
+    assert str(refused.value).startswith(f"outage journal {blocked / 'j.db'}: [Errno")

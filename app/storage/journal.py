@@ -146,8 +146,11 @@ class OutageJournal:
         wanted = Path(path)
         slots = [wanted] if exact else [_slot(wanted, n) for n in range(MAX_SLOTS)]
         for candidate in slots:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(f"{candidate}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                candidate.parent.mkdir(parents=True, exist_ok=True)
+                lock_fd = os.open(f"{candidate}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError as error:
+                raise JournalError(f"outage journal {candidate}: {error}") from error
             try:
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
