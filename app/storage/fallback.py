@@ -299,6 +299,8 @@ class OutageFallback:
         for the next start."""
         if self._retrying is not None:
             self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
         if self._replay_task is not None:
             with contextlib.suppress(Exception):
                 await self._replay_task
