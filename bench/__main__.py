@@ -23,7 +23,16 @@ from bench.context import Context
 from bench.report import heading, say
 from bench.server import Databases, get_server, server_facts
 
-SECTIONS = ("credits", "http", "cache", "roundtrips", "scale", "retention", "handover")
+SECTIONS = (
+    "credits",
+    "http",
+    "cache",
+    "roundtrips",
+    "scale",
+    "retention",
+    "handover",
+    "pgbouncer",
+)
 
 
 def _arguments() -> argparse.Namespace:
