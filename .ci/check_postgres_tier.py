@@ -1,13 +1,18 @@
 """Fail CI unless the PostgreSQL tiers ran: postgres tests executed, none skipped or failed;
-the TLS tier (a cluster taking TLS connections only) among them, likewise."""
+likewise the TLS tier (a cluster taking TLS connections only) and the PgBouncer tier
+(PostgreSQL behind PgBouncer in transaction pooling mode)."""
 
 import sys
 import xml.etree.ElementTree as ElementTree
 
 cases = list(ElementTree.parse(sys.argv[1]).getroot().iter("testcase"))
 incomplete = []
-# tests/conftest.py marks each test that needs PostgreSQL, or its TLS cluster, with this property.
-for tier, label in (("postgres", "PostgreSQL"), ("postgres-tls", "PostgreSQL TLS")):
+# tests/conftest.py marks each test of a tier with this property.
+for tier, label in (
+    ("postgres", "PostgreSQL"),
+    ("postgres-tls", "PostgreSQL TLS"),
+    ("pgbouncer", "PgBouncer"),
+):
     tested = [
         case
         for case in cases

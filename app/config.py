@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     db_fast_path_connections: int = Field(10, ge=0, le=1000)
     db_connect_timeout: float = Field(5, gt=0)
     db_statement_timeout_ms: int = Field(10_000, ge=0)
+    # False behind a transaction pooler (PgBouncer, pool_mode = transaction): no statement
+    # is kept prepared between transactions, and the timeout is set in each transaction.
+    db_prepared_statements: bool = True
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
 
     # Retries of one whole unit of work on transient faults, and the circuit breaker.

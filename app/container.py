@@ -20,7 +20,7 @@ from app.domain.state import Round
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.metrics import CreditOutcomes
-from app.ops.migrate import upgrade_schema
+from app.ops.migrate import current_revision, upgrade_schema
 from app.ops.retention import RetentionJob
 from app.repositories.base import CreditRepository, StateRepository, Stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
@@ -33,13 +33,19 @@ from app.services.privacy import PrivacyService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
 from app.storage.cluster_flag import ClusterFlag, FlagStore, StoredFlag
-from app.storage.engine import create_engine, fast_connections, masked_url
+from app.storage.engine import (
+    create_engine,
+    fast_connections,
+    masked_url,
+    transaction_setting,
+)
 from app.storage.fallback import OutageFallback, with_fallback
 from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
 from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
 from app.storage.journal import OutageJournal
 from app.storage.metered import MeteredCredits
 from app.storage.provider import StorageProvider
+from app.storage.refusal import connection_refusal
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.storage.shadow import Shadow
@@ -164,16 +170,15 @@ class Container:
 
     async def prepare_database(self) -> None:
         """Migrate (when enabled) and check that the schema is at head."""
-        if self.settings.run_migrations_on_startup:
-            try:
+        migrate = self.settings.run_migrations_on_startup
+        try:
+            if migrate:
                 await upgrade_schema(self.settings, self.engine)
-            except Exception as error:
-                if (tls := tls_failure(error)) is not None:
-                    raise StorageUnavailableError(tls) from error
-                if is_unavailable(error):
-                    raise StorageUnavailableError("the database is unreachable") from error
-                logger.exception("database migrations failed")
-                raise StorageUnavailableError("database migrations failed") from error
+            else:
+                await current_revision(self.engine)  # reached, or the failure says why not
+        except Exception as error:
+            failed = "database migrations failed" if migrate else "reading the schema failed"
+            raise _not_prepared(error, failed) from error
         status = await database_status(self.engine)
         if not status["up_to_date"]:
             raise StorageUnavailableError(
@@ -304,6 +309,22 @@ class Container:
         await self.engine.dispose()
 
 
+def _not_prepared(error: Exception, failed: str) -> StorageUnavailableError:
+    """What start-up reports: a TLS failure as one (app/storage/tls.py); a refusal as one
+    (app/storage/refusal.py), the server's words logged; an unreachable database as such;
+    anything else as `failed`."""
+    if (tls := tls_failure(error)) is not None:
+        return StorageUnavailableError(tls)
+    refusal = connection_refusal(error)
+    if refusal is not None:
+        logger.error("%s: %s", refusal.summary, refusal.said)
+        return StorageUnavailableError(refusal.summary)
+    if is_unavailable(error):
+        return StorageUnavailableError("the database is unreachable")
+    logger.error(failed, exc_info=error)
+    return StorageUnavailableError(failed)
+
+
 def credit_rules(settings: Settings) -> CreditRules:
     return CreditRules(
         guest_max=settings.guest_max_credits,
@@ -373,7 +394,8 @@ def build_container(
         states={
             StorageBackend.MEMORY: MemoryStateRepository(memory_data),
             StorageBackend.DATABASE: GuardedState(
-                state_repository(engine), retried_guard(breaker, settings)
+                state_repository(engine, transaction_setting(settings)),
+                retried_guard(breaker, settings),
             ),
         },
         cache_tiers=cache_tiers,

@@ -33,6 +33,7 @@ SECTIONS = (
     "handover",
     "outage",
     "fillfactor",
+    "pgbouncer",
 )
 
 

@@ -4,6 +4,11 @@ Stores are parametrised: `memory`, `sqlite` and `postgres`. The PostgreSQL serve
 comes from TEST_DATABASE_URL, testcontainers (when a Docker engine answers) or a
 throwaway local cluster (tests/support/postgres.py). Under CI=true, or with
 REQUIRE_POSTGRES=1, a missing PostgreSQL fails the run instead of skipping it.
+
+The `pgbouncer` store is PostgreSQL behind a PgBouncer in transaction pooling mode
+(tests/support/pgbouncer.py) with DB_PREPARED_STATEMENTS=false. It runs only in the
+modules that set `PGBOUNCER_TIER = True` (the credit and consent contracts, the API);
+REQUIRE_PGBOUNCER=1 (or CI=true) fails the run when PgBouncer is unavailable.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from app.storage.engine import create_engine, fast_connections
 from tests.support.app_client import client_for
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
+from tests.support.pgbouncer import PgBouncer, PgBouncerUnavailable, start_pgbouncer
 from tests.support.postgres import (
     PostgresServer,
     PostgresUnavailable,
@@ -50,7 +56,8 @@ from tests.support.postgres import (
 from tests.support.redis import RedisServer, RedisUnavailable, start_local_redis, start_redis
 from tests.support.tls import make_authority, make_server_certificate
 
-STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+PGBOUNCER = pytest.param("pgbouncer", marks=[pytest.mark.postgres, pytest.mark.pgbouncer])
+STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres), PGBOUNCER]
 # The repositories' tests also run PostgreSQL without its fast path: the general path
 # alone, as the fast path leaves it whatever it declines.
 REPOSITORY_STORES = [*STORES, pytest.param("postgres-general", marks=pytest.mark.postgres)]
@@ -60,14 +67,28 @@ TEMPLATE_DB = "assistant_template"
 T = TypeVar("T")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The PgBouncer tier only where a module asks for it (see the module docstring).
+    def unasked(item: pytest.Item) -> bool:
+        module = getattr(item, "module", None)
+        return item.get_closest_marker("pgbouncer") is not None and not getattr(
+            module, "PGBOUNCER_TIER", False
+        )
+
+    deselected = [item for item in items if unasked(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not unasked(item)]
     # Named in the JUnit report, so that CI counts every PostgreSQL test, whatever its name
     # (.ci/check_postgres_tier.py).
     for item in items:
-        if item.get_closest_marker("postgres") is not None:
-            item.user_properties.append(("tier", "postgres"))
-        if item.get_closest_marker("postgres_tls") is not None:
-            item.user_properties.append(("tier", "postgres-tls"))
+        for marker, tier in (
+            ("postgres", "postgres"),
+            ("postgres_tls", "postgres-tls"),
+            ("pgbouncer", "pgbouncer"),
+        ):
+            if item.get_closest_marker(marker) is not None:
+                item.user_properties.append(("tier", tier))
 
 
 def plain_dsn(url: str) -> str:
@@ -147,6 +168,16 @@ def postgres_tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tl
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(postgres_server: PostgresServer) -> Iterator[PgBouncer]:
+    """A PgBouncer in transaction pooling mode in front of the run's PostgreSQL server."""
+    bouncer = _server_or_skip(
+        lambda: start_pgbouncer(postgres_server.admin_url), "PgBouncer", PgBouncerUnavailable
+    )
+    yield bouncer
+    bouncer.stop()
+
+
 async def _migrate(url: str) -> None:
     engine = create_engine(Settings(database_url=url))
     try:
@@ -191,7 +222,8 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @asynccontextmanager
 async def fresh_database(request: pytest.FixtureRequest, kind: str) -> AsyncIterator[str]:
     """URL of a new database at the schema head: a copied SQLite file, or a PostgreSQL
-    database cloned from the migrated template. Dropped afterwards."""
+    database cloned from the migrated template, reached directly or (`pgbouncer`) through
+    PgBouncer. Dropped afterwards."""
     if kind == "sqlite":
         path = Path(request.getfixturevalue("tmp_path")) / f"test-{uuid.uuid4().hex[:8]}.db"
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
@@ -200,9 +232,12 @@ async def fresh_database(request: pytest.FixtureRequest, kind: str) -> AsyncIter
     server: PostgresServer = request.getfixturevalue("postgres_server")
     template = request.getfixturevalue("postgres_template")
     name = f"test_{uuid.uuid4().hex[:16]}"
+    reach: PostgresServer | PgBouncer = server
+    if kind == "pgbouncer":
+        reach = request.getfixturevalue("pgbouncer")
     await _admin(server, f"CREATE DATABASE {name} TEMPLATE {template}")
     try:
-        yield server.url_for(name)
+        yield reach.url_for(name)
     finally:
         await _admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -256,9 +291,9 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     if request.param == "memory":
         yield memory_stores(RULES)
         return
-    kind = "sqlite" if request.param == "sqlite" else "postgres"
+    kind = request.param if request.param in ("sqlite", "pgbouncer") else "postgres"
     async with fresh_database(request, kind) as url:
-        settings = Settings(database_url=url)
+        settings = Settings(database_url=url, db_prepared_statements=kind != "pgbouncer")
         engine = create_engine(settings)
         fast = fast_connections(engine, settings) if request.param != "postgres-general" else None
         try:
@@ -310,6 +345,7 @@ def app_settings(backend: str, database_url: str, **overrides: object) -> Settin
         "admin_token": "test-admin-token",
         # Each application its own outage journal: one left by another test is not this one's.
         "outage_journal_path": Path(tempfile.mkdtemp(prefix="journal-")) / "outage-journal.db",
+        "db_prepared_statements": backend != "pgbouncer",
         **overrides,
     }
     return Settings.model_validate(values)

@@ -14,6 +14,8 @@ from app.assistant.answerer import CatalogueAnswerer
 from tests.conftest import app_settings, fresh_database
 from tests.support.app_client import running
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 QUERY = "/api/v1/assistant/query"
 CREDITS = "/api/v1/credits"
 CONSENTS = "/api/v1/consents"

@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 import httpx
 import pytest
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 CONSENTS = "/api/v1/consents"
 CONSENT_FIELDS = {
     "user_id",

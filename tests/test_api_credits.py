@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 CREDITS = "/api/v1/credits"
 ACCOUNT_FIELDS = {
     "user_id",

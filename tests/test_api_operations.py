@@ -25,6 +25,8 @@ from tests.conftest import _admin, app_settings, fresh_database, run_outside_loo
 from tests.support.app_client import client_for, running
 from tests.support.relay import Relay, relayed
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 CREDITS = "/api/v1/credits"
 CONSENTS = "/api/v1/consents"

@@ -14,6 +14,8 @@ from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from tests.support.clock import FakeClock
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 
 async def _outcomes(*calls: object) -> Counter[str]:
     results = await asyncio.gather(*calls, return_exceptions=True)  # type: ignore[call-overload]

@@ -15,6 +15,8 @@ from tests.conftest import DATABASES, app_settings, fresh_database
 from tests.support.app_client import running
 from tests.support.clock import FakeClock
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 CONSENTS = "/api/v1/consents"
 
 

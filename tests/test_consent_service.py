@@ -8,6 +8,8 @@ from app.errors import ConsentNotFoundError
 from app.services.consents import UserConsentService
 from tests.support.clock import FakeClock
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 
 class TestRecording:
     async def test_an_unknown_user_has_no_consent(

@@ -17,6 +17,8 @@ from tests.conftest import RULES
 from tests.support.clock import FakeClock
 from tests.support.ledger import LedgerAudit
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 
 class TestFirstSight:
     async def test_a_new_guest_gets_the_full_guest_budget(

@@ -17,6 +17,8 @@ from tests.conftest import app_settings, fresh_database
 from tests.support.app_client import running
 from tests.support.relay import relayed
 
+PGBOUNCER_TIER = True  # also behind PgBouncer in transaction pooling (tests/conftest.py)
+
 ERASURE_KEY = "erasure-key-for-the-tests-0123456789"
 app_overrides = {"erasure_key": ERASURE_KEY}  # for conftest's running_app
 API = "/api/v1"

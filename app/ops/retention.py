@@ -1,7 +1,10 @@
 """Scheduled retention: expired cache entries and ledger rows past the retention period.
 
-On PostgreSQL a session advisory lock lets one replica at a time run it; the
-others skip that round. The deletes themselves go in bounded batches (repositories).
+On PostgreSQL an advisory lock lets one replica at a time run it; the others skip
+that round. The lock is the transaction's, held by a transaction left open for the
+round: behind a transaction pooler (PgBouncer) a session's lock would stay on whichever
+server connection took it, and the unlock go to another. The deletes themselves go in
+bounded batches (repositories).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from app.services.query_cache import QueryCacheService
 
 logger = logging.getLogger(__name__)
 
-# pg_try_advisory_lock key of the retention job ("retainer").
+# pg_try_advisory_xact_lock key of the retention job ("retainer").
 RETENTION_LOCK_KEY = 0x72657461696E6572
 
 
@@ -83,17 +86,8 @@ class RetentionJob:
             yield True
             return
         async with engine.connect() as connection:
-            acquired = bool(
-                await connection.scalar(
-                    text("SELECT pg_try_advisory_lock(:key)"), {"key": RETENTION_LOCK_KEY}
-                )
+            acquired = await connection.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RETENTION_LOCK_KEY}
             )
-            await connection.commit()
-            try:
-                yield acquired
-            finally:
-                if acquired:
-                    await connection.execute(
-                        text("SELECT pg_advisory_unlock(:key)"), {"key": RETENTION_LOCK_KEY}
-                    )
-                    await connection.commit()
+            yield bool(acquired)
+            # Leaving the block rolls the transaction back, and the lock goes with it.

@@ -16,7 +16,7 @@ from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.migrate import upgrade_schema
 from app.repositories.sql import state_repository
-from app.storage.engine import create_engine
+from app.storage.engine import create_engine, transaction_setting
 from app.storage.stream import InvalidStreamError, export_lines, merge_spooled, spooled
 
 READ_BYTES = 1024 * 1024
@@ -59,7 +59,8 @@ async def export_state(out: BinaryIO) -> int:
             return 1
         progress = _progress()
         rows = 0
-        lines = export_lines(state_repository(engine), credit_rules(settings), "database")
+        state = state_repository(engine, transaction_setting(settings))
+        lines = export_lines(state, credit_rules(settings), "database")
         async for chunk in lines:
             out.write(chunk)
             rows += chunk.count(b"\n")
@@ -92,7 +93,8 @@ async def _import(source: BinaryIO) -> int:
             await upgrade_schema(settings, engine)
         async with spooled(_chunks(source)) as stream:
             progress = _progress(stream.lines)
-            report = await merge_spooled(stream, state_repository(engine), progress=progress)
+            state = state_repository(engine, transaction_setting(settings))
+            report = await merge_spooled(stream, state, progress=progress)
             if progress is not None:
                 progress(stream.lines, last=True)
     except InvalidStreamError as error:

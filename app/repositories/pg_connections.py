@@ -10,6 +10,11 @@ the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW), and a
 that finds none free is not kept waiting: `fetch` answers None and the caller takes the
 general path. asyncpg's own pool has no such "take one if free", and waits instead.
 
+Behind a transaction pooler (`prepared=False`, app/storage/pooler.py) nothing is
+prepared: asyncpg parses each statement anew, in the round trips that run it; and with a
+`transaction_setting` (the statement timeout, which cannot be a session setting there)
+each statement runs in a transaction begun by that setting, two more round trips.
+
 The server ends a statement at its statement_timeout; one it never answers (a host
 gone silent) is given up `answer_timeout` seconds after it was sent, by a watch that
 looks at the connections in use every quarter of that time and terminates the late ones.
@@ -18,6 +23,7 @@ looks at the connections in use every quarter of that time and terminates the la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -54,8 +60,13 @@ class FastConnections:
         size: int,
         recycle_seconds: float,
         answer_timeout: float | None,
+        prepared: bool = True,
+        transaction_setting: str | None = None,
     ) -> None:
         self._connect = connect
+        self._prepared = prepared
+        # One simple-protocol message: BEGIN and the setting in one round trip.
+        self._begin = None if transaction_setting is None else f"BEGIN; {transaction_setting}"
         self.size = size
         self._recycle = recycle_seconds if recycle_seconds > 0 else float("inf")  # -1: never
         self._answer_timeout = answer_timeout
@@ -85,15 +96,7 @@ class FastConnections:
             held = await self._opened()
         held.busy_since = time.monotonic()
         try:
-            statement = held.statements.get(sql)
-            if statement is None:
-                statement = held.statements[sql] = await held.driver.prepare(sql)
-            try:
-                rows: list[asyncpg.Record] = await statement.fetch(*args)
-            except asyncpg.InvalidCachedStatementError:
-                # A migration changed what the statement reads: prepare it anew, once.
-                statement = held.statements[sql] = await held.driver.prepare(sql)
-                rows = await statement.fetch(*args)
+            rows = await self._run(held, sql, args)
         except BaseException as error:
             held.busy_since = 0.0
             if held.timed_out:
@@ -111,6 +114,40 @@ class FastConnections:
             self._idle.append(held)
         else:
             self._drop(held)
+        return rows
+
+    async def _run(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
+        if not self._prepared:
+            return await self._unprepared(held.driver, sql, args)
+        statement = held.statements.get(sql)
+        if statement is None:
+            statement = held.statements[sql] = await held.driver.prepare(sql)
+        rows: list[asyncpg.Record]
+        try:
+            rows = await statement.fetch(*args)
+        except asyncpg.InvalidCachedStatementError:
+            # A migration changed what the statement reads: prepare it anew, once.
+            statement = held.statements[sql] = await held.driver.prepare(sql)
+            rows = await statement.fetch(*args)
+        return rows
+
+    async def _unprepared(
+        self, driver: asyncpg.Connection, sql: str, args: tuple[Any, ...]
+    ) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record]
+        if self._begin is None:
+            rows = await driver.fetch(sql, *args)
+            return rows
+        await driver.execute(self._begin)
+        try:
+            rows = await driver.fetch(sql, *args)
+        except asyncpg.PostgresError:
+            # After the server's refusal the connection is sound once rolled back; one
+            # the rollback fails on stays in its transaction, and is dropped (_is_sound).
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await driver.execute("ROLLBACK")
+            raise
+        await driver.execute("COMMIT")
         return rows
 
     async def close(self) -> None:

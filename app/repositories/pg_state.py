@@ -312,13 +312,15 @@ class PostgresStateRepository:
     is one transaction holding the accounts it replaces locked. A merge names each user
     once, as SqlStateRepository's."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, transaction_setting: str | None = None) -> None:
         self._engine = engine
+        # Behind a transaction pooler, the statement timeout (app/storage/pooler.py).
+        self._setting = transaction_setting
 
     async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
         after = ""  # sorts before every user_id, none of which is empty
         while True:
-            async with self._driver() as driver:
+            async with self._transaction(readonly=True) as driver:
                 users = [row[0] for row in await driver.fetch(_PAGE, after, batch_size)]
             if users:
                 yield users
@@ -328,10 +330,7 @@ class PostgresStateRepository:
 
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
         named = list(user_ids)
-        async with (
-            self._driver() as driver,
-            driver.transaction(isolation="repeatable_read", readonly=True),
-        ):
+        async with self._transaction(isolation="repeatable_read", readonly=True) as driver:
             await driver.execute(_CUSTOM_PLANS)
             accounts = {row[0]: Account(*row) for row in await driver.fetch(_READ_ACCOUNTS, named)}
             ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
@@ -349,7 +348,7 @@ class PostgresStateRepository:
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         if not states:
             return 0
-        async with self._driver() as driver, driver.transaction():
+        async with self._transaction() as driver:
             return await _merge(driver, states, round)
 
     async def merge_verified(
@@ -359,7 +358,7 @@ class PostgresStateRepository:
         differences come back, not the users."""
         if not states:
             return Merged(0)
-        async with self._driver() as driver, driver.transaction():
+        async with self._transaction() as driver:
             added = await _merge(driver, states, round)
             mismatched: dict[str, list[str]] = {}
             for user_id, _, difference in await driver.fetch(_VERIFY, round is not None):
@@ -370,11 +369,16 @@ class PostgresStateRepository:
         return await erase(self._engine, user_id, pseudonym, now)
 
     @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection's own asyncpg connection. SQLAlchemy begins nothing on it,
-        so its return to the pool finds no transaction of SQLAlchemy's to end."""
+    async def _transaction(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection's own asyncpg connection, in a transaction of asyncpg's
+        (`options`: its isolation and read-only). SQLAlchemy begins nothing on it, so its
+        return to the pool finds no transaction of SQLAlchemy's to end."""
         async with self._engine.connect() as conn:
-            yield (await conn.get_raw_connection()).driver_connection
+            driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            async with driver.transaction(**options):
+                if self._setting is not None:
+                    await driver.execute(self._setting)
+                yield driver
 
 
 async def _merge(

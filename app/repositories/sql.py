@@ -40,9 +40,12 @@ def sql_stores(
     )
 
 
-def state_repository(engine: AsyncEngine) -> StateRepository:
+def state_repository(
+    engine: AsyncEngine, transaction_setting: str | None = None
+) -> StateRepository:
     """The database's users as a whole: set-based on asyncpg for PostgreSQL (its imports
-    and hand-overs move millions of rows), through SQLAlchemy on SQLite."""
+    and hand-overs move millions of rows), through SQLAlchemy on SQLite.
+    `transaction_setting`: app/storage/engine.py's, for PostgreSQL's own transactions."""
     if engine.dialect.name == "postgresql":
-        return PostgresStateRepository(engine)
+        return PostgresStateRepository(engine, transaction_setting)
     return SqlStateRepository(engine)

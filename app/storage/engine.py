@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from app.config import Settings
 from app.repositories.pg_connections import FastConnections
+from app.storage import pooler
 from app.storage.tls import driver_url, tls_connect_args
 
 
@@ -24,9 +25,12 @@ def create_engine(settings: Settings) -> AsyncEngine:
     """Build the pooled async engine; nothing connects until first use."""
     if settings.is_sqlite:
         return _sqlite_engine(settings)
-    return _pooled_engine(
-        settings, {**_postgres_connect_args(settings), "command_timeout": answer_timeout(settings)}
-    )
+    connect_args = {**_postgres_connect_args(settings), "command_timeout": answer_timeout(settings)}
+    if settings.db_prepared_statements:
+        return _pooled_engine(settings, connect_args)
+    engine = _pooled_engine(settings, {**connect_args, **pooler.dialect_args()})
+    pooler.time_out_each_transaction(engine, settings.db_statement_timeout_ms)
+    return engine
 
 
 def fast_path_size(settings: Settings) -> int:
@@ -54,13 +58,33 @@ def fast_connections(engine: AsyncEngine, settings: Settings) -> FastConnections
         size=size,
         recycle_seconds=settings.db_pool_recycle,
         answer_timeout=answer_timeout(settings),
+        prepared=settings.db_prepared_statements,
+        transaction_setting=transaction_setting(settings),
     )
 
 
+def transaction_setting(settings: Settings) -> str | None:
+    """What a transaction on the database's own driver connections runs first: behind a
+    transaction pooler the statement timeout (app/storage/pooler.py), else nothing (it is
+    the session's)."""
+    if settings.db_prepared_statements:
+        return None
+    return pooler.local_timeout(settings.db_statement_timeout_ms)
+
+
 def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
-    return {
+    common = {
         "timeout": settings.db_connect_timeout,
         **tls_connect_args(settings.database_url, settings.db_ssl_root_cert),
+    }
+    if not settings.db_prepared_statements:  # behind a transaction pooler: app/storage/pooler.py
+        return {
+            **common,
+            "server_settings": {"application_name": "shopping-assistant"},
+            **pooler.DRIVER_ARGS,
+        }
+    return {
+        **common,
         "server_settings": {
             "application_name": "shopping-assistant",
             "statement_timeout": str(settings.db_statement_timeout_ms),

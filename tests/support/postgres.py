@@ -105,7 +105,7 @@ def _tail(text: str | None, lines: int = 15) -> str:  # last lines of a tool's o
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-def _tcp_ok(host: str, port: int, timeout: float = 3.0) -> bool:
+def tcp_ok(host: str, port: int, timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -122,7 +122,7 @@ def _from_env(url: str) -> PostgresServer:
         parts = parts._replace(path="/postgres")
     # Fail loudly instead of silently falling back: the user asked for this server.
     host, port = parts.hostname, parts.port or 5432
-    if host and not _tcp_ok(host, port):
+    if host and not tcp_ok(host, port):
         raise PostgresUnavailable(f"TEST_DATABASE_URL: nothing listens at {host}:{port}")
     return PostgresServer(urlunsplit(parts), "TEST_DATABASE_URL")
 
@@ -179,7 +179,7 @@ def _pg_bindir() -> str:
     raise PostgresUnavailable("no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -249,7 +249,7 @@ def _local_cluster(tls: ServerCertificate | None = None) -> PostgresServer:
         with open(os.path.join(data, "postgresql.conf"), "a") as f:
             f.write("".join(f"\n{k} = {v}" for k, v in conf.items()) + "\n")
         for _attempt in range(3):  # someone may grab the free port before postgres binds it
-            port = _free_port()
+            port = free_port()
             res = run(
                 "pg_ctl", "-D", data, "-l", log, "-o", f"-p {port}", "-w", "-t", "60", "start"
             )
@@ -262,7 +262,7 @@ def _local_cluster(tls: ServerCertificate | None = None) -> PostgresServer:
         # pg_ctl -w only watches the pid file; prove the TCP listener really answers.
         isready = os.path.exists(os.path.join(bindir, "pg_isready"))
         deadline = time.monotonic() + 30
-        while not _tcp_ok("127.0.0.1", port) or (
+        while not tcp_ok("127.0.0.1", port) or (
             isready and run("pg_isready", "-h", "127.0.0.1", "-p", str(port)).returncode != 0
         ):
             if time.monotonic() > deadline:
