@@ -1,5 +1,6 @@
 """`python -m app`: serve the API with uvicorn; `python -m app state export|import`: move
-the database's state out or in as NDJSON (SPEC §7).
+the database's state out or in as NDJSON (SPEC §7); `python -m app audit`: the ledger audit
+of the database (SPEC §11).
 
 HOST and PORT from the environment (default 127.0.0.1:8000); WEB_CONCURRENCY worker
 processes (uvicorn's own variable, default 1), each with its own pools (README,
@@ -17,6 +18,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.config import ApiAuth, get_settings
 from app.http_protocol import HeadDeadlineProtocol
 from app.logs import uvicorn_log_config
+from app.ops.audit_cli import EXIT_STATUS, run_audit
 from app.ops.state_cli import export_state, import_state
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -56,7 +58,18 @@ def main(argv: list[str]) -> int:
     actions.add_parser("export", help="write every account, ledger row and consent to stdout")
     importing = actions.add_parser("import", help="merge an export into the database")
     importing.add_argument("file", help="an export (NDJSON), or - for stdin")
+    commands.add_parser(
+        "audit",
+        help="check every account's balance against its ledger",
+        description="Checks available_credits = opening + the sum of the ledger for every "
+        "account of the database at DATABASE_URL, in batches of AUDIT_BATCH_SIZE, and prints "
+        '{"accounts": n, "drifted": [user_id, ...], ...} as JSON on stdout (README, '
+        '"Ledger audit"). On a terminal, progress goes to stderr.',
+        epilog=EXIT_STATUS,
+    )
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        return asyncio.run(run_audit(sys.stdout))
     if args.command == "state":
         if args.action == "export":
             return asyncio.run(export_state(sys.stdout.buffer))
