@@ -747,8 +747,8 @@ MUTANTS = [
     Mutant(
         "audit: the rows since a refill include its own row (SQL)",
         SQL_AUDIT,
-        "ledger.c.id > refilled.c.refill_row",
-        "ledger.c.id >= refilled.c.refill_row",
+        "ledger.c.id > batch.c.refill_row",
+        "ledger.c.id >= batch.c.refill_row",
         AUDIT_TESTS,
     ),
 ]

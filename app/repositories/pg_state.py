@@ -372,7 +372,7 @@ class PostgresStateRepository:
         return await erase(self._engine, user_id, pseudonym, now)
 
     async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
-        # SqlStateRepository's statement: a batch comes back as one row per account.
+        # SqlStateRepository's statements: a batch comes back as one row per account.
         return await ledger_figures(self._engine, after, limit)
 
     @asynccontextmanager

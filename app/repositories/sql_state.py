@@ -23,7 +23,7 @@ from app.domain.state import (
 from app.models import HandoverMarkRow, table
 from app.repositories.base import read_back_verified
 from app.repositories.sql_audit import ledger_figures
-from app.repositories.sql_base import insert, transaction
+from app.repositories.sql_base import insert, snapshot, transaction
 from app.repositories.sql_consents import consent_events, consents
 from app.repositories.sql_credits import accounts, claimed_keys, erasures, ledger
 from app.schemas import UserConsent
@@ -53,11 +53,8 @@ class SqlStateRepository:
             after = users[-1]
 
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
-        async with self._engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                await conn.execution_options(isolation_level="REPEATABLE READ")
-            async with conn.begin():
-                return await _read(conn, user_ids)
+        async with snapshot(self._engine) as conn:
+            return await _read(conn, user_ids)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await erase(self._engine, user_id, pseudonym, now)
