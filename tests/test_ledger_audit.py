@@ -1,7 +1,8 @@
 """The ledger audit (SPEC §11) on every store: a healthy store, whatever changed its balances
 (refills, upgrades, erasure resuming, hand-over merges, retention), reports every account
 and no drift; a balance or a ledger row changed underneath the service is reported by user
-id; accounts retention trimmed are checked from their last refill, or counted unverifiable."""
+id; accounts retention trimmed are checked from the oldest refill row it kept, or from
+their last refill, or counted unverifiable."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from app.config import Settings
 from app.domain.audit import LedgerFigures, Sums, Verdict, verdict
@@ -38,7 +39,7 @@ class AuditedStore:
     credits: CreditService
     state: StateRepository
     set_balance: Callable[[str, int], Awaitable[None]]
-    set_first_row_amount: Callable[[str, int], Awaitable[None]]
+    set_row_amount: Callable[[str, int, int], Awaitable[None]]  # user, position, amount
 
     async def audit(self, now: datetime) -> AuditReport:
         return await audit_ledger(
@@ -53,15 +54,15 @@ def memory_store(clock: FakeClock) -> AuditedStore:
     async def set_balance(user_id: str, balance: int) -> None:
         data.accounts[user_id] = replace(data.accounts[user_id], available=balance)
 
-    async def set_first_row_amount(user_id: str, amount: int) -> None:
+    async def set_row_amount(user_id: str, position: int, amount: int) -> None:
         rows = data.ledger[user_id]
-        rows[0] = replace(rows[0], amount=amount)
+        rows[position] = replace(rows[position], amount=amount)
 
     return AuditedStore(
         CreditService(stores.credits, clock=clock),
         MemoryStateRepository(data),
         set_balance,
-        set_first_row_amount,
+        set_row_amount,
     )
 
 
@@ -84,21 +85,24 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
                     .values(available_credits=balance)
                 )
 
-        async def set_first_row_amount(user_id: str, amount: int) -> None:
-            first = select(func.min(ledger.c.id)).where(ledger.c.user_id == user_id)
+        async def set_row_amount(user_id: str, position: int, amount: int) -> None:
+            chosen = (
+                select(ledger.c.id)
+                .where(ledger.c.user_id == user_id)
+                .order_by(ledger.c.id)
+                .offset(position)
+                .limit(1)
+            )
+            row = ledger.c.id == chosen.scalar_subquery()
             async with engine.begin() as conn:
-                await conn.execute(
-                    update(ledger)
-                    .where(ledger.c.id == first.scalar_subquery())
-                    .values(amount=amount)
-                )
+                await conn.execute(update(ledger).where(row).values(amount=amount))
 
         try:
             yield AuditedStore(
                 CreditService(stores.credits, clock=clock),
                 state_repository(engine),
                 set_balance,
-                set_first_row_amount,
+                set_row_amount,
             )
         finally:
             if fast is not None:
@@ -179,7 +183,7 @@ class TestDrift:
         self, store: AuditedStore, clock: FakeClock
     ) -> None:
         await every_kind_of_change(store, clock)
-        await store.set_first_row_amount("user-17", -1)  # was -2
+        await store.set_row_amount("user-17", 0, -1)  # was -2
         assert (await store.audit(clock())).drifted == ["user-17"]
 
     async def test_an_account_merged_without_its_ledger_is_reported(
@@ -212,6 +216,26 @@ class TestRetention:
         # dormant: its -3 is gone and no refill since proves its balance of 7.
         assert report.unverifiable == 1
 
+    async def test_drift_after_the_oldest_refill_row_held_is_reported(
+        self, store: AuditedStore, clock: FakeClock
+    ) -> None:
+        credits = store.credits
+        await credits.deduct_credits("spender", 3)
+        clock.advance(days=RETENTION_DAYS + 1)
+        await credits.deduct_credits("spender", 2)  # DUE RESET (+3), then -2: kept
+        assert await credits.cleanup_old_transactions(RETENTION_DAYS) == 1
+        clock.advance(hours=25)
+        await credits.deduct_credits("spender", 1)  # DUE RESET (+2), then -1
+        # Between the two refills: the -2 after the oldest refill row held.
+        await store.set_row_amount("spender", 1, -1)
+        assert (await store.audit(clock())).drifted == ["spender"]
+        await store.set_row_amount("spender", 1, -2)
+        clock.advance(days=RETENTION_DAYS + 1)
+        await credits.get_user_credits("spender")  # DUE RESET (+1)
+        assert await credits.cleanup_old_transactions(RETENTION_DAYS) == 4
+        report = await store.audit(clock())  # only the last refill's row is left
+        assert (report.drifted, report.since_refill) == ([], 1)
+
     async def test_drift_a_later_refill_absorbed_is_counted_not_reported(
         self, store: AuditedStore, clock: FakeClock
     ) -> None:
@@ -221,7 +245,7 @@ class TestRetention:
         await store.credits.deduct_credits("spender", 3)
         clock.advance(hours=25)
         await store.credits.deduct_credits("spender", 1)  # DUE RESET (+3), then -1
-        await store.set_first_row_amount("spender", -2)  # the -3 before the refill
+        await store.set_row_amount("spender", 0, -2)  # the -3 before the refill
         report = await store.audit(clock())
         assert (report.drifted, report.since_refill) == ([], 1)
 
@@ -232,7 +256,7 @@ class TestTheRule:
     AT = FakeClock().now
 
     def test_an_upgraded_account_opened_at_the_guest_budget(self) -> None:
-        upgraded = LedgerFigures("u", 43, 50, self.AT, Sums(33, 40), Sums(33, 40))
+        upgraded = LedgerFigures("u", 43, 50, self.AT, Sums(33, 40), Sums(33, 40), False)
         assert verdict(upgraded, self.AT) is Verdict.CONSISTENT  # 10 - 7 + 40
         assert verdict(replace(upgraded, available=44), self.AT) is Verdict.DRIFTED
 
@@ -240,11 +264,16 @@ class TestTheRule:
         self,
     ) -> None:
         # Opened as a guest when GUEST_MAX_CREDITS was 20: its maximum says so.
-        assert verdict(LedgerFigures("g", 15, 20, self.AT, Sums(-5), Sums(-5)), self.AT) is (
-            Verdict.CONSISTENT
-        )
+        opened = LedgerFigures("g", 15, 20, self.AT, Sums(-5), Sums(-5), False)
+        assert verdict(opened, self.AT) is Verdict.CONSISTENT
 
     def test_a_disagreement_before_the_horizon_is_not_judged(self) -> None:
-        stale = LedgerFigures("d", 7, 10, self.AT - timedelta(days=1), Sums(), Sums())
+        stale = LedgerFigures("d", 7, 10, self.AT - timedelta(days=1), Sums(), Sums(), False)
         assert verdict(stale, self.AT) is Verdict.UNVERIFIABLE
         assert verdict(stale, self.AT - timedelta(days=2)) is Verdict.DRIFTED
+
+    def test_a_refill_row_held_is_a_point_past_the_horizon_too(self) -> None:
+        # Retention deletes oldest first: the rows after a refill row it kept are all kept.
+        refilled = LedgerFigures("r", 7, 10, self.AT - timedelta(days=1), Sums(), Sums(-3), True)
+        assert verdict(refilled, self.AT) is Verdict.CONSISTENT_SINCE_REFILL
+        assert verdict(replace(refilled, available=6), self.AT) is Verdict.DRIFTED

@@ -139,7 +139,7 @@ async def audit(container: ContainerDep) -> dict[str, Any]:
     """Checks `available_credits = opening + Σ ledger` for every account of the primary
     store, a batch at a time (SPEC §11). `drifted` names the accounts that disagree;
     `checked_since_refill` and `unverifiable` count those retention left to be checked
-    from their last refill only, or not at all (README, "Ledger audit")."""
+    from a refill on only, or not at all (README, "Ledger audit")."""
     report = await container.audit_ledger()
     return report.body()
 

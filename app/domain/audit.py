@@ -7,15 +7,17 @@ Pure, like the credit rules it checks (app/domain/credits.py), by the names the 
   is `maximum - Σ upgrade rows`, read from the account itself: a later change of the
   budget settings leaves old accounts as they were, and so does the audit.
 - WHOLE: the balance agrees with the opening and every ledger row: consistent.
-- SINCE REFILL: retention deletes rows older than its horizon, but never one after it,
-  and an account is at its maximum at its last refill (FIRST SIGHT, DUE RESET, RESET;
-  ERASED RESUMES writes the rest). When the whole ledger disagrees and that refill lies
-  after the horizon, the rows since the refill decide: consistent or drifted. Drift
-  before a refill is absorbed by it (the refill's row records what it refilled) and is
-  seen only while the whole ledger agrees elsewhere, so it is not reported here.
-- UNVERIFIABLE: the whole ledger disagrees and the last refill is older than the horizon:
-  rows the sum needs may have been deleted, so the account is counted, not judged. Its
-  next access refills it (a reset is due long before rows are deleted).
+- SINCE REFILL: retention deletes the oldest rows, so the whole sum may no longer reach
+  back to the opening. An account is at its maximum right after a refill (DUE RESET,
+  RESET), and retention, deleting oldest first, has kept every row after the oldest refill
+  row it kept. When the whole ledger disagrees, the rows after that refill row decide:
+  consistent or drifted. With no refill row held, the last refill (or the opening) is the
+  point, `last_reset`: its rows are never deleted once it lies after the horizon (now -
+  TRANSACTION_RETENTION_DAYS). Drift from before that point is absorbed by the refill
+  (whose row records what it refilled) and is not reported: the account is counted.
+- UNVERIFIABLE: the whole ledger disagrees, no refill row is held and the last refill is
+  older than the horizon: rows the sum needs may have been deleted, so the account is
+  counted, not judged. Its next access refills it (a reset is due long before rows go).
 """
 
 from __future__ import annotations
@@ -40,14 +42,15 @@ class Sums:
 @dataclass(frozen=True, slots=True)
 class LedgerFigures:
     """What the audit needs of one account: a store computes it (`figures` for the rows
-    in hand; the SQL stores mirror it in one statement per batch)."""
+    in hand; the SQL stores mirror it in their statements)."""
 
     user_id: str
     available: int
     maximum: int
     last_refill: datetime
     whole: Sums  # every row the account's ledger holds
-    since_refill: Sums  # the rows written after its last refill (SINCE REFILL)
+    since_refill: Sums  # the rows after the SINCE REFILL point
+    refill_row_held: bool  # that point is a `reset` row the ledger holds
 
 
 class Verdict(StrEnum):
@@ -68,7 +71,7 @@ def verdict(figures: LedgerFigures, horizon: datetime) -> Verdict:
     retention (now - TRANSACTION_RETENTION_DAYS)."""
     if agrees(figures.available, figures.maximum, figures.whole):
         return Verdict.CONSISTENT
-    if figures.last_refill < horizon:
+    if not figures.refill_row_held and figures.last_refill < horizon:
         return Verdict.UNVERIFIABLE
     if agrees(figures.available, figures.maximum, figures.since_refill):
         return Verdict.CONSISTENT_SINCE_REFILL
@@ -78,30 +81,23 @@ def verdict(figures: LedgerFigures, horizon: datetime) -> Verdict:
 def figures(account: Account, rows: Iterable[LedgerRecord]) -> LedgerFigures:
     """The figures of an account and its ledger rows (in any order).
 
-    SINCE REFILL: the refill is the account's `last_reset`. Its row, if it wrote one, is
-    the last `reset` row stamped with that instant; the rows after it are those stamped
-    later, or at that instant with a larger id. A refill that moved nothing wrote no row,
-    and then every row stamped at or after the instant counts (the account was at its
-    maximum before them)."""
+    SINCE REFILL: the point is the oldest `reset` row, by timestamp and then id (a due
+    reset's row comes before the operation's in the same instant), and the rows after it
+    are those stamped later, or at that instant with a larger id. With no `reset` row,
+    the point is `last_reset`, and the rows stamped at or after it count (a refill that
+    moved nothing writes no row: the account was at its maximum before them)."""
     held = list(rows)
-    refill = account.last_reset
-    anchor = max(
-        (row.id for row in held if row.kind == "reset" and row.timestamp == refill),
-        default=None,
-    )
-    since = [
-        row
-        for row in held
-        if row.timestamp > refill
-        or (row.timestamp == refill and (anchor is None or row.id > anchor))
-    ]
+    refills = [(row.timestamp, row.id) for row in held if row.kind == "reset"]
+    point = min(refills, default=(account.last_reset, 0))
+    since = [row for row in held if (row.timestamp, row.id) > point]
     return LedgerFigures(
         account.user_id,
         account.available,
         account.maximum,
-        refill,
+        account.last_reset,
         _sums(held),
         _sums(since),
+        bool(refills),
     )
 
 

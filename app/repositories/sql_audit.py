@@ -32,30 +32,37 @@ def figures_statement(after: str | None, last: str) -> Select[Any]:
     in_range = accounts.c.user_id <= last
     if after is not None:
         in_range = and_(accounts.c.user_id > after, in_range)
-    # SINCE REFILL: the last refill's row, the last `reset` row stamped at `last_reset`.
-    refill_row = (
-        select(func.max(ledger.c.id))
-        .where(
-            ledger.c.user_id == accounts.c.user_id,
-            ledger.c.transaction_type == "reset",
-            ledger.c.timestamp == accounts.c.last_reset_timestamp,
+
+    # SINCE REFILL: the oldest `reset` row, by timestamp and then id; else `last_reset`.
+    def oldest_refill(column: ColumnElement[Any]) -> ColumnElement[Any]:
+        return (
+            select(column)
+            .where(ledger.c.user_id == accounts.c.user_id, ledger.c.transaction_type == "reset")
+            .order_by(ledger.c.timestamp, ledger.c.id)
+            .limit(1)
+            .scalar_subquery()
         )
-        .scalar_subquery()
-    )
+
     batch = (
         select(
             accounts.c.user_id,
             accounts.c.available_credits,
             accounts.c.max_credits,
             accounts.c.last_reset_timestamp,
-            func.coalesce(refill_row, 0).label("refill_row"),
+            oldest_refill(ledger.c.id).label("refill_row"),
+            func.coalesce(oldest_refill(ledger.c.timestamp), accounts.c.last_reset_timestamp).label(
+                "refill_at"
+            ),
         )
         .where(in_range)
         .subquery("batch")
     )
     since = or_(
-        ledger.c.timestamp > batch.c.last_reset_timestamp,
-        and_(ledger.c.timestamp == batch.c.last_reset_timestamp, ledger.c.id > batch.c.refill_row),
+        ledger.c.timestamp > batch.c.refill_at,
+        and_(
+            ledger.c.timestamp == batch.c.refill_at,
+            ledger.c.id > func.coalesce(batch.c.refill_row, 0),
+        ),
     )
     upgrade = ledger.c.transaction_type == "upgrade"
 
@@ -75,6 +82,7 @@ def figures_statement(after: str | None, last: str) -> Select[Any]:
         summed(upgrade),
         summed(since),
         summed(since, upgrade),
+        batch.c.refill_row.is_not(None),
     ).order_by(batch.c.user_id)
 
 
@@ -94,6 +102,7 @@ async def ledger_figures(engine: AsyncEngine, after: str | None, limit: int) -> 
             last_reset,
             Sums(int(total), int(upgrades)),
             Sums(int(since_total), int(since_upgrades)),
+            bool(refill_row_held),
         )
         for (
             user_id,
@@ -104,5 +113,6 @@ async def ledger_figures(engine: AsyncEngine, after: str | None, limit: int) -> 
             upgrades,
             since_total,
             since_upgrades,
+            refill_row_held,
         ) in rows
     ]
