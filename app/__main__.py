@@ -1,6 +1,7 @@
 """`python -m app`: serve the API with uvicorn; `python -m app state export|import`: move
-the database's state out or in as NDJSON (SPEC §7); `python -m app journal replay FILE`:
-replay an outage journal a replica left (SPEC §9).
+the database's state out or in as NDJSON (SPEC §7); `python -m app audit`: the ledger audit
+of the database (SPEC §11); `python -m app journal replay FILE`: replay an outage journal a
+replica left (SPEC §9).
 
 HOST and PORT from the environment (default 127.0.0.1:8000); WEB_CONCURRENCY worker
 processes (uvicorn's own variable, default 1), each with its own pools (README,
@@ -18,6 +19,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.config import ApiAuth, get_settings
 from app.http_protocol import HeadDeadlineProtocol
 from app.logs import uvicorn_log_config
+from app.ops.audit_cli import EXIT_STATUS, run_audit
 from app.ops.journal_cli import replay_journal
 from app.ops.state_cli import export_state, import_state
 
@@ -58,6 +60,15 @@ def main(argv: list[str]) -> int:
     actions.add_parser("export", help="write every account, ledger row and consent to stdout")
     importing = actions.add_parser("import", help="merge an export into the database")
     importing.add_argument("file", help="an export (NDJSON), or - for stdin")
+    commands.add_parser(
+        "audit",
+        help="check every account's balance against its ledger",
+        description="Checks available_credits = opening + the sum of the ledger for every "
+        "account of the database at DATABASE_URL, in batches of AUDIT_BATCH_SIZE, and prints "
+        '{"accounts": n, "drifted": [user_id, ...], ...} as JSON on stdout (README, '
+        '"Ledger audit"). On a terminal, progress goes to stderr.',
+        epilog=EXIT_STATUS,
+    )
     journal = commands.add_parser("journal", help="the outage journal (SPEC §9)")
     journal_actions = journal.add_subparsers(dest="action", required=True)
     replaying = journal_actions.add_parser(
@@ -67,6 +78,8 @@ def main(argv: list[str]) -> int:
     )
     replaying.add_argument("file", help="a journal (OUTAGE_JOURNAL_PATH) no process holds")
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        return asyncio.run(run_audit(sys.stdout))
     if args.command == "journal":
         return replay_journal(args.file)
     if args.command == "state":

@@ -139,6 +139,8 @@ class Settings(BaseSettings):
     transaction_retention_days: int = Field(90, ge=1)
     retention_interval_seconds: float = Field(3600, ge=0)
     retention_batch_size: int = Field(5000, ge=1)
+    # Accounts per batch of the ledger audit (app/ops/audit.py), each one short read.
+    audit_batch_size: int = Field(1000, ge=1, le=100_000)
 
     admin_token: SecretStr | None = None
     # Who may call /api/v1 (SPEC §8): nobody is asked (none, local runs only), service

@@ -12,12 +12,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
 from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
+from app.clock import utc_now
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.domain.credits import CreditRules
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Round
 from app.errors import StorageUnavailableError
+from app.ops.audit import AuditReport, audit_ledger
 from app.ops.health import database_status
 from app.ops.metrics import CreditOutcomes
 from app.ops.migrate import current_revision, upgrade_schema
@@ -85,6 +87,7 @@ class Container:
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
+    last_audit: AuditReport | None = None  # this process's last ledger audit, for /metrics
     shadow: Shadow = field(init=False)
     cluster: ClusterFlag = field(init=False)
     retention: RetentionJob = field(init=False)
@@ -281,6 +284,18 @@ class Container:
             if backend is StorageBackend.DATABASE:
                 await self.prepare_database()
             return await merge_spooled(stream, self.states[backend])
+
+    async def audit_ledger(self) -> AuditReport:
+        """The ledger audit (app/ops/audit.py) of the primary store, kept as the last."""
+        settings = self.settings
+        report = await audit_ledger(
+            self.states[self.storage.backend],
+            now=utc_now(),
+            retention_days=settings.transaction_retention_days,
+            batch_size=settings.audit_batch_size,
+        )
+        self.last_audit = report
+        return report
 
     @asynccontextmanager
     async def _moving_state(self) -> AsyncIterator[None]:

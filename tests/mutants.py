@@ -40,11 +40,14 @@ SQL_STATE = "app/repositories/sql_state.py"
 CLUSTER = "app/storage/cluster_flag.py"
 PG_STATE = "app/repositories/pg_state.py"
 ACCESS = "app/api/access.py"
+AUDIT = "app/domain/audit.py"
+SQL_AUDIT = "app/repositories/sql_audit.py"
 PG_STATE_TESTS = ("tests/test_pg_state.py", "tests/test_handover.py", "-k", "postgres")
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
 SERVICE = "tests/test_credit_service.py"
 RULES_TESTS = ("tests/test_credit_rules.py",)
+AUDIT_TESTS = ("tests/test_ledger_audit.py",)
 HANDOVER_TESTS = (
     "tests/test_state_rules.py",
     "tests/test_write_gate.py",
@@ -732,6 +735,42 @@ MUTANTS = [
         "except asyncpg.UniqueViolationError:  # the key's primary key: claimed before\n"
         "            raise",
         FAST_TESTS,
+    ),
+    # The ledger audit (SPEC §11).
+    Mutant(
+        "audit: the opening ignores an upgrade",
+        AUDIT,
+        "return available == maximum - rows.upgrades + rows.total",
+        "return available == maximum + rows.total",
+        AUDIT_TESTS,
+    ),
+    Mutant(
+        "audit: a disagreement past the horizon judged as consistent",
+        AUDIT,
+        "and figures.last_refill < horizon:\n        return Verdict.UNVERIFIABLE",
+        "and figures.last_refill < horizon:\n        return Verdict.CONSISTENT",
+        AUDIT_TESTS,
+    ),
+    Mutant(
+        "audit: checked from the last refill row, not the oldest held",
+        AUDIT,
+        "point = min(refills,",
+        "point = max(refills,",
+        AUDIT_TESTS,
+    ),
+    Mutant(
+        "audit: the rows since a refill include its own row (memory)",
+        AUDIT,
+        "if (row.timestamp, row.id) > point]",
+        "if (row.timestamp, row.id) >= point]",
+        AUDIT_TESTS,
+    ),
+    Mutant(
+        "audit: the rows since a refill include its own row (SQL)",
+        SQL_AUDIT,
+        "ledger.c.id > func.coalesce(batch.c.refill_row, 0)",
+        "ledger.c.id >= func.coalesce(batch.c.refill_row, 0)",
+        AUDIT_TESTS,
     ),
 ]
 

@@ -37,6 +37,7 @@ ADMIN_ROUTES: list[tuple[str, str, dict[str, Any] | None]] = [
     ("POST", "/admin/maintenance/cleanup", None),
     ("DELETE", "/admin/cache", None),
     ("GET", "/admin/cache/stats", None),
+    ("POST", "/admin/audit", None),
 ]
 
 
@@ -378,6 +379,7 @@ SPEC_ROUTES = [
     ("post", "/admin/maintenance/cleanup"),
     ("delete", "/admin/cache"),
     ("get", "/admin/cache/stats"),
+    ("post", "/admin/audit"),
 ]
 DOCUMENTED_ERRORS = [
     ("post", "/api/v1/credits/{user_id}/deduct", "402"),

@@ -163,6 +163,16 @@ async def forget_dead_letter(seq: int, container: ContainerDep) -> dict[str, boo
     return {"deleted": True}
 
 
+@admin.post("/audit", responses=responses(403))
+async def audit(container: ContainerDep) -> dict[str, Any]:
+    """Checks `available_credits = opening + Σ ledger` for every account of the primary
+    store, a batch at a time (SPEC §11). `drifted` names the accounts that disagree;
+    `checked_since_refill` and `unverifiable` count those retention left to be checked
+    from a refill on only, or not at all (README, "Ledger audit")."""
+    report = await container.audit_ledger()
+    return report.body()
+
+
 @admin.delete("/cache", responses=responses(403))
 async def clear_cache(cache: Cache) -> dict[str, bool]:
     await cache.clear_cache()

@@ -149,6 +149,24 @@ class _StateCollector(Collector):
             value=container.shadow.mismatches,
         )
         yield _cache_requests(container)
+        yield from _last_audit(container)
+
+
+def _last_audit(container: Container) -> Iterator[Metric]:
+    """The last ledger audit this process ran (POST /admin/audit); none before the first."""
+    report = container.last_audit
+    if report is None:
+        return
+    yield GaugeMetricFamily(
+        "ledger_audit_drifted_accounts",
+        "Accounts whose balance disagreed with their ledger at the last ledger audit.",
+        value=len(report.drifted),
+    )
+    yield GaugeMetricFamily(
+        "ledger_audit_last_run_timestamp_seconds",
+        "When the last ledger audit started (Unix time).",
+        value=report.started_at.timestamp(),
+    )
 
 
 def _cache_requests(container: Container) -> CounterMetricFamily:

@@ -23,11 +23,13 @@ READ_BYTES = 1024 * 1024
 
 
 class Progress:
-    """Rows done, their rate and, with a total, the time left; at most twice a second."""
+    """Rows (or other `unit`s) done, their rate and, with a total, the time left; at most
+    twice a second."""
 
-    def __init__(self, out: TextIO, total: int | None = None) -> None:
+    def __init__(self, out: TextIO, total: int | None = None, unit: str = "rows") -> None:
         self._out = out
         self._total = total
+        self._unit = unit
         self._started = time.monotonic()
         self._shown = 0.0
 
@@ -37,16 +39,18 @@ class Progress:
             return
         self._shown = now
         rate = done / max(now - self._started, 1e-9)
-        line = f"{done:,} rows, {rate:,.0f} rows/s"
+        unit = self._unit
+        line = f"{done:,} {unit}, {rate:,.0f} {unit}/s"
         if self._total:
             left = (self._total - done) / rate if rate else 0
-            line = f"{done:,}/{self._total:,} rows, {rate:,.0f} rows/s, {left:,.0f} s left"
+            line = f"{done:,}/{self._total:,} {unit}, {rate:,.0f} {unit}/s, {left:,.0f} s left"
         self._out.write(f"\r{line}" + ("\n" if last else ""))
         self._out.flush()
 
 
-def _progress(total: int | None = None) -> Progress | None:
-    return Progress(sys.stderr, total) if sys.stderr.isatty() else None
+def terminal_progress(total: int | None = None, unit: str = "rows") -> Progress | None:
+    """Progress on stderr when it is a terminal; None (silence) otherwise."""
+    return Progress(sys.stderr, total, unit) if sys.stderr.isatty() else None
 
 
 async def export_state(out: BinaryIO) -> int:
@@ -57,7 +61,7 @@ async def export_state(out: BinaryIO) -> int:
         if not status["up_to_date"]:
             print(f"cannot export: the database is not ready: {status}", file=sys.stderr)
             return 1
-        progress = _progress()
+        progress = terminal_progress()
         rows = 0
         state = state_repository(engine, transaction_setting(settings))
         lines = export_lines(state, credit_rules(settings), "database")
@@ -92,7 +96,7 @@ async def _import(source: BinaryIO) -> int:
         if settings.run_migrations_on_startup:
             await upgrade_schema(settings, engine)
         async with spooled(_chunks(source)) as stream:
-            progress = _progress(stream.lines)
+            progress = terminal_progress(stream.lines)
             state = state_repository(engine, transaction_setting(settings))
             report = await merge_spooled(stream, state, progress=progress)
             if progress is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from app.domain.audit import LedgerFigures
 from app.domain.credits import Attempt, Operation
 from app.domain.state import Merged, Round, UserState, verified
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
@@ -119,6 +120,11 @@ class StateRepository(Protocol):
         removed, the account kept under `pseudonym` (ERASED RESUMES), the ledger rows
         moved to `pseudonym` with descriptions and keys cleared. Counts the rows moved;
         None when the store holds nothing of the user."""
+        ...
+
+    async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
+        """The ledger audit's figures (app/domain/audit.py) of up to `limit` accounts, the
+        first by user_id after `after` (None: from the first); one consistent read."""
         ...
 
     async def merge_verified(

@@ -10,6 +10,7 @@ refused with StorageFullError, 507) and `max_entries` cached answers (the oldest
 from __future__ import annotations
 
 import copy
+import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from app.domain.audit import LedgerFigures, figures
 from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
 from app.domain.privacy import Pseudonyms
 from app.domain.state import (
@@ -254,6 +256,13 @@ class MemoryStateRepository:
             )
             for user_id in user_ids
         ]
+
+    async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
+        data = self._data
+        page = heapq.nsmallest(
+            limit, (user_id for user_id in data.accounts if after is None or user_id > after)
+        )
+        return [figures(data.accounts[user_id], data.ledger.get(user_id, ())) for user_id in page]
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         data = self._data

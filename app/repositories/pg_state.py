@@ -27,8 +27,10 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.domain.audit import LedgerFigures
 from app.domain.credits import Account
 from app.domain.state import LedgerRecord, Merged, Round, UserState
+from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_state import erase
 from app.schemas import UserConsent
 
@@ -367,6 +369,10 @@ class PostgresStateRepository:
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await erase(self._engine, user_id, pseudonym, now)
+
+    async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
+        # SqlStateRepository's statements: a batch comes back as one row per account.
+        return await ledger_figures(self._engine, after, limit)
 
     @asynccontextmanager
     async def _transaction(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:

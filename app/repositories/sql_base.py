@@ -22,6 +22,17 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield connection
 
 
+@asynccontextmanager
+async def snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A read that sees one snapshot across its statements: REPEATABLE READ on PostgreSQL;
+    a SQLite transaction is one already."""
+    async with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            yield conn
+
+
 async def delete_in_batches(
     engine: AsyncEngine,
     table: Table,

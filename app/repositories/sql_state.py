@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Table, delete, select, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.domain.audit import LedgerFigures
 from app.domain.credits import Account
 from app.domain.state import (
     LedgerRecord,
@@ -21,7 +22,8 @@ from app.domain.state import (
 )
 from app.models import HandoverMarkRow, table
 from app.repositories.base import read_back_verified
-from app.repositories.sql_base import insert, transaction
+from app.repositories.sql_audit import ledger_figures
+from app.repositories.sql_base import insert, snapshot, transaction
 from app.repositories.sql_consents import consent_events, consents
 from app.repositories.sql_credits import accounts, claimed_keys, erasures, ledger
 from app.schemas import UserConsent
@@ -51,14 +53,14 @@ class SqlStateRepository:
             after = users[-1]
 
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
-        async with self._engine.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                await conn.execution_options(isolation_level="REPEATABLE READ")
-            async with conn.begin():
-                return await _read(conn, user_ids)
+        async with snapshot(self._engine) as conn:
+            return await _read(conn, user_ids)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await erase(self._engine, user_id, pseudonym, now)
+
+    async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
+        return await ledger_figures(self._engine, after, limit)
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         if not states:

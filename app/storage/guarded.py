@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from app.cache.local_tier import EntryReader
+from app.domain.audit import LedgerFigures
 from app.domain.credits import Attempt, Operation
 from app.domain.state import Merged, Round, UserState
 from app.repositories.base import (
@@ -153,3 +154,6 @@ class GuardedState:
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await self._guard.run(self._inner.erase, user_id, pseudonym, now)
+
+    async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
+        return await self._guard.run(self._inner.ledger_figures, after, limit)
