@@ -699,6 +699,20 @@ MUTANTS = [
         ("tests/test_fallback.py",),
     ),
     Mutant(
+        "fallback: a reset replayed again after a crash refills again",
+        FALLBACK,
+        "return credits.last_reset_timestamp == at",
+        "return False",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a consent change replayed again after a crash is recorded again",
+        FALLBACK,
+        "if held is not None and _applied(held, served):",
+        "if held is not None and False:",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
         "fallback: a change the database refuses for good stops the replay",
         FALLBACK,
         "await self._dead_letter(seq, _reason(refused))",

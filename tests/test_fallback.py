@@ -172,6 +172,7 @@ async def test_a_change_served_during_an_outage_reaches_the_database_once(
     reference = CreditService(memory_stores(RULES).credits, clock=clock)
     for service in (credits, reference):
         await service.deduct_credits("traveller", 6)
+    clock.advance(minutes=1)  # a change at the account's very first instant is not one here
 
     outage.down = True
     served = await credits.get_user_credits("traveller")  # a read: nothing to replay
@@ -386,6 +387,32 @@ async def test_changes_journaled_before_a_crash_land_once_after_restarts(
     assert [row.amount for row in ledger] == [-1, -1, -1, -1, -2]
     consent = await database.consents.get("kept")
     assert consent is not None and consent.marketing_consent
+    assert len(await database.consents.history("kept")) == 1  # recorded once, not twice
+
+
+async def test_a_reset_replayed_again_after_a_crash_refills_once(
+    outage: Outage, open_fallback: Callable[..., OutageFallback], tmp_path: Path
+) -> None:
+    """A reset has no key: the replay finds it by the account's reset instant."""
+    database = database_of(outage)
+    clock = FakeClock()
+    fallback = open_fallback()
+    credits = CreditService(with_fallback(database, fallback).credits, clock=clock)
+    await credits.deduct_credits("refilled", 6)
+    outage.down = True
+    clock.advance(minutes=1)
+    await credits.reset_credits("refilled")
+    image = tmp_path / "image.db"
+    shutil.copy(tmp_path / "journal.db", image)  # the journal before the replay marks it
+    shutil.copy(tmp_path / "journal.db-wal", tmp_path / "image.db-wal")
+    outage.down = False
+    await fallback.replay(database)
+    clock.advance(minutes=1)
+    await credits.deduct_credits("refilled", 4)  # spent after the replay
+    again = open_fallback(name="image.db")
+    await again.replay(database)
+    assert (await database.credits.history("refilled", 10))[0].amount == -4
+    assert (await credits.get_user_credits("refilled")).available_credits == 6
 
 
 async def test_a_torn_last_record_is_dropped_and_the_intact_ones_replay(

@@ -24,7 +24,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar, assert_never
 
-from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read
+from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read, Reset
 from app.errors import (
     IdempotencyKeyReusedError,
     InsufficientCreditsError,
@@ -264,13 +264,32 @@ class OutageFallback:
     async def _replay_one(self, served: Served, database: Stores) -> None:
         """One change into the database; what it answers refreshes the snapshot."""
         if isinstance(served, CreditChange):
+            if isinstance(served.change, Reset) and await self._reset_shown(served, database):
+                return
             try:
                 self.last_known.saw_credits(await _credit_into(database, served))
             except InsufficientCreditsError as short:
                 await self._clamp(served, short, database)
             return
+        held = await database.consents.get(served.user_id)
+        if held is not None and _applied(held, served):
+            # Replayed before, by a process that died before marking it done: its history
+            # event is written already.
+            self.last_known.saw_consent(served.user_id, held)
+            return
         consent = await _consent_into(database, served)
         self.last_known.saw_consent(served.user_id, consent)
+
+    async def _reset_shown(self, served: CreditChange, database: Stores) -> bool:
+        """Does the account show this reset? A reset has no key to find it by: an account
+        reset at its instant was reset by it, replayed before by a process that died before
+        marking it done. Read at that instant, as the reset would, so that a refill due then
+        is made as the reset would have made it (the same row); the reset then changes
+        nothing more."""
+        at = served.attempt.at
+        credits = await database.credits.apply(served.user_id, Read(), Attempt(at))
+        self.last_known.saw_credits(credits)
+        return credits.last_reset_timestamp == at
 
     async def _clamp(
         self, served: CreditChange, short: InsufficientCreditsError, database: Stores
@@ -335,6 +354,18 @@ async def _consent_into(
             return await stores.consents.set_marketing(user_id, marketing_consent, now=now)
         case _:
             assert_never(served)
+
+
+def _applied(held: UserConsent, served: ConsentRecorded | MarketingChanged) -> bool:
+    """Does the database's consent show this change, made at its instant?"""
+    if held.updated_at != served.now or held.marketing_consent != served.marketing_consent:
+        return False
+    if isinstance(served, MarketingChanged):
+        return True
+    return (held.terms_accepted, held.terms_version) == (
+        served.terms_accepted,
+        served.terms_version,
+    )
 
 
 def _reason(refused: Exception) -> str:
