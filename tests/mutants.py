@@ -701,15 +701,29 @@ MUTANTS = [
     Mutant(
         "fallback: a reset replayed again after a crash refills again",
         FALLBACK,
-        "return credits.last_reset_timestamp == at",
+        "return credits.last_reset_timestamp >= at",
         "return False",
         ("tests/test_fallback.py",),
     ),
     Mutant(
         "fallback: a consent change replayed again after a crash is recorded again",
         FALLBACK,
-        "if held is not None and _applied(held, served):",
-        "if held is not None and False:",
+        "or _applied(held, served)):",
+        "or False):",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a replayed consent change overwrites a later one",
+        FALLBACK,
+        "(held.updated_at > served.now or",
+        "(False or",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a database that cannot take changes has them all moved aside",
+        FALLBACK,
+        "if _database_fault(refused):",
+        "if False:",
         ("tests/test_fallback.py",),
     ),
     Mutant(

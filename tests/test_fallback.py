@@ -27,7 +27,7 @@ from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredit
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.journal import CreditChange, JournalError, OutageJournal
+from app.storage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
 from app.storage.last_known import LastKnown
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
@@ -124,11 +124,13 @@ async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFal
     """Fallbacks journaling in `tmp_path`, closed after the test."""
     opened: list[OutageFallback] = []
 
-    def open_one(*, max_changes: int = 100, name: str = "journal.db") -> OutageFallback:
+    def open_one(
+        *, max_changes: int = 100, name: str = "journal.db", max_users: int = 100
+    ) -> OutageFallback:
         fallback = OutageFallback(
             RULES,
             OutageJournal.open(tmp_path / name),
-            max_users=100,
+            max_users=max_users,
             max_changes=max_changes,
             snapshot_max_users=100,
         )
@@ -543,3 +545,95 @@ def test_a_journal_that_cannot_be_made_says_where_and_why(tmp_path: Path) -> Non
     with pytest.raises(JournalError) as refused:
         OutageJournal.open(blocked / "j.db")
     assert str(refused.value).startswith(f"outage journal {blocked / 'j.db'}: [Errno")
+
+
+class Broken(Exception):
+    """A driver error of a database that cannot take changes (a table missing)."""
+
+    sqlstate = "42P01"
+
+
+class Unmigrated(DownableCredits):
+    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
+        self._outage.check()
+        if not isinstance(operation, Read):
+            raise Broken('relation "credit_transactions" does not exist')
+        return await super().apply(user_id, operation, attempt)
+
+
+async def test_a_database_that_cannot_take_changes_pauses_the_replay_moving_nothing_aside(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = dataclasses.replace(database_of(outage), credits=Unmigrated(outage))
+    credits = CreditService(with_fallback(database, fallback).credits)
+    outage.down = True
+    for user in ("one", "two"):
+        await credits.deduct_credits(user, 1)
+    outage.down = False
+    await fallback.replay(database)
+    assert (fallback.depth, fallback.journal.dead_letters) == (2, 0)
+
+
+async def test_a_later_consent_in_the_database_stands_over_a_replayed_earlier_one(
+    outage: Outage, fallback: OutageFallback, clock: FakeClock
+) -> None:
+    database = database_of(outage)
+    consents = UserConsentService(with_fallback(database, fallback).consents, clock=clock)
+    outage.down = True
+    await consents.record_consent("changed", terms_accepted=True, marketing_consent=True)
+    outage.down = False
+    clock.advance(minutes=5)  # another replica records the user's later choice first
+    await database.consents.upsert(
+        "changed", terms_accepted=True, marketing_consent=False, terms_version="1", now=clock.now
+    )
+    await fallback.replay(database)
+    stored = await database.consents.get("changed")
+    assert stored is not None and (stored.marketing_consent, stored.updated_at) == (
+        False,
+        clock.now,
+    )
+    assert fallback.depth == 0
+
+
+async def test_a_service_that_never_started_replays_nothing_at_shutdown(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    database = database_of(outage)
+    credits = CreditService(with_fallback(database, fallback).credits)
+    outage.down = True
+    await credits.deduct_credits("waiting", 1)
+    outage.down = False
+    await fallback.close(database)  # its database was not ready: start() never ran
+    assert fallback.depth == 1
+    assert await database.credits.history("waiting", 10) == []
+
+
+async def test_a_closed_journal_refuses_an_append(fallback: OutageFallback) -> None:
+    await fallback.journal.close()
+    with pytest.raises(JournalError, match="closed"):
+        fallback.journal.append(ConsentRecorded("late", True, False, "1", FakeClock().now))
+
+
+async def test_a_full_fallback_store_answers_as_the_database_would_503(
+    outage: Outage, open_fallback: Callable[..., OutageFallback]
+) -> None:
+    fallback = open_fallback(max_users=1)
+    stores = with_fallback(database_of(outage), fallback)
+    credits, consents = CreditService(stores.credits), UserConsentService(stores.consents)
+    outage.down = True
+    await credits.deduct_credits("first", 1)
+    with pytest.raises(StorageUnavailableError):
+        await credits.deduct_credits("second", 1)
+    with pytest.raises(StorageUnavailableError):
+        await consents.record_consent("second", terms_accepted=True)
+
+
+async def test_the_ledger_is_not_half_told_during_an_outage(
+    outage: Outage, fallback: OutageFallback
+) -> None:
+    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    await credits.deduct_credits("told", 1)
+    outage.down = True
+    await credits.deduct_credits("told", 1)
+    with pytest.raises(StorageUnavailableError):
+        await credits.get_transaction_history("told")

@@ -10,7 +10,7 @@ from typing import TextIO
 from pydantic import ValidationError
 
 from app.clock import utc_now
-from app.config import Settings
+from app.config import Settings, settings_problems
 from app.container import retried_guard
 from app.errors import StorageUnavailableError
 from app.ops.audit import AuditReport, audit_ledger
@@ -34,12 +34,7 @@ async def run_audit(out: TextIO) -> int:
     try:
         settings = Settings()
     except ValidationError as error:
-        # Without the values given: a refused one may be a secret.
-        problems = "; ".join(
-            f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}"
-            for problem in error.errors(include_input=False)
-        )
-        return _failed(f"invalid settings: {problems}")
+        return _failed(f"invalid settings: {settings_problems(error)}")
     try:
         report = await _audit(settings)
     except StorageUnavailableError as error:

@@ -9,8 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from app.config import OutageFallback as OutageFallbackMode
-from app.config import Settings
+from app.config import Settings, settings_problems
 from app.container import build_container
 from app.errors import StorageUnavailableError
 from app.storage.fallback import OutageFallback
@@ -32,8 +34,14 @@ def replay_journal(path: str) -> int:
 
 
 async def _replay(journal: OutageJournal) -> int:
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        await journal.close()
+        print(f"invalid settings: {settings_problems(error)}", file=sys.stderr)
+        return 2
     # The container opens no journal of its own: this one is replayed, nothing is served.
-    settings = Settings().model_copy(update={"db_outage_fallback": OutageFallbackMode.NONE})
+    settings = settings.model_copy(update={"db_outage_fallback": OutageFallbackMode.NONE})
     container = build_container(settings)
     try:
         await container.prepare_database()

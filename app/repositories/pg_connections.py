@@ -45,7 +45,8 @@ class _Held:
 
 
 class FastConnections:
-    """Up to `size` connections, each running one statement at a time in autocommit.
+    """Up to `size` connections, each running one statement at a time, in autocommit
+    (behind a transaction pooler in a transaction of its own, module docstring).
 
     Errors are asyncpg's own, raised as they come (app/storage/resilience.py classifies
     them), but for a statement given up on: TimeoutError. A connection whose state is

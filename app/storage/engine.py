@@ -17,8 +17,12 @@ from app.storage.tls import driver_url, tls_connect_args
 
 
 def masked_url(url: str) -> str:
-    """The URL as it may appear in logs: password replaced by ***."""
-    return make_url(url).render_as_string(hide_password=True)
+    """The URL as it may appear in logs: password replaced by ***, also one given as a
+    query parameter (which SQLAlchemy passes on to the driver)."""
+    parsed = make_url(url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def create_engine(settings: Settings) -> AsyncEngine:

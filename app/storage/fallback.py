@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import datetime
 from typing import TypeVar, assert_never
@@ -28,6 +28,7 @@ from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read, Re
 from app.errors import (
     IdempotencyKeyReusedError,
     InsufficientCreditsError,
+    StorageFullError,
     StorageUnavailableError,
 )
 from app.models import IDEMPOTENCY_KEY_LENGTH
@@ -44,6 +45,7 @@ from app.storage.journal import (
     decode,
 )
 from app.storage.last_known import LastKnown
+from app.storage.resilience import sqlstate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,6 +80,7 @@ class OutageFallback:
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
+        self._generation = 0  # fallback stores built so far (a rebuild makes a new one)
 
     @property
     def depth(self) -> int:
@@ -104,7 +107,8 @@ class OutageFallback:
     async def start(self, database: Stores) -> None:
         """At start-up: the fallback store as the journal leaves it, a replay of what an
         earlier process left, and a retry every `retry_seconds` while changes wait."""
-        await self._rebuild()
+        async with self._lock:
+            await self._rebuild()
         self.replay_soon(database)
         self._retrying = asyncio.create_task(self._keep_replaying(database))
 
@@ -117,22 +121,24 @@ class OutageFallback:
         attempt: Attempt,
         unavailable: StorageUnavailableError,
     ) -> UserCredits:
-        if user_id not in self._data.held:
-            seen = self.last_known.of(user_id)
-            if seen is None or seen.credits is None:
-                self.unknown_accounts += 1
-        self._adopt(user_id)
-        if isinstance(operation, Read):
-            return await self.memory.credits.apply(user_id, operation, attempt)
-        self._refuse_if_full(unavailable)
-        credits = await self.memory.credits.apply(user_id, operation, attempt)
+        with _unavailable_when_full(unavailable):
+            if user_id not in self._data.held:
+                seen = self.last_known.of(user_id)
+                if seen is None or seen.credits is None:
+                    self.unknown_accounts += 1
+            self._adopt(user_id)
+            if isinstance(operation, Read):
+                return await self.memory.credits.apply(user_id, operation, attempt)
+            self._refuse_if_full(unavailable)
+            credits = await self.memory.credits.apply(user_id, operation, attempt)
         await self._journaled(CreditChange(user_id, operation, attempt), unavailable)
         return credits
 
     def consent(self, user_id: str, unavailable: StorageUnavailableError) -> UserConsent | None:
         """The consent as the fallback knows it; StorageUnavailableError (503) when it
         does not: neither seen in the database nor recorded during the outage."""
-        self._adopt(user_id)
+        with _unavailable_when_full(unavailable):
+            self._adopt(user_id)
         consent = self._data.consents.get(user_id)
         if consent is None:
             seen = self.last_known.of(user_id)
@@ -153,8 +159,9 @@ class OutageFallback:
         """A consent change made in the fallback store, journaled (`served`: what to
         replay, None for nothing)."""
         self._refuse_if_full(unavailable)
-        self._adopt(user_id)
-        result = await write(self.memory.consents)
+        with _unavailable_when_full(unavailable):
+            self._adopt(user_id)
+            result = await write(self.memory.consents)
         change = served(result)
         if change is not None:
             await self._journaled(change, unavailable)
@@ -175,11 +182,14 @@ class OutageFallback:
     async def _journaled(self, served: Served, unavailable: StorageUnavailableError) -> None:
         """On disk before the caller acknowledges it. A change the journal could not keep
         is undone (the fallback store rebuilt from the journal) and refused."""
+        generation = self._generation
         try:
             await self.journal.append(served)
         except JournalError as error:
             logger.error("outage journal write failed: %s", error)
-            await self._rebuild()
+            async with self._lock:
+                if self._generation == generation:  # not rebuilt since this change was made
+                    await self._rebuild()
             raise StorageUnavailableError(
                 "the database is unavailable and the outage journal cannot be written",
                 retry_after=unavailable.retry_after,
@@ -193,6 +203,7 @@ class OutageFallback:
         """The fallback store as the journal has it: each waiting change served again,
         from what this process last saw of its user."""
         self._data, self.memory = self._fresh()
+        self._generation += 1
         async for _, served in self._waiting():
             if isinstance(served, str):
                 continue
@@ -226,8 +237,16 @@ class OutageFallback:
                 except StorageUnavailableError:
                     logger.warning("journal replay paused: %d change(s) wait", self.depth)
                     return
-                except Exception as refused:  # not transient: the database refuses it for good
-                    await self._dead_letter(seq, _reason(refused))
+                except Exception as refused:  # not transient
+                    if _database_fault(refused):
+                        logger.error(
+                            "journal replay paused, %d change(s) wait: the database cannot "
+                            "take changes (%s)",
+                            self.depth,
+                            _reason(refused),
+                        )
+                        return
+                    await self._dead_letter(seq, _reason(refused))  # refused for good
                     continue
                 await self.journal.done(seq)
                 self.replayed += 1
@@ -272,24 +291,25 @@ class OutageFallback:
                 await self._clamp(served, short, database)
             return
         held = await database.consents.get(served.user_id)
-        if held is not None and _applied(held, served):
-            # Replayed before, by a process that died before marking it done: its history
-            # event is written already.
+        if held is not None and (held.updated_at > served.now or _applied(held, served)):
+            # A later change stands (made in the database since, by another replica or a
+            # client after the outage), or this one was replayed before by a process that
+            # died before marking it done, and its history event is written already.
             self.last_known.saw_consent(served.user_id, held)
             return
         consent = await _consent_into(database, served)
         self.last_known.saw_consent(served.user_id, consent)
 
     async def _reset_shown(self, served: CreditChange, database: Stores) -> bool:
-        """Does the account show this reset? A reset has no key to find it by: an account
-        reset at its instant was reset by it, replayed before by a process that died before
-        marking it done. Read at that instant, as the reset would, so that a refill due then
-        is made as the reset would have made it (the same row); the reset then changes
-        nothing more."""
+        """Does the account show this reset, or a later one? A reset has no key to find it
+        by: an account reset at its instant was reset by it, replayed before by a process
+        that died before marking it done; one reset later needs no earlier refill. Read at
+        that instant, as the reset would, so that a refill due then is made as the reset
+        would have made it (the same row); the reset then changes nothing more."""
         at = served.attempt.at
         credits = await database.credits.apply(served.user_id, Read(), Attempt(at))
         self.last_known.saw_credits(credits)
-        return credits.last_reset_timestamp == at
+        return credits.last_reset_timestamp >= at
 
     async def _clamp(
         self, served: CreditChange, short: InsufficientCreditsError, database: Stores
@@ -316,6 +336,7 @@ class OutageFallback:
     async def close(self, database: Stores) -> None:
         """At shutdown: one last replay attempt; what still waits stays in the journal
         for the next start."""
+        started = self._retrying is not None
         if self._retrying is not None:
             self._retrying.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -323,8 +344,9 @@ class OutageFallback:
         if self._replay_task is not None:
             with contextlib.suppress(Exception):
                 await self._replay_task
-        with contextlib.suppress(Exception):
-            await self.replay(database)
+        if started:  # a service that never started (its database not ready) replays nothing
+            with contextlib.suppress(Exception):
+                await self.replay(database)
         if self.depth:
             logger.warning(
                 "%d change(s) made during the outage wait in %s for the next start",
@@ -368,6 +390,31 @@ def _applied(held: UserConsent, served: ConsentRecorded | MarketingChanged) -> b
     )
 
 
+@contextlib.contextmanager
+def _unavailable_when_full(unavailable: StorageUnavailableError) -> Iterator[None]:
+    """The fallback store full (MEMORY_STORE_MAX_USERS) is the database unavailable to this
+    user: 503, as without the fallback, not the memory store's 507."""
+    try:
+        yield
+    except StorageFullError as full:
+        raise StorageUnavailableError(
+            "the database is unavailable and the outage fallback holds no more users",
+            retry_after=unavailable.retry_after,
+        ) from full
+
+
+# SQLSTATE classes of a database that cannot take changes at all, whatever the change:
+# syntax or access rule (a table or column missing, a grant revoked), system, internal.
+_DATABASE_FAULTS = ("42", "58", "XX")
+
+
+def _database_fault(refused: Exception) -> bool:
+    """The database, not the change, is at fault: the replay waits for it to be mended
+    rather than move every change aside."""
+    state = sqlstate(refused)
+    return state is not None and state[:2] in _DATABASE_FAULTS
+
+
 def _reason(refused: Exception) -> str:
     if isinstance(refused, IdempotencyKeyReusedError):
         return "its idempotency key was first used for another request, which stands"
@@ -398,10 +445,9 @@ class FallbackCredits:
         return credits
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        try:
-            return await self._database.credits.history(user_id, limit)
-        except StorageUnavailableError:
-            return await self._fallback.memory.credits.history(user_id, limit)
+        """The database's only: the fallback store holds the outage's rows and none from
+        before, and a part of the ledger would be a wrong answer (503 instead)."""
+        return await self._database.credits.history(user_id, limit)
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
         """The database's rows only: the fallback store's go with the outage."""

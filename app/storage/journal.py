@@ -7,7 +7,8 @@ its sync (group commit). SQLite checksums every WAL frame, so a record torn by a
 loss mid-write is dropped when the file is next opened and the intact records before it
 are kept. Replay marks records done on a second connection with `synchronous=NORMAL`:
 that survives the process being killed; a power loss may bring a change back once
-more, and its idempotency key makes that harmless.
+more, and the replay finds it applied (by its idempotency key, or for a consent change
+or a reset by the instant it shows: app/storage/fallback.py).
 
 Each process holds its journal exclusively (a lock file beside it). A second process
 given the same path takes the next free slot (`outage-journal.1.db`, ...), so worker
@@ -133,6 +134,7 @@ class OutageJournal:
             self._appends, self._marks = self._on_thread(self._connect)
             self.depth, self.dead_letters = self._on_thread(self._counts)
         except BaseException:
+            self._thread.shutdown(wait=False)
             self._release()
             raise
         self._waiting: list[tuple[str, asyncio.Future[None]]] = []
@@ -167,6 +169,8 @@ class OutageJournal:
         """Queue `served` at the end; the future is done once it is on disk (JournalError
         if it could not be written). Queued in call order, without awaiting: changes a
         caller made in one order are journaled in that order."""
+        if self._closed:
+            raise JournalError(f"outage journal {self.path}: closed")
         loop = asyncio.get_running_loop()
         synced: asyncio.Future[None] = loop.create_future()
         self._waiting.append((encode(served), synced))
@@ -221,12 +225,14 @@ class OutageJournal:
                 batch, self._waiting = self._waiting, []
                 try:
                     await self._run(self._insert, [text for text, _ in batch])
-                except (sqlite3.Error, OSError) as error:
+                except BaseException as error:  # whatever it was, no waiter is left hanging
                     self.depth -= len(batch)
                     failed = JournalError(f"outage journal {self.path}: {error}")
                     for _, synced in batch:
                         if not synced.done():
                             synced.set_exception(failed)
+                    if not isinstance(error, sqlite3.Error | OSError):
+                        raise
                     continue
                 for _, synced in batch:
                     if not synced.done():  # its waiter may have been cancelled
