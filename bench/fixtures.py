@@ -70,9 +70,9 @@ async def load_keys(conn: asyncpg.Connection, prefix: str, rows: int, *, age_day
         return False
     await conn.execute(
         """
-        INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at)
+        INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation)
         SELECT $1 || lpad((i % 10000)::text, 7, '0'), 'call:' || i,
-               now() - make_interval(days => $3) - make_interval(secs => i)
+               now() - make_interval(days => $3) - make_interval(secs => i), 'deduction'
           FROM generate_series(0, $2::int - 1) AS i
         """,
         prefix,

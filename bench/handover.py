@@ -125,7 +125,7 @@ async def _raw_copy(url: str, count: int) -> _Import:
         (u.user_id, "deduction", -2, u.at, None, u.key) for u in users
     ]
     rows += [(u.user_id, "deduction", -1, u.later, "bench", None) for u in users]
-    keys = [(u.user_id, u.key, u.at) for u in users]
+    keys = [(u.user_id, u.key, u.at, "deduction") for u in users]
     conn = await fixtures.connect(url)
     try:
         started = time.perf_counter()
@@ -157,7 +157,7 @@ async def _raw_copy(url: str, count: int) -> _Import:
         await conn.copy_records_to_table(
             "credit_idempotency_keys",
             records=keys,
-            columns=["user_id", "idempotency_key", "created_at"],
+            columns=["user_id", "idempotency_key", "created_at", "operation"],
         )
         return _Import(len(accounts) + len(rows), time.perf_counter() - started)
     finally:
@@ -250,18 +250,20 @@ async def _writer(
 
 def _memory_data(users: int) -> MemoryData:
     """Accounts with one or two keyed ledger rows each, none due for a reset."""
-    data = MemoryData()
+    data = MemoryData(max_users=2 * users)
     now = utc_now()
     for number in range(users):
         user_id = fixtures.user_id("mem-", number)
         rows = 1 + number % 2
         data.accounts[user_id] = Account(user_id, True, 10 - rows, 10, now)
+        data.held.add(user_id)
         for row in range(rows):
             key = f"{user_id}-{row}"
-            data.ledger[user_id].append(
-                LedgerRecord(user_id, "deduction", -1, now, None, key, next(data.ids))
-            )
-            data.keys[(user_id, key)] = now
+            record = LedgerRecord(user_id, "deduction", -1, now, None, key, next(data.ids))
+            data.ledger[user_id].append(record)
+            claim = record.claim()
+            assert claim is not None
+            data.keys[(user_id, key)] = (now, claim)
     return data
 
 
