@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from app.errors import StorageUnavailableError
 from app.ops.migrate import head_revision, upgrade_to_head
 from app.storage.engine import create_engine
 from tests.conftest import app_settings, plain_dsn
+from tests.support.alembic import run_alembic
 from tests.support.app_client import running
 from tests.support.postgres import PostgresServer
 
@@ -126,12 +125,7 @@ class TestMigratingAsTheOwner:
             "DATABASE_URL": roles.service_url,
             "MIGRATION_DATABASE_URL": roles.owner_url,
         }
-        alembic_bin = str(Path(sys.executable).with_name("alembic"))
-        for args in (["upgrade", "head"], ["current"]):
-            done = subprocess.run(
-                [alembic_bin, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-            )
-            assert done.returncode == 0, done.stderr
+        done = run_alembic(env, ["upgrade", "head"], ["current"])
         assert f"{head_revision()} (head)" in done.stdout
 
     async def test_the_service_role_alone_cannot_migrate_and_start_up_says_so(

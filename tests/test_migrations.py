@@ -33,6 +33,7 @@ from app.services.credits import CreditService
 from app.storage.cluster_flag import FlagStore, StoredFlag
 from app.storage.engine import create_engine
 from tests.conftest import RULES, empty_postgres_database
+from tests.support.alembic import ALEMBIC, run_alembic
 from tests.support.postgres import PostgresServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,12 +325,9 @@ class TestCommandLine:
             **os.environ,
             "DATABASE_URL": empty_url.replace("+asyncpg", "").replace("+aiosqlite", ""),
         }
-        alembic_bin = str(Path(sys.executable).with_name("alembic"))
-        for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"], ["current"]):
-            done = subprocess.run(
-                [alembic_bin, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-            )
-            assert done.returncode == 0, done.stderr
+        done = run_alembic(
+            env, ["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"], ["current"]
+        )
         assert f"{head_revision()} (head)" in done.stdout
 
 
@@ -367,10 +365,9 @@ class TestReplicasStartingTogether:
     ) -> None:
         server, name = postgres_database
         env = {**os.environ, "DATABASE_URL": server.url_for(name)}
-        alembic_bin = str(Path(sys.executable).with_name("alembic"))
         processes = [
             subprocess.Popen(
-                [alembic_bin, "upgrade", "head"],
+                [ALEMBIC, "upgrade", "head"],
                 cwd=ROOT,
                 env=env,
                 stderr=subprocess.PIPE,

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import os
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -21,11 +18,11 @@ from app.errors import StorageUnavailableError
 from app.ops.migrate import head_revision
 from app.storage.engine import create_engine, fast_connections
 from tests.conftest import TlsPostgres, app_settings, empty_postgres_database
+from tests.support.alembic import run_alembic
 from tests.support.app_client import running
 from tests.support.postgres import PostgresServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.postgres_tls]
-ROOT = Path(__file__).resolve().parents[1]
 API = "/api/v1"
 OWN_TLS = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
 
@@ -84,12 +81,7 @@ class TestVerifiedTls:
             ),
             "DB_SSL_ROOT_CERT": str(postgres_tls_server.root_cert),
         }
-        alembic_bin = str(Path(sys.executable).with_name("alembic"))
-        for args in (["upgrade", "head"], ["current"]):
-            done = subprocess.run(
-                [alembic_bin, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
-            )
-            assert done.returncode == 0, done.stderr
+        done = run_alembic(env, ["upgrade", "head"], ["current"])
         assert f"{head_revision()} (head)" in done.stdout
 
 
