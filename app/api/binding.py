@@ -1,0 +1,212 @@
+"""The /api/v1 routes' parameters, bound by validators built once per route.
+
+FastAPI resolves a route's parameters anew on every request: `solve_dependencies` looks
+up each parameter's kind and shape again, makes a sub-response and exit stacks, and in
+the profile of a deduction it and the handler around it were the largest share of the
+request (bench/README.md, issue 16). `BoundRoute` is FastAPI's documented hook for a
+route's handling (a custom `APIRoute` whose `get_route_handler` makes the handler): it
+reads the endpoint's signature once, builds one pydantic `TypeAdapter` per parameter the
+way FastAPI builds its own, and per request only reads and validates. Routing, the
+OpenAPI document (FastAPI still builds it from the same signature) and the exception
+handlers stay FastAPI's; a 422 lists the problems FastAPI would list, in its order
+(path, query, header, then body), and tests/test_api_binding.py holds both to the same
+answers for bad input.
+
+The endpoints it serves take only what the /api/v1 routes use: the `Request`, path,
+query and header parameters, and one JSON body model; each returns a `Response`. Any
+other kind of parameter (a dependency, a cookie, a form) is refused when the route is
+built, so it cannot be served unbound by mistake.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+import typing
+import warnings
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Request, Response, params
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic.warnings import UnsupportedFieldAttributeWarning
+from starlette.exceptions import HTTPException
+
+_IMMUTABLE_DEFAULTS = (type(None), bool, int, str)
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Parameter:
+    name: str
+    source: str  # "path", "query", "header" or "body"
+    alias: str  # the name it has in the request
+    adapter: TypeAdapter[Any]
+    default: Any  # _MISSING when required
+
+
+class BoundRoute(APIRoute):
+    """An API route whose parameters are bound by `Binder` instead of FastAPI's
+    dependency solving (see the module's docstring)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        binder = Binder(self.endpoint)
+        endpoint: Callable[..., Awaitable[Response]] = self.endpoint
+
+        async def handle(request: Request) -> Response:
+            return await endpoint(**await binder.bind(request))
+
+        return handle
+
+
+class Binder:
+    """Each parameter of `endpoint` with its validator, read from the signature once."""
+
+    def __init__(self, endpoint: Callable[..., Any]) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            raise TypeError(f"{endpoint.__qualname__} must be a coroutine function")
+        hints = typing.get_type_hints(endpoint, include_extras=True)
+        self._request: str | None = None
+        parameters: list[_Parameter] = []
+        for name, parameter in inspect.signature(endpoint).parameters.items():
+            hint = hints[name]
+            if hint is Request:
+                self._request = name
+                continue
+            parameters.append(_parameter(endpoint, name, hint, parameter.default))
+        order = ("path", "query", "header", "body")
+        self._parameters = sorted(parameters, key=lambda each: order.index(each.source))
+        self._body = next((each for each in parameters if each.source == "body"), None)
+
+    async def bind(self, request: Request) -> dict[str, Any]:
+        """The endpoint's arguments from `request`; RequestValidationError lists every
+        problem, as FastAPI's would."""
+        values: dict[str, Any] = {}
+        problems: list[Any] = []
+        body = _MISSING if self._body is None else await _json_body(request)
+        for parameter in self._parameters:
+            value = _received(parameter, request, body)
+            if value is _MISSING:
+                if parameter.default is _MISSING:
+                    problems.append(_missing(_location(parameter)))
+                else:
+                    values[parameter.name] = parameter.default
+                continue
+            try:
+                values[parameter.name] = parameter.adapter.validate_python(
+                    value, from_attributes=True
+                )
+            except ValidationError as error:
+                where = _location(parameter)
+                problems.extend(
+                    {**problem, "loc": where + problem["loc"]}
+                    for problem in error.errors(include_url=False)
+                )
+        if problems:
+            raise RequestValidationError(problems, body=None if body is _MISSING else body)
+        if self._request is not None:
+            values[self._request] = request
+        return values
+
+
+_SOURCES: dict[type[FieldInfo], str] = {
+    params.Path: "path",
+    params.Query: "query",
+    params.Header: "header",
+}
+
+
+def _parameter(endpoint: Callable[..., Any], name: str, hint: Any, default: Any) -> _Parameter:
+    where = f"{endpoint.__qualname__}({name})"
+    annotation, metadata = hint, []
+    if typing.get_origin(hint) is Annotated:
+        annotation, *metadata = typing.get_args(hint)
+    if any(isinstance(each, params.Depends) for each in [*metadata, default]):
+        raise TypeError(f"{where}: a dependency is not bound; take it from the request")
+    if isinstance(default, FieldInfo):
+        raise TypeError(f"{where}: declare the parameter with Annotated, not a default")
+    if default is not inspect.Parameter.empty and not isinstance(default, _IMMUTABLE_DEFAULTS):
+        raise TypeError(f"{where}: a default must be immutable")
+    declared = [each for each in metadata if isinstance(each, FieldInfo)]
+    source: str | None
+    if declared:
+        source = _SOURCES.get(type(declared[0]))
+        if source is None:
+            raise TypeError(f"{where}: {type(declared[0]).__name__} parameters are not bound")
+        alias = declared[0].alias or (name.replace("_", "-") if source == "header" else name)
+    else:
+        source = "body" if _is_model(annotation) else "query"
+        alias = name
+    with warnings.catch_warnings():
+        # As FastAPI does: the alias in the annotation names the parameter in the request,
+        # which pydantic warns it does not use.
+        warnings.simplefilter("ignore", category=UnsupportedFieldAttributeWarning)
+        adapter: TypeAdapter[Any] = TypeAdapter(hint)
+    required = default is inspect.Parameter.empty
+    return _Parameter(name, source, alias, adapter, _MISSING if required else default)
+
+
+def _is_model(annotation: Any) -> bool:
+    """A pydantic model, or one that may be None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        choices = [each for each in typing.get_args(annotation) if each is not type(None)]
+        return len(choices) == 1 and _is_model(choices[0])
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _received(parameter: _Parameter, request: Request, body: Any) -> Any:
+    if parameter.source == "path":
+        return request.path_params.get(parameter.alias, _MISSING)
+    if parameter.source == "query":
+        value = request.query_params.get(parameter.alias)
+    elif parameter.source == "header":
+        value = request.headers.get(parameter.alias)
+    else:
+        return body
+    return _MISSING if value is None else value
+
+
+def _location(parameter: _Parameter) -> tuple[str, ...]:
+    return ("body",) if parameter.source == "body" else (parameter.source, parameter.alias)
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as FastAPI reads one for a JSON model: parsed when it says it is JSON,
+    else the bytes (which the model then refuses); _MISSING when empty. As FastAPI's, a
+    body that cannot be read or decoded (not UTF-8, nested too deep) is a 400."""
+    try:
+        received = await request.body()
+        if not received:
+            return _MISSING
+        if not _is_json(request.headers.get("content-type")):
+            return received
+        return json.loads(received)
+    except json.JSONDecodeError as error:
+        problem = {
+            "type": "json_invalid",
+            "loc": ("body", error.pos),
+            "msg": "JSON decode error",
+            "input": {},
+            "ctx": {"error": error.msg},
+        }
+        raise RequestValidationError([problem], body=error.doc) from error
+    except Exception as error:
+        raise HTTPException(400, detail="There was an error parsing the body") from error
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media_type = content_type.partition(";")[0].strip().lower()
+    maintype, _, subtype = media_type.partition("/")
+    return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _missing(where: tuple[str, ...]) -> dict[str, Any]:
+    """FastAPI's problem for a required parameter the request lacks."""
+    return {"type": "missing", "loc": where, "msg": "Field required", "input": None}
