@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Cookie, Depends, FastAPI, Request, Response
+from fastapi import Cookie, Depends, FastAPI, Header, Path, Query, Request, Response
 
-from app.api.binding import Binder, BoundRoute
+from app.api.binding import BoundRoute
 from app.api.errors import install_error_handlers
+from app.api.inputs import RefundRequest
 from app.main import API_PREFIX, API_ROUTERS, add_routes
 from tests.conftest import app_settings
 from tests.support.app_client import client_for, running
@@ -29,7 +30,7 @@ DEEP = b"[" * 5_000 + b"]" * 5_000  # past the JSON parser's depth, within MAX_B
 
 
 @pytest.fixture
-async def both(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+async def both(tmp_path: FilePath) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
     """A client to the application, and one to its routes bound by FastAPI itself."""
     settings = app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db")
     async with running(settings) as (app, served):
@@ -62,6 +63,12 @@ BAD = {
     "body not UTF-8": _request("POST", f"{CREDITS}/u1/deduct", b'{"a": "\xff"}', **JSON),
     "body nested too deep": _request("POST", f"{CREDITS}/u1/deduct", DEEP, **JSON),
     "body without a type": _request("POST", f"{CREDITS}/u1/deduct", b'{"amount": 2}'),
+    "body typed with two slashes": _request(
+        "POST",
+        f"{CREDITS}/u1/deduct",
+        b'{"amount": 2}',
+        **{"Content-Type": "application/a/b+json"},
+    ),
     "body as text": _request(
         "POST", f"{CREDITS}/u1/deduct", b'{"amount": 2}', **{"Content-Type": "text/plain"}
     ),
@@ -171,7 +178,7 @@ def _figures(document: Any) -> Any:
     return {key: value for key, value in document.items() if key not in drop}
 
 
-def test_every_api_route_is_bound(tmp_path: Path) -> None:
+def test_every_api_route_is_bound(tmp_path: FilePath) -> None:
     from app.main import create_app
 
     app = create_app(app_settings("memory", f"sqlite+aiosqlite:///{tmp_path}/unused.db"))
@@ -193,19 +200,66 @@ async def _with_cookie(session: Annotated[str, Cookie()]) -> Response:
     return Response()
 
 
-async def _with_mutable_default(tags: list[str] = []) -> Response:  # noqa: B006
+async def _with_mutable_default(limit: int = [5]) -> Response:  # type: ignore[assignment]
     return Response()
+
+
+async def _with_a_list(tags: Annotated[list[str], Query()]) -> Response:
+    return Response()
+
+
+async def _with_two_bodies(first: RefundRequest, second: RefundRequest) -> Response:
+    return Response()
+
+
+async def _with_a_validation_alias(
+    key: Annotated[str, Header(validation_alias="X-Key")],
+) -> Response:
+    return Response()
+
+
+async def _returning_a_model(user_id: Annotated[str, Path()]) -> RefundRequest:
+    return RefundRequest(amount=1)
 
 
 def _not_a_coroutine(request: Request) -> Response:
     return Response()
 
 
+async def _reading_user_id(user_id: Annotated[str, Path()]) -> Response:
+    return Response()
+
+
+async def _reading_it_as_a_query(user_id: str) -> Response:
+    return Response()
+
+
 @pytest.mark.parametrize(
-    "endpoint", [_not_a_coroutine, _with_depends, _with_cookie, _with_mutable_default]
+    ("endpoint", "reason"),
+    [
+        (_not_a_coroutine, "coroutine"),
+        (_with_depends, "dependency"),
+        (_with_cookie, "Cookie"),
+        (_with_mutable_default, "immutable"),
+        (_with_a_list, "single values"),
+        (_with_two_bodies, "one body"),
+        (_with_a_validation_alias, "validation alias"),
+        (_returning_a_model, "Response"),
+        (_reading_it_as_a_query, "the Path parameters are"),
+    ],
 )
-def test_a_route_the_binder_cannot_serve_is_refused_when_built(endpoint: Any) -> None:
-    """FastAPI would run a plain def in a worker thread; the other parameters are kinds
-    the binder does not read, which must not be served unbound by mistake."""
-    with pytest.raises(TypeError):
-        Binder(endpoint)
+def test_a_route_the_binder_cannot_serve_is_refused_when_built(endpoint: Any, reason: str) -> None:
+    """FastAPI would run a plain def in a worker thread, and bind or answer the others
+    in ways the binder does not: none may be served unbound by mistake."""
+    with pytest.raises(TypeError, match=reason):
+        BoundRoute("/things/{user_id}", endpoint)
+
+
+def test_what_fastapi_would_do_around_the_endpoint_is_refused_too() -> None:
+    BoundRoute("/things/{user_id}", _reading_user_id)  # served
+    with pytest.raises(TypeError, match="dependencies"):
+        BoundRoute("/things/{user_id}", _reading_user_id, dependencies=[Depends(lambda: 1)])
+    with pytest.raises(TypeError, match="strictly"):
+        BoundRoute("/things/{user_id}", _reading_user_id, strict_content_type=False)
+    with pytest.raises(TypeError, match="the path holds"):
+        BoundRoute("/things/{user_id}/{other}", _reading_user_id)

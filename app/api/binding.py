@@ -13,9 +13,11 @@ handlers stay FastAPI's; a 422 lists the problems FastAPI would list, in its ord
 answers for bad input.
 
 The endpoints it serves take only what the /api/v1 routes use: the `Request`, path,
-query and header parameters, and one JSON body model; each returns a `Response`. Any
-other kind of parameter (a dependency, a cookie, a form) is refused when the route is
-built, so it cannot be served unbound by mistake.
+query and header parameters of single values, and one JSON body model; each returns a
+`Response`. Anything else FastAPI would bind or do differently (a dependency, a cookie, a
+form, a list from repeated parameters, a path name not declared with `Path`, route
+dependencies, lax content types, a returned model) is refused when the route is built,
+so that nothing is served unbound by mistake.
 """
 
 from __future__ import annotations
@@ -55,7 +57,12 @@ class BoundRoute(APIRoute):
     dependency solving (see the module's docstring)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        binder = Binder(self.endpoint)
+        # What FastAPI would do for the route beyond binding its endpoint's parameters.
+        if self.dependencies:
+            raise TypeError(f"{self.path}: route dependencies are not run for a BoundRoute")
+        if self.strict_content_type is False:
+            raise TypeError(f"{self.path}: a BoundRoute reads JSON bodies strictly, as by default")
+        binder = Binder(self.endpoint, path_params=frozenset(self.param_convertors))
         endpoint: Callable[..., Awaitable[Response]] = self.endpoint
 
         async def handle(request: Request) -> Response:
@@ -65,12 +72,20 @@ class BoundRoute(APIRoute):
 
 
 class Binder:
-    """Each parameter of `endpoint` with its validator, read from the signature once."""
+    """Each parameter of `endpoint` with its validator, read from the signature once;
+    `path_params`: the names the route's path holds, each of which must be a `Path`
+    parameter."""
 
-    def __init__(self, endpoint: Callable[..., Any]) -> None:
+    def __init__(
+        self, endpoint: Callable[..., Any], *, path_params: frozenset[str] = frozenset()
+    ) -> None:
         if not inspect.iscoroutinefunction(endpoint):
             raise TypeError(f"{endpoint.__qualname__} must be a coroutine function")
         hints = typing.get_type_hints(endpoint, include_extras=True)
+        answer = hints.get("return")
+        if not (isinstance(answer, type) and issubclass(answer, Response)):
+            # FastAPI would serialise anything else through the response model.
+            raise TypeError(f"{endpoint.__qualname__} must return a Response")
         self._request: str | None = None
         parameters: list[_Parameter] = []
         for name, parameter in inspect.signature(endpoint).parameters.items():
@@ -79,16 +94,25 @@ class Binder:
                 self._request = name
                 continue
             parameters.append(_parameter(endpoint, name, hint, parameter.default))
+        bodies = [each.name for each in parameters if each.source == "body"]
+        if len(bodies) > 1:
+            raise TypeError(f"{endpoint.__qualname__}: one body model, not {bodies}")
+        declared = {each.alias for each in parameters if each.source == "path"}
+        if declared != path_params:
+            raise TypeError(
+                f"{endpoint.__qualname__}: the path holds {sorted(path_params)}, "
+                f"the Path parameters are {sorted(declared)}"
+            )
         order = ("path", "query", "header", "body")
         self._parameters = sorted(parameters, key=lambda each: order.index(each.source))
-        self._body = next((each for each in parameters if each.source == "body"), None)
+        self._reads_body = bool(bodies)
 
     async def bind(self, request: Request) -> dict[str, Any]:
         """The endpoint's arguments from `request`; RequestValidationError lists every
         problem, as FastAPI's would."""
         values: dict[str, Any] = {}
         problems: list[Any] = []
-        body = _MISSING if self._body is None else await _json_body(request)
+        body = await _json_body(request) if self._reads_body else _MISSING
         for parameter in self._parameters:
             value = _received(parameter, request, body)
             if value is _MISSING:
@@ -135,13 +159,20 @@ def _parameter(endpoint: Callable[..., Any], name: str, hint: Any, default: Any)
     declared = [each for each in metadata if isinstance(each, FieldInfo)]
     source: str | None
     if declared:
-        source = _SOURCES.get(type(declared[0]))
+        info = declared[0]
+        source = _SOURCES.get(type(info))
         if source is None:
-            raise TypeError(f"{where}: {type(declared[0]).__name__} parameters are not bound")
-        alias = declared[0].alias or (name.replace("_", "-") if source == "header" else name)
+            raise TypeError(f"{where}: {type(info).__name__} parameters are not bound")
+        if info.validation_alias not in (None, info.alias):
+            raise TypeError(f"{where}: a validation alias is not bound; use alias")
+        converted = source == "header" and getattr(info, "convert_underscores", True)
+        alias = info.alias or (name.replace("_", "-") if converted else name)
     else:
         source = "body" if _is_model(annotation) else "query"
         alias = name
+    if source != "body" and not _is_single_value(annotation):
+        # FastAPI reads a list from repeated parameters, a model from several.
+        raise TypeError(f"{where}: only single values are bound from the {source}")
     with warnings.catch_warnings():
         # As FastAPI does: the alias in the annotation names the parameter in the request,
         # which pydantic warns it does not use.
@@ -157,6 +188,13 @@ def _is_model(annotation: Any) -> bool:
         choices = [each for each in typing.get_args(annotation) if each is not type(None)]
         return len(choices) == 1 and _is_model(choices[0])
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_single_value(annotation: Any) -> bool:
+    """A str, number or bool, or one that may be None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return all(_is_single_value(each) for each in typing.get_args(annotation))
+    return annotation in (str, int, float, bool, type(None))
 
 
 def _received(parameter: _Parameter, request: Request, body: Any) -> Any:
@@ -186,6 +224,8 @@ async def _json_body(request: Request) -> Any:
         if not _is_json(request.headers.get("content-type")):
             return received
         return json.loads(received)
+    except HTTPException:  # already an answer (a middleware's)
+        raise
     except json.JSONDecodeError as error:
         problem = {
             "type": "json_invalid",
@@ -202,8 +242,11 @@ async def _json_body(request: Request) -> Any:
 def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
+    # As FastAPI reads it (with email.message): a type without exactly one "/" is text/plain.
     media_type = content_type.partition(";")[0].strip().lower()
-    maintype, _, subtype = media_type.partition("/")
+    if media_type.count("/") != 1:
+        return False
+    maintype, subtype = media_type.split("/")
     return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
