@@ -24,10 +24,11 @@ from app.ops.health import database_status
 from app.ops.metrics import CreditOutcomes
 from app.ops.migrate import current_revision, upgrade_schema
 from app.ops.retention import RetentionJob
-from app.repositories.base import CreditRepository, StateRepository, Stores
+from app.repositories.base import CreditRepository, Erasures, StateRepository, Stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
 from app.repositories.pg_connections import FastConnections
 from app.repositories.sql import sql_stores, state_repository
+from app.repositories.sql_state import SqlErasures
 from app.services.assistant import Answer, AssistantService
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -348,6 +349,11 @@ def credit_rules(settings: Settings) -> CreditRules:
     )
 
 
+def database_erasures(engine: AsyncEngine, pseudonyms: Pseudonyms | None) -> Erasures | None:
+    """When users were erased from the database; None when erasure is not configured."""
+    return None if pseudonyms is None else SqlErasures(engine, pseudonyms)
+
+
 def build_container(
     settings: Settings,
     *,
@@ -382,6 +388,7 @@ def build_container(
             max_changes=settings.outage_outbox_max_changes,
             snapshot_max_users=settings.fallback_snapshot_max_users,
             retry_seconds=settings.db_breaker_reset_seconds,
+            erasures=database_erasures(engine, pseudonyms),
         )
     memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(

@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import Attempt, Change, Deduct, Operation, Read, Refund, Reset, Upgrade
+from app.domain.privacy import Pseudonyms
 from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.repositories.base import CreditRepository, Stores
+from app.repositories.base import CreditRepository, Erasures, Stores
 from app.repositories.memory import MemoryConsentRepository, MemoryData, memory_stores
+from app.repositories.sql import sql_stores
+from app.repositories.sql_state import SqlErasures, SqlStateRepository
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
@@ -125,7 +129,11 @@ async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFal
     opened: list[OutageFallback] = []
 
     def open_one(
-        *, max_changes: int = 100, name: str = "journal.db", max_users: int = 100
+        *,
+        max_changes: int = 100,
+        name: str = "journal.db",
+        max_users: int = 100,
+        erasures: Erasures | None = None,
     ) -> OutageFallback:
         fallback = OutageFallback(
             RULES,
@@ -133,6 +141,7 @@ async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFal
             max_users=max_users,
             max_changes=max_changes,
             snapshot_max_users=100,
+            erasures=erasures,
         )
         opened.append(fallback)
         return fallback
@@ -234,6 +243,80 @@ async def test_consent_changes_served_during_an_outage_reach_the_database_in_ord
         True,
         clock.now,
     )
+
+
+async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_replay(
+    engine: AsyncEngine, open_fallback: Callable[..., OutageFallback]
+) -> None:
+    """SPEC §10: no row holds an erased user's id. Another replica may erase a user while
+    this one still holds the user's changes in its journal; replaying them would bring
+    the user back. A change made after the erasure is the user coming back, and lands."""
+    pseudonyms = Pseudonyms("an-erasure-key-for-tests")
+    outage = Outage()
+    outage.stores = sql_stores(engine, RULES, pseudonyms=pseudonyms)
+    database = database_of(outage)
+    fallback = open_fallback(erasures=SqlErasures(engine, pseudonyms))
+    clock = FakeClock()
+    served = with_fallback(database, fallback)
+    credits = CreditService(served.credits, clock=clock)
+    consents = UserConsentService(served.consents, clock=clock)
+    for user in ("leaver", "stayer"):
+        await credits.deduct_credits(user, 2)
+    clock.advance(minutes=1)
+
+    outage.down = True
+    await credits.deduct_credits("leaver", 1)
+    await consents.record_consent("leaver", marketing_consent=True)
+    await credits.deduct_credits("stayer", 1)
+    outage.down = False
+    state = SqlStateRepository(engine)
+    # Erased elsewhere, at the very instant of the changes: which came first is unknown,
+    # and forgetting is the safe side.
+    assert await state.erase("leaver", pseudonyms.of("leaver"), clock.now) == 1
+
+    await fallback.replay(database)
+    assert (fallback.depth, fallback.erased, fallback.replayed) == (0, 2, 1)
+    leaver, stayer = await state.read(["leaver", "stayer"])
+    assert (leaver.account, leaver.ledger, leaver.consent) == (None, (), None)
+    assert await database.consents.get("leaver") is None
+    assert stayer.account is not None
+    assert stayer.account.available == stayer.account.maximum - 3
+
+    clock.advance(minutes=1)
+    outage.down = True
+    await credits.deduct_credits("leaver", 1)  # after the erasure: the user is back
+    outage.down = False
+    await fallback.replay(database)
+    assert (fallback.erased, fallback.replayed) == (2, 2)
+    (back,) = await state.read(["leaver"])
+    assert back.account is not None
+    # Resumed as erased (ERASED RESUMES: the spent part as a row), then the new change;
+    # the change journaled before the erasure is not among them.
+    assert [(row.amount, row.timestamp) for row in back.ledger] == [
+        (-2, clock.now),
+        (-1, clock.now),
+    ]
+    assert back.account.available == back.account.maximum - 3
+
+
+class Unreachable:
+    """Erasures a replay cannot ask about: the database went away again."""
+
+    async def erased_at(self, user_id: str) -> datetime | None:
+        raise ConnectionRefusedError("the database is down (test)")
+
+
+async def test_a_replay_that_cannot_ask_about_erasures_pauses_keeping_every_change(
+    outage: Outage, open_fallback: Callable[..., OutageFallback]
+) -> None:
+    fallback = open_fallback(erasures=Unreachable())
+    database = database_of(outage)
+    credits = CreditService(with_fallback(database, fallback).credits, clock=FakeClock())
+    outage.down = True
+    await credits.deduct_credits("traveller", 1)
+    outage.down = False
+    await fallback.replay(database)
+    assert (fallback.depth, fallback.journal.dead_letters, fallback.replayed) == (1, 0, 0)
 
 
 async def test_a_replay_that_meets_the_database_down_again_keeps_the_rest(

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, settings_problems
-from app.container import build_container
+from app.container import build_container, database_erasures
 from app.errors import StorageUnavailableError
 from app.storage.fallback import OutageFallback
 from app.storage.journal import JournalError, OutageJournal
@@ -45,7 +45,13 @@ async def _replay(journal: OutageJournal) -> int:
     container = build_container(settings)
     try:
         await container.prepare_database()
-        fallback = OutageFallback(container.rules, journal, max_users=1, snapshot_max_users=1)
+        fallback = OutageFallback(
+            container.rules,
+            journal,
+            max_users=1,
+            snapshot_max_users=1,
+            erasures=database_erasures(container.engine, container.pseudonyms),
+        )
         dead_before = journal.dead_letters
         await fallback.replay(container.guarded)
     except StorageUnavailableError as error:
@@ -58,6 +64,7 @@ async def _replay(journal: OutageJournal) -> int:
         "journal": str(journal.path),
         "replayed": fallback.replayed,
         "clamped": fallback.clamped,
+        "erased": fallback.erased,
         "dead_letters": journal.dead_letters,
         "new_dead_letters": journal.dead_letters - dead_before,
         "waiting": journal.depth,

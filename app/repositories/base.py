@@ -136,6 +136,14 @@ class StateRepository(Protocol):
         ...
 
 
+class Erasures(Protocol):
+    """When users were erased (SPEC §10)."""
+
+    async def erased_at(self, user_id: str) -> datetime | None:
+        """The instant the user was last erased; None when never."""
+        ...
+
+
 async def read_back_verified(
     repository: StateRepository, states: Sequence[UserState], round: Round | None
 ) -> Merged:

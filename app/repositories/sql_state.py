@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.domain.audit import LedgerFigures
 from app.domain.credits import Account
+from app.domain.privacy import Pseudonyms
 from app.domain.state import (
     LedgerRecord,
     Merged,
@@ -255,6 +256,23 @@ def _ledger_row(row: LedgerRecord) -> dict[str, Any]:
     fields = row.fields()
     del fields["id"]  # the receiving table numbers its own rows
     return fields
+
+
+class SqlErasures:
+    """When a user was erased from a SQL store (SPEC §10), by their id: the outage replay
+    asks, so that a change journaled before the erasure (by a replica cut off from the
+    database while another erased the user) does not bring the user back."""
+
+    def __init__(self, engine: AsyncEngine, pseudonyms: Pseudonyms) -> None:
+        self._engine = engine
+        self._pseudonyms = pseudonyms
+
+    async def erased_at(self, user_id: str) -> datetime | None:
+        pseudonym = self._pseudonyms.of(user_id)
+        async with transaction(self._engine) as conn:
+            found = select(erasures.c.erased_at).where(erasures.c.pseudonym == pseudonym)
+            at: datetime | None = (await conn.execute(found)).scalar()
+            return at
 
 
 async def erase(engine: AsyncEngine, user_id: str, pseudonym: str, now: datetime) -> int | None:

@@ -32,7 +32,7 @@ from app.errors import (
     StorageUnavailableError,
 )
 from app.models import IDEMPOTENCY_KEY_LENGTH
-from app.repositories.base import ConsentRepository, Stores
+from app.repositories.base import ConsentRepository, Erasures, Stores
 from app.repositories.memory import MemoryData, memory_stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.storage.journal import (
@@ -45,7 +45,7 @@ from app.storage.journal import (
     decode,
 )
 from app.storage.last_known import LastKnown
-from app.storage.resilience import sqlstate
+from app.storage.resilience import is_unavailable, sqlstate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,8 +66,10 @@ class OutageFallback:
         max_changes: int = DEFAULT_MAX_CHANGES,
         snapshot_max_users: int,
         retry_seconds: float = 5.0,
+        erasures: Erasures | None = None,
     ) -> None:
         self._rules = rules
+        self._erasures = erasures
         self._max_users = max_users
         self.journal = journal
         self.last_known = LastKnown(snapshot_max_users)
@@ -76,6 +78,7 @@ class OutageFallback:
         self._retry_seconds = retry_seconds
         self.clamped = 0
         self.replayed = 0
+        self.erased = 0  # changes dropped on replay: their user was erased after them
         self.unknown_accounts = 0  # accounts served with a full budget, never seen before
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
@@ -100,6 +103,7 @@ class OutageFallback:
             "dead_letters": self.journal.dead_letters,
             "replayed": self.replayed,
             "clamped": self.clamped,
+            "erased": self.erased,
             "unknown_accounts": self.unknown_accounts,
             "snapshot_users": len(self.last_known),
         }
@@ -227,13 +231,16 @@ class OutageFallback:
         """Apply the journal to the database in order, each change once; stops, keeping
         the rest, if the database fails again. When nothing waits the fallback store
         starts afresh: the snapshot, refreshed by the replay, holds what it knew."""
+        erasures: dict[str, datetime | None] = {}  # by user, asked once per replay
         async with self._lock, contextlib.aclosing(self._waiting()) as waiting:
             async for seq, served in waiting:
                 if isinstance(served, str):
                     await self._dead_letter(seq, served)
                     continue
                 try:
-                    await self._replay_one(served, database)
+                    erased = await self._erased_after(served, erasures)
+                    if not erased:
+                        await self._replay_one(served, database)
                 except StorageUnavailableError:
                     logger.warning("journal replay paused: %d change(s) wait", self.depth)
                     return
@@ -249,7 +256,12 @@ class OutageFallback:
                     await self._dead_letter(seq, _reason(refused))  # refused for good
                     continue
                 await self.journal.done(seq)
-                self.replayed += 1
+                if erased:
+                    self.erased += 1
+                    # No user id: the user asked to be forgotten.
+                    logger.info("journaled change %d dropped: its user was erased after it", seq)
+                else:
+                    self.replayed += 1
             if self.journal.depth == 0:
                 self._data, self.memory = self._fresh()
                 logger.info("outage journal replayed into the database")
@@ -279,6 +291,25 @@ class OutageFallback:
     async def _dead_letter(self, seq: int, reason: str) -> None:
         logger.error("journaled change %d moved to the dead letters: %s", seq, reason)
         await self.journal.dead(seq, reason)
+
+    async def _erased_after(self, served: Served, erasures: dict[str, datetime | None]) -> bool:
+        """Was the change's user erased at or after it was made? Then it is dropped: an
+        erased user comes back only by a change made after the erasure (SPEC §10). Another
+        replica may have erased them while this one served from its journal. Erasure
+        without ERASURE_KEY is not configured: nothing to ask."""
+        if self._erasures is None:
+            return False
+        user_id = served.user_id
+        if user_id not in erasures:
+            try:
+                erasures[user_id] = await self._erasures.erased_at(user_id)
+            except Exception as error:
+                if is_unavailable(error):
+                    raise StorageUnavailableError() from error
+                raise
+        erased_at = erasures[user_id]
+        made = served.attempt.at if isinstance(served, CreditChange) else served.now
+        return erased_at is not None and made <= erased_at
 
     async def _replay_one(self, served: Served, database: Stores) -> None:
         """One change into the database; what it answers refreshes the snapshot."""
