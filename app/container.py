@@ -119,6 +119,7 @@ class Container:
             pseudonyms=self.pseudonyms,
             exclusive=self._moving_state,
             pending=lambda: 0 if self.fallback is None else self.fallback.depth,
+            forget=self._forget_seen,
         )
         self.retention = RetentionJob(
             database=lambda: (
@@ -129,6 +130,10 @@ class Container:
             retention_days=self.settings.transaction_retention_days,
             interval_seconds=self.settings.retention_interval_seconds,
         )
+
+    def _forget_seen(self, user_id: str) -> None:
+        if self.fallback is not None:
+            self.fallback.last_known.forget(user_id)
 
     def _primary_then_shadow(self) -> list[StateRepository]:
         storage = self.storage

@@ -248,3 +248,32 @@ async def test_during_an_outage_erasure_is_refused_and_erases_nothing(
             assert kept["credits"]["available_credits"] == 7
             assert len(kept["consent_history"]) == 3
             assert (await client.delete(f"{API}/users/kim")).status_code == 200
+
+
+@pytest.mark.postgres
+async def test_an_outage_after_an_erasure_serves_nothing_of_the_erased_user(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The outage fallback starts each user from what the process last saw in the
+    database (SPEC §9); an erased user's consent and balance are not among them."""
+    async with (
+        fresh_database(request, "postgres") as url,
+        relayed(url) as (via, relay),
+    ):
+        settings = app_settings("database", via, db_outage_fallback="memory", **app_overrides)
+        async with running(settings) as (_, client):
+            for user in ("lea", "max"):
+                await seed(client, user)
+                assert (await client.get(f"{API}/consents/{user}")).status_code == 200
+            assert (await client.delete(f"{API}/users/lea")).status_code == 200
+            await relay.cut()
+            try:
+                kept = await client.get(f"{API}/consents/max")
+                assert kept.status_code == 200, kept.text
+                assert kept.json()["marketing_consent"] is True
+                forgotten = await client.get(f"{API}/consents/lea")
+                assert forgotten.status_code == 503, forgotten.text
+                balance = await client.get(f"{API}/credits/lea")
+                assert balance.json()["available_credits"] == balance.json()["max_credits"]
+            finally:
+                await relay.restore()

@@ -21,6 +21,8 @@ class PrivacyService:
     `exclusive`: held while erasing, so that no hand-over or import moves the user's state
     at the same time (HandoverInProgressError, 409, while one runs). `pending`: changes
     made during an outage not yet replayed, which would bring an erased user back.
+    `forget`: drops what this process keeps of a user outside the stores (the outage
+    fallback's snapshot), so that an outage does not serve an erased user's old state.
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class PrivacyService:
         pseudonyms: Pseudonyms | None,
         exclusive: Callable[[], AbstractAsyncContextManager[None]],
         pending: Callable[[], int],
+        forget: Callable[[str], None],
         clock: Clock = utc_now,
     ) -> None:
         self._stores = stores
@@ -40,6 +43,7 @@ class PrivacyService:
         self._pseudonyms = pseudonyms
         self._exclusive = exclusive
         self._pending = pending
+        self._forget = forget
         self._clock = clock
 
     async def export(self, user_id: str) -> SubjectExport:
@@ -70,6 +74,7 @@ class PrivacyService:
             # One by one, the primary first: a shadow that fails leaves the answer 503, and
             # a retry erases what is left (the primary then holding nothing).
             erased = [await store.erase(user_id, pseudonym, now) for store in self._stores()]
+            self._forget(user_id)
         if all(rows is None for rows in erased):
             raise UserNotFoundError(user_id)
         return erased[0] or 0

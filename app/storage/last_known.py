@@ -60,6 +60,10 @@ class LastKnown:
         seen = self._seen(user_id)
         seen.consent, seen.consent_known = consent, True
 
+    def forget(self, user_id: str) -> None:
+        """The user was erased (SPEC §10): nothing of them is kept."""
+        self._users.pop(user_id, None)
+
     def _seen(self, user_id: str) -> Seen:
         users = self._users
         seen = users.get(user_id)
