@@ -43,7 +43,13 @@ from app.storage.engine import (
     transaction_setting,
 )
 from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.guarded import GuardedCache, GuardedConsents, GuardedCredits, GuardedState
+from app.storage.guarded import (
+    GuardedCache,
+    GuardedConsents,
+    GuardedCredits,
+    GuardedErasures,
+    GuardedState,
+)
 from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
 from app.storage.journal import OutageJournal
 from app.storage.metered import MeteredCredits
@@ -84,6 +90,7 @@ class Container:
     fast: FastConnections | None  # the PostgreSQL fast path's connections
     fallback: OutageFallback | None = None
     pseudonyms: Pseudonyms | None = None  # erasure configured (ERASURE_KEY)
+    erasures: Erasures | None = None  # when the database's users were erased, with ERASURE_KEY
     credit_outcomes: CreditOutcomes | None = None  # counted when the metrics are on
     cache_stats: CacheStats = field(default_factory=CacheStats)
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
@@ -354,11 +361,6 @@ def credit_rules(settings: Settings) -> CreditRules:
     )
 
 
-def database_erasures(engine: AsyncEngine, pseudonyms: Pseudonyms | None) -> Erasures | None:
-    """When users were erased from the database; None when erasure is not configured."""
-    return None if pseudonyms is None else SqlErasures(engine, pseudonyms)
-
-
 def build_container(
     settings: Settings,
     *,
@@ -383,6 +385,10 @@ def build_container(
         engine, rules, batch_size=settings.retention_batch_size, fast=fast, pseudonyms=pseudonyms
     )
     guarded = guarded_stores(sql, breaker, settings)
+    retried = retried_guard(breaker, settings)
+    erasures = (
+        None if pseudonyms is None else GuardedErasures(SqlErasures(engine, pseudonyms), retried)
+    )
     fallback = None
     max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
@@ -393,7 +399,7 @@ def build_container(
             max_changes=settings.outage_outbox_max_changes,
             snapshot_max_users=settings.fallback_snapshot_max_users,
             retry_seconds=settings.db_breaker_reset_seconds,
-            erasures=database_erasures(engine, pseudonyms),
+            erasures=erasures,
         )
     memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(
@@ -421,14 +427,14 @@ def build_container(
         states={
             StorageBackend.MEMORY: MemoryStateRepository(memory_data),
             StorageBackend.DATABASE: GuardedState(
-                state_repository(engine, transaction_setting(settings)),
-                retried_guard(breaker, settings),
+                state_repository(engine, transaction_setting(settings)), retried
             ),
         },
         cache_tiers=cache_tiers,
         fast=fast,
         fallback=fallback,
         pseudonyms=pseudonyms,
+        erasures=erasures,
         credit_outcomes=credit_outcomes,
     )
 

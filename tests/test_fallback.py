@@ -20,6 +20,8 @@ from typing import get_args
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cache.tiers import ONE_ATTEMPT
+from app.clock import Clock, utc_now
 from app.domain.credits import Attempt, Change, Deduct, Operation, Read, Refund, Reset, Upgrade
 from app.domain.privacy import Pseudonyms
 from app.errors import InsufficientCreditsError, StorageUnavailableError
@@ -31,8 +33,10 @@ from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredit
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.fallback import OutageFallback, with_fallback
+from app.storage.guarded import GuardedErasures
 from app.storage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
 from app.storage.last_known import LastKnown
+from app.storage.resilience import CircuitBreaker, Guard
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
 
@@ -169,6 +173,13 @@ def database_of(outage: Outage) -> Stores:
     )
 
 
+def served_credits(
+    database: Stores, fallback: OutageFallback, *, clock: Clock = utc_now
+) -> CreditService:
+    """The credit service over `database`, served by `fallback` while it is down."""
+    return CreditService(with_fallback(database, fallback).credits, clock=clock)
+
+
 def test_every_kind_of_credit_change_has_an_example_here() -> None:
     assert set(EXAMPLES) == set(get_args(Change))
 
@@ -179,7 +190,7 @@ async def test_a_change_served_during_an_outage_reaches_the_database_once(
 ) -> None:
     database = database_of(outage)
     clock = FakeClock()
-    credits = CreditService(with_fallback(database, fallback).credits, clock=clock)
+    credits = served_credits(database, fallback, clock=clock)
     reference = CreditService(memory_stores(RULES).credits, clock=clock)
     for service in (credits, reference):
         await service.deduct_credits("traveller", 6)
@@ -300,7 +311,8 @@ async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_repla
 
 
 class Unreachable:
-    """Erasures a replay cannot ask about: the database went away again."""
+    """Erasures a replay cannot ask about: the database went away again. Behind the guard,
+    as the service has them."""
 
     async def erased_at(self, user_id: str) -> datetime | None:
         raise ConnectionRefusedError("the database is down (test)")
@@ -309,9 +321,10 @@ class Unreachable:
 async def test_a_replay_that_cannot_ask_about_erasures_pauses_keeping_every_change(
     outage: Outage, open_fallback: Callable[..., OutageFallback]
 ) -> None:
-    fallback = open_fallback(erasures=Unreachable())
+    guard = Guard(CircuitBreaker(failure_threshold=5, reset_timeout=1.0), ONE_ATTEMPT)
+    fallback = open_fallback(erasures=GuardedErasures(Unreachable(), guard))
     database = database_of(outage)
-    credits = CreditService(with_fallback(database, fallback).credits, clock=FakeClock())
+    credits = served_credits(database, fallback, clock=FakeClock())
     outage.down = True
     await credits.deduct_credits("traveller", 1)
     outage.down = False
@@ -323,7 +336,7 @@ async def test_a_replay_that_meets_the_database_down_again_keeps_the_rest(
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = database_of(outage)
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     outage.down = True
     for n in range(3):
         await credits.deduct_credits("patient", 1, idempotency_key=f"k{n}")
@@ -338,7 +351,7 @@ async def test_a_replayed_change_whose_key_the_database_holds_for_another_reques
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = database_of(outage)
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     await credits.deduct_credits("twice", 2, idempotency_key="order-1")
     outage.down = True
     await credits.deduct_credits("twice", 5, idempotency_key="order-1")  # unknown to memory
@@ -434,7 +447,7 @@ async def test_a_consent_never_seen_is_unavailable_during_an_outage_not_refused(
 async def test_an_account_never_seen_starts_with_a_full_budget_and_is_counted(
     outage: Outage, fallback: OutageFallback
 ) -> None:
-    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    credits = served_credits(database_of(outage), fallback)
     outage.down = True
     assert (await credits.get_user_credits("stranger")).available_credits == 10
     await credits.deduct_credits("stranger", 1)
@@ -482,7 +495,7 @@ async def test_a_reset_replayed_again_after_a_crash_refills_once(
     database = database_of(outage)
     clock = FakeClock()
     fallback = open_fallback()
-    credits = CreditService(with_fallback(database, fallback).credits, clock=clock)
+    credits = served_credits(database, fallback, clock=clock)
     await credits.deduct_credits("refilled", 6)
     outage.down = True
     clock.advance(minutes=1)
@@ -505,7 +518,7 @@ async def test_a_torn_last_record_is_dropped_and_the_intact_ones_replay(
 ) -> None:
     database = database_of(outage)
     writing = open_fallback()
-    credits = CreditService(with_fallback(database, writing).credits)
+    credits = served_credits(database, writing)
     outage.down = True
     for n in range(3):  # three commits, the last one torn below
         await credits.deduct_credits("torn", 1, idempotency_key=f"t{n}")
@@ -523,7 +536,7 @@ async def test_a_change_the_database_refuses_for_good_becomes_a_dead_letter(
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = dataclasses.replace(database_of(outage), credits=Poisoned(outage))
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     outage.down = True
     for user in ("before", "poison", "after"):
         await credits.deduct_credits(user, 1)
@@ -542,7 +555,7 @@ async def test_a_change_the_database_refuses_for_good_becomes_a_dead_letter(
 async def test_a_change_the_journal_cannot_keep_is_refused_and_undone(
     outage: Outage, fallback: OutageFallback, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    credits = served_credits(database_of(outage), fallback)
     outage.down = True
     await credits.deduct_credits("disk", 1)
 
@@ -560,7 +573,7 @@ async def test_concurrent_changes_are_journaled_in_the_order_they_were_made(
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = database_of(outage)
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     outage.down = True
     await asyncio.gather(*(credits.refund_credits("busy", n + 1) for n in range(40)))
     served = [row.amount for row in await fallback.memory.credits.history("busy", 100)]
@@ -648,7 +661,7 @@ async def test_a_database_that_cannot_take_changes_pauses_the_replay_moving_noth
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = dataclasses.replace(database_of(outage), credits=Unmigrated(outage))
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     outage.down = True
     for user in ("one", "two"):
         await credits.deduct_credits(user, 1)
@@ -682,7 +695,7 @@ async def test_a_service_that_never_started_replays_nothing_at_shutdown(
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = database_of(outage)
-    credits = CreditService(with_fallback(database, fallback).credits)
+    credits = served_credits(database, fallback)
     outage.down = True
     await credits.deduct_credits("waiting", 1)
     outage.down = False
@@ -714,7 +727,7 @@ async def test_a_full_fallback_store_answers_as_the_database_would_503(
 async def test_the_ledger_is_not_half_told_during_an_outage(
     outage: Outage, fallback: OutageFallback
 ) -> None:
-    credits = CreditService(with_fallback(database_of(outage), fallback).credits)
+    credits = served_credits(database_of(outage), fallback)
     await credits.deduct_credits("told", 1)
     outage.down = True
     await credits.deduct_credits("told", 1)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, settings_problems
-from app.container import build_container, database_erasures
+from app.container import build_container
 from app.errors import StorageUnavailableError
 from app.storage.fallback import OutageFallback
 from app.storage.journal import JournalError, OutageJournal
@@ -50,7 +50,7 @@ async def _replay(journal: OutageJournal) -> int:
             journal,
             max_users=1,
             snapshot_max_users=1,
-            erasures=database_erasures(container.engine, container.pseudonyms),
+            erasures=container.erasures,
         )
         dead_before = journal.dead_letters
         await fallback.replay(container.guarded)

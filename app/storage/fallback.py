@@ -45,7 +45,7 @@ from app.storage.journal import (
     decode,
 )
 from app.storage.last_known import LastKnown
-from app.storage.resilience import is_unavailable, sqlstate
+from app.storage.resilience import sqlstate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -301,12 +301,7 @@ class OutageFallback:
             return False
         user_id = served.user_id
         if user_id not in erasures:
-            try:
-                erasures[user_id] = await self._erasures.erased_at(user_id)
-            except Exception as error:
-                if is_unavailable(error):
-                    raise StorageUnavailableError() from error
-                raise
+            erasures[user_id] = await self._erasures.erased_at(user_id)
         erased_at = erasures[user_id]
         made = served.attempt.at if isinstance(served, CreditChange) else served.now
         return erased_at is not None and made <= erased_at

@@ -19,6 +19,7 @@ from app.repositories.base import (
     CacheRepository,
     ConsentRepository,
     CreditRepository,
+    Erasures,
     StateRepository,
 )
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
@@ -127,6 +128,17 @@ class GuardedEntryCache(GuardedCache):
 
     async def get_entry(self, key: str, *, now: datetime) -> tuple[dict[str, Any], datetime] | None:
         return await self._guard.run(self._expiring.get_entry, key, now=now)
+
+
+class GuardedErasures:
+    """Erasures behind the guard."""
+
+    def __init__(self, inner: Erasures, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def erased_at(self, user_id: str) -> datetime | None:
+        return await self._guard.run(self._inner.erased_at, user_id)
 
 
 class GuardedState:
