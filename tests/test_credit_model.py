@@ -8,8 +8,9 @@ across reset boundaries (to the microsecond included). Its oracle is the domain'
 (app/domain/credits.py) over plain dicts: after each step the store must answer as the
 model does and every user's ledger must be the model's. Because the stores share those
 rules, each step also checks what SPEC §3 says independently of them: a balance within
-[0, maximum], the maximum of the tier, a refill once a period has passed, and the ledger
-summing to the balance.
+[0, maximum], the maximum of the tier, a refill once a period has passed, the ledger
+summing to the balance, and the ledger audit (SPEC §11) judging no account drifted, on
+the store's own figures, retention or not.
 
 Stores: memory, SQLite, and PostgreSQL with its fast path and without it. Each example
 works on users of its own in one database per store.
@@ -38,6 +39,7 @@ from hypothesis.stateful import (
 )
 
 from app.config import Settings
+from app.domain.audit import Verdict, verdict
 from app.domain.credits import (
     Account,
     Attempt,
@@ -52,9 +54,9 @@ from app.domain.credits import (
     Upgrade,
 )
 from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
-from app.repositories.base import CreditRepository
-from app.repositories.memory import memory_stores
-from app.repositories.sql import sql_stores
+from app.repositories.base import CreditRepository, StateRepository
+from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
+from app.repositories.sql import sql_stores, state_repository
 from app.schemas import UserCredits
 from app.services.credits import Applied, CreditService
 from app.storage.engine import create_engine, fast_connections
@@ -87,6 +89,7 @@ class Target:
 
     runner: asyncio.Runner
     credits: CreditRepository
+    state: StateRepository  # the same store's users as a whole, for the ledger audit
 
     def run(self, call: Coroutine[Any, Any, T]) -> T:
         return self.runner.run(call)
@@ -103,7 +106,8 @@ class Target:
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     with asyncio.Runner() as runner:
         if request.param == "memory":
-            yield Target(runner, memory_stores(RULES).credits)
+            data = MemoryData()
+            yield Target(runner, memory_stores(RULES, data).credits, MemoryStateRepository(data))
             return
         database = fresh_database(request, "sqlite" if request.param == "sqlite" else "postgres")
         url = runner.run(database.__aenter__())
@@ -111,7 +115,8 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         engine = create_engine(config)
         fast = fast_connections(engine, config) if request.param == "postgres" else None
         try:
-            yield Target(runner, sql_stores(engine, RULES, fast=fast).credits)
+            stores = sql_stores(engine, RULES, fast=fast)
+            yield Target(runner, stores.credits, state_repository(engine))
         finally:
             if fast is not None:
                 runner.run(fast.close())
@@ -169,6 +174,7 @@ class CreditMachine(RuleBasedStateMachine):
         self.seen: dict[str, UserCredits] = {}  # each user's account as last answered
         self.lost_answers = itertools.count()
         self.trimmed = False  # retention removed ledger rows
+        self.horizon = self.clock.now  # rows stamped since were never removed
         self.last_keyed: tuple[str, Keyed, str] | None = None  # user, change, key
 
     # --- steps -------------------------------------------------------------------------
@@ -255,6 +261,7 @@ class CreditMachine(RuleBasedStateMachine):
         self.target.run(self.service.cleanup_old_transactions(days))
         self.model.cleanup(self.clock.now - timedelta(days=days))
         self.trimmed = True
+        self.horizon = max(self.horizon, self.clock.now - timedelta(days=days))
 
     # --- after every step ----------------------------------------------------------------
 
@@ -273,6 +280,18 @@ class CreditMachine(RuleBasedStateMachine):
             opening = RULES.full(self.model.opened_as_guest[uid])
             ledger = sum(row[1] for row in self.model.history(uid, 1000))
             assert account.available_credits == opening + ledger, uid
+
+    @invariant()
+    def the_audit_finds_no_drift(self) -> None:
+        """SPEC §11: the ledger audit's rule (app/domain/audit.py), on the store's own
+        figures, judges no account of a healthy store drifted, retention or not."""
+        if not self.seen:
+            return
+        state = self.target.state
+        figures = self.target.run(state.ledger_figures(self.prefix, len(self.seen)))
+        assert {f.user_id for f in figures} == set(self.seen)
+        for found in figures:
+            assert verdict(found, self.horizon) is not Verdict.DRIFTED, found
 
     # --- helpers -------------------------------------------------------------------------
 

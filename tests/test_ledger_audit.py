@@ -236,6 +236,24 @@ class TestRetention:
         report = await store.audit(clock())  # only the last refill's row is left
         assert (report.drifted, report.since_refill) == ([], 1)
 
+    async def test_a_change_replayed_after_a_refill_made_meanwhile_counts_after_it(
+        self, store: AuditedStore, clock: FakeClock
+    ) -> None:
+        """An outage (SPEC §9): a deduction served then is replayed once the database
+        answers, stamped when it was made, after the refill the user's first request since
+        has made: stamped before the refill row, applied after it."""
+        credits = store.credits
+        await credits.deduct_credits("traveller", 3)
+        clock.advance(days=RETENTION_DAYS + 1)
+        clock.advance(hours=1)
+        await credits.get_user_credits("traveller")  # DUE RESET (+3): back online
+        clock.advance(hours=-1)  # the replay, at the instant the deduction was made
+        assert (await credits.deduct_credits("traveller", 2)).available_credits == 8
+        clock.advance(hours=1)
+        assert await credits.cleanup_old_transactions(RETENTION_DAYS) == 1  # the -3
+        report = await store.audit(clock())
+        assert (report.drifted, report.since_refill) == ([], 1)
+
     async def test_drift_a_later_refill_absorbed_is_counted_not_reported(
         self, store: AuditedStore, clock: FakeClock
     ) -> None:

@@ -9,10 +9,13 @@ Pure, like the credit rules it checks (app/domain/credits.py), by the names the 
 - WHOLE: the balance agrees with the opening and every ledger row: consistent.
 - SINCE REFILL: retention deletes the oldest rows, so the whole sum may no longer reach
   back to the opening. An account is at its maximum right after a refill (DUE RESET,
-  RESET), and retention, deleting oldest first, has kept every row after the oldest refill
-  row it kept. When the whole ledger disagrees, the rows after that refill row decide:
-  consistent or drifted. With no refill row held, the last refill (or the opening) is the
-  point, `last_reset`: its rows are never deleted once it lies after the horizon (now -
+  RESET), and retention, deleting oldest first, has kept every row applied after the
+  first refill row it kept. When the whole ledger disagrees, the rows applied after that
+  refill row decide: consistent or drifted. Applied, not stamped: a change replayed after
+  an outage (SPEC §9) is stamped when it was made, which may be before a refill made
+  meanwhile, yet it is applied after it; the stores' ids give the order of application.
+  With no refill row held, the last refill (or the opening) is the point, `last_reset`:
+  its rows are never deleted once it lies after the horizon (now -
   TRANSACTION_RETENTION_DAYS). Drift from before that point is absorbed by the refill
   (whose row records what it refilled) and is not reported: the account is counted.
 - UNVERIFIABLE: the whole ledger disagrees, no refill row is held and the last refill is
@@ -81,15 +84,20 @@ def verdict(figures: LedgerFigures, horizon: datetime) -> Verdict:
 def figures(account: Account, rows: Iterable[LedgerRecord]) -> LedgerFigures:
     """The figures of an account and its ledger rows (in any order).
 
-    SINCE REFILL: the point is the oldest `reset` row, by timestamp and then id (a due
-    reset's row comes before the operation's in the same instant), and the rows after it
-    are those stamped later, or at that instant with a larger id. With no `reset` row,
-    the point is `last_reset`, and the rows stamped at or after it count (a refill that
-    moved nothing writes no row: the account was at its maximum before them)."""
+    SINCE REFILL: the point is the first `reset` row applied, the lowest id, and the rows
+    after it are those applied later, of larger ids (a due reset's row comes before the
+    operation's). With no `reset` row, the point is `last_reset`, and the rows stamped at
+    or after it count (a refill that moved nothing writes no row: the account was at its
+    maximum before them). There a row replayed after the refill but stamped before it is
+    not counted: with no row of the refill's to order it by, it cannot be told from the
+    rows applied before."""
     held = list(rows)
-    refills = [(row.timestamp, row.id) for row in held if row.kind == "reset"]
-    point = min(refills, default=(account.last_reset, 0))
-    since = [row for row in held if (row.timestamp, row.id) > point]
+    refills = [row.id for row in held if row.kind == "reset"]
+    if refills:
+        point = min(refills)
+        since = [row for row in held if row.id > point]
+    else:
+        since = [row for row in held if row.timestamp >= account.last_reset]
     return LedgerFigures(
         account.user_id,
         account.available,

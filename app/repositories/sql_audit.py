@@ -33,35 +33,28 @@ def figures_statement(after: str | None, last: str) -> Select[Any]:
     if after is not None:
         in_range = and_(accounts.c.user_id > after, in_range)
 
-    # SINCE REFILL: the oldest `reset` row, by timestamp and then id; else `last_reset`.
-    def oldest_refill(column: ColumnElement[Any]) -> ColumnElement[Any]:
-        return (
-            select(column)
-            .where(ledger.c.user_id == accounts.c.user_id, ledger.c.transaction_type == "reset")
-            .order_by(ledger.c.timestamp, ledger.c.id)
-            .limit(1)
-            .scalar_subquery()
-        )
-
+    # SINCE REFILL: the first `reset` row applied, the lowest id; else `last_reset`.
+    first_refill = (
+        select(func.min(ledger.c.id))
+        .where(ledger.c.user_id == accounts.c.user_id, ledger.c.transaction_type == "reset")
+        .scalar_subquery()
+    )
     batch = (
         select(
             accounts.c.user_id,
             accounts.c.available_credits,
             accounts.c.max_credits,
             accounts.c.last_reset_timestamp,
-            oldest_refill(ledger.c.id).label("refill_row"),
-            func.coalesce(oldest_refill(ledger.c.timestamp), accounts.c.last_reset_timestamp).label(
-                "refill_at"
-            ),
+            first_refill.label("refill_row"),
         )
         .where(in_range)
         .subquery("batch")
     )
     since = or_(
-        ledger.c.timestamp > batch.c.refill_at,
+        ledger.c.id > batch.c.refill_row,
         and_(
-            ledger.c.timestamp == batch.c.refill_at,
-            ledger.c.id > func.coalesce(batch.c.refill_row, 0),
+            batch.c.refill_row.is_(None),
+            ledger.c.timestamp >= batch.c.last_reset_timestamp,
         ),
     )
     upgrade = ledger.c.transaction_type == "upgrade"
