@@ -110,6 +110,8 @@ class Settings(BaseSettings):
     outage_journal_path: Path = Path("./outage-journal.db")
     # Users whose last state in the database this process keeps for the fallback to start from.
     fallback_snapshot_max_users: int = Field(100_000, ge=1)
+    # How often the fallback asks for users erased since, to drop them from that snapshot.
+    erasure_poll_seconds: float = Field(2.0, gt=0)
     # None: the cache follows the active storage backend, also across a runtime toggle.
     cache_backend: CacheBackend | None = None
     run_migrations_on_startup: bool = True

@@ -400,6 +400,7 @@ def build_container(
             snapshot_max_users=settings.fallback_snapshot_max_users,
             retry_seconds=settings.db_breaker_reset_seconds,
             erasures=erasures,
+            erasure_poll_seconds=settings.erasure_poll_seconds,
         )
     memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(

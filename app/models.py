@@ -170,6 +170,7 @@ class CreditErasureRow(Base):
     ledger is checked against it."""
 
     __tablename__ = "credit_erasures"
+    __table_args__ = (Index("ix_credit_erasures_erased_at", "erased_at"),)
 
     pseudonym: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
     is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)

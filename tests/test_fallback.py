@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
@@ -316,6 +316,12 @@ class Unreachable:
 
     async def erased_at(self, user_id: str) -> datetime | None:
         raise ConnectionRefusedError("the database is down (test)")
+
+    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
+        raise ConnectionRefusedError("the database is down (test)")
+
+    def pseudonym(self, user_id: str) -> str:
+        return f"erased-{user_id}"
 
 
 async def test_a_replay_that_cannot_ask_about_erasures_pauses_keeping_every_change(
@@ -733,3 +739,43 @@ async def test_the_ledger_is_not_half_told_during_an_outage(
     await credits.deduct_credits("told", 1)
     with pytest.raises(StorageUnavailableError):
         await credits.get_transaction_history("told")
+
+
+class Listed:
+    """Erasures as the database lists them: pseudonyms with when, in commit order."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, datetime]] = []
+
+    async def erased_at(self, user_id: str) -> datetime | None:
+        return None
+
+    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
+        return sorted((row for row in self.rows if row[1] > after), key=lambda row: row[1])
+
+    def pseudonym(self, user_id: str) -> str:
+        return f"erased-{user_id}"
+
+
+async def test_the_snapshot_drops_users_erased_elsewhere_also_when_committed_late(
+    open_fallback: Callable[..., OutageFallback],
+) -> None:
+    erasures = Listed()
+    fallback = open_fallback(erasures=erasures)
+    for user in ("ann", "bob", "cyd"):
+        fallback.last_known.saw_consent(user, None)
+    later = utc_now() + timedelta(seconds=1)
+    erasures.rows.append(("erased-ann", later))
+    assert await fallback.forget_erased() == 1
+    # Stamped before ann's erasure, committed after the round that found it.
+    erasures.rows.append(("erased-bob", later - timedelta(seconds=30)))
+    assert await fallback.forget_erased() == 1
+    # cyd seen again; the same erasures found again drop nothing and count nothing.
+    assert await fallback.forget_erased() == 0
+    assert fallback.last_known.of("cyd") is not None
+    assert (fallback.last_known.of("ann"), fallback.last_known.of("bob")) == (None, None)
+    assert fallback.figures["snapshot_erased"] == 2
+    # Erased again later (came back, then erased anew): dropped again.
+    fallback.last_known.saw_consent("ann", None)
+    erasures.rows.append(("erased-ann", later + timedelta(seconds=5)))
+    assert await fallback.forget_erased() == 1

@@ -291,6 +291,44 @@ class TestConsentHistory:
         await alembic(empty_engine, "upgrade", "head")
         assert len(await consents.consent_history("yes")) == 1  # the consent as it is now
 
+    async def test_0008_indexes_erasures_by_time_and_down_keeps_every_erasure(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "0007")
+        at = datetime(2026, 3, 1, tzinfo=UTC)
+        async with empty_engine.begin() as connection:
+            await connection.execute(
+                text(
+                    "INSERT INTO credit_erasures (pseudonym, is_guest, available_credits,"
+                    " max_credits, last_reset_timestamp, erased_at)"
+                    " VALUES ('erased-1', true, 4, 10, :at, :at)"
+                ),
+                {"at": at},
+            )
+
+        async def erasures() -> list[tuple[Any, ...]]:
+            async with empty_engine.connect() as connection:
+                rows = await connection.execute(
+                    text("SELECT pseudonym, available_credits FROM credit_erasures")
+                )
+                return [tuple(row) for row in rows]
+
+        async def indexed() -> bool:
+            async with empty_engine.connect() as connection:
+                indexes = await connection.run_sync(
+                    lambda sync: inspect(sync).get_indexes("credit_erasures")
+                )
+            return any(index["column_names"] == ["erased_at"] for index in indexes)
+
+        await alembic(empty_engine, "upgrade", "head")
+        assert await indexed()
+        assert await erasures() == [("erased-1", 4)]
+        await alembic(empty_engine, "downgrade", "0007")
+        assert not await indexed()
+        assert await erasures() == [("erased-1", 4)]
+        await alembic(empty_engine, "upgrade", "head")
+        assert await indexed()
+
 
 def _free_port() -> int:
     with socket.socket() as probe:

@@ -277,3 +277,40 @@ async def test_an_outage_after_an_erasure_serves_nothing_of_the_erased_user(
                 assert balance.json()["available_credits"] == balance.json()["max_credits"]
             finally:
                 await relay.restore()
+
+
+@pytest.mark.postgres
+async def test_an_outage_serves_nothing_of_a_user_another_replica_erased(
+    request: pytest.FixtureRequest,
+) -> None:
+    """Each replica's snapshot is its own: the one that saw the user drops them once
+    another has erased them, within ERASURE_POLL_SECONDS, before any outage."""
+    async with (
+        fresh_database(request, "postgres") as url,
+        relayed(url) as (via, relay),
+    ):
+        cut_off = app_settings(
+            "database", via, db_outage_fallback="memory", erasure_poll_seconds=0.1, **app_overrides
+        )
+        other = app_settings("database", url, **app_overrides)
+        async with running(cut_off) as (_, client), running(other) as (_, eraser):
+            for user in ("lea", "max"):
+                await seed(client, user)
+                assert (await client.get(f"{API}/consents/{user}")).status_code == 200
+            assert (await eraser.delete(f"{API}/users/lea")).status_code == 200
+            for _ in range(50):
+                ready = (await client.get("/health/ready")).json()
+                if ready["fallback"]["snapshot_erased"]:
+                    break
+                await asyncio.sleep(0.1)
+            await relay.cut()
+            try:
+                kept = await client.get(f"{API}/consents/max")
+                assert kept.status_code == 200, kept.text
+                forgotten = await client.get(f"{API}/consents/lea")
+                assert forgotten.status_code == 503, forgotten.text
+                balance = await client.get(f"{API}/credits/lea")
+                assert balance.json()["available_credits"] == balance.json()["max_credits"]
+            finally:
+                await relay.restore()
+            assert ready["fallback"]["snapshot_erased"] == 1

@@ -143,6 +143,14 @@ class Erasures(Protocol):
         """The instant the user was last erased; None when never."""
         ...
 
+    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
+        """The pseudonyms of the users erased after `after`, with when, oldest first."""
+        ...
+
+    def pseudonym(self, user_id: str) -> str:
+        """What the user's erasure is recorded under."""
+        ...
+
 
 async def read_back_verified(
     repository: StateRepository, states: Sequence[UserState], round: Round | None

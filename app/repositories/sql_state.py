@@ -259,9 +259,10 @@ def _ledger_row(row: LedgerRecord) -> dict[str, Any]:
 
 
 class SqlErasures:
-    """When a user was erased from a SQL store (SPEC §10), by their id: the outage replay
-    asks, so that a change journaled before the erasure (by a replica cut off from the
-    database while another erased the user) does not bring the user back."""
+    """When users were erased from a SQL store (SPEC §10). The outage replay asks by id,
+    so that a change journaled before the erasure (by a replica cut off from the database
+    while another erased the user) does not bring the user back; the outage fallback asks
+    for those erased since, to drop them from its snapshot."""
 
     def __init__(self, engine: AsyncEngine, pseudonyms: Pseudonyms) -> None:
         self._engine = engine
@@ -273,6 +274,19 @@ class SqlErasures:
             found = select(erasures.c.erased_at).where(erasures.c.pseudonym == pseudonym)
             at: datetime | None = (await conn.execute(found)).scalar()
             return at
+
+    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
+        # Along the erased_at index (migration 0008).
+        found = (
+            select(erasures.c.pseudonym, erasures.c.erased_at)
+            .where(erasures.c.erased_at > after)
+            .order_by(erasures.c.erased_at)
+        )
+        async with transaction(self._engine) as conn:
+            return [(pseudonym, at) for pseudonym, at in await conn.execute(found)]
+
+    def pseudonym(self, user_id: str) -> str:
+        return self._pseudonyms.of(user_id)
 
 
 async def erase(engine: AsyncEngine, user_id: str, pseudonym: str, now: datetime) -> int | None:

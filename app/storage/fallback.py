@@ -11,6 +11,10 @@ A credit change carries its attempt (app/domain/credits.py), so it is applied on
 however often a replay is interrupted. A deduction that no longer fits the database's
 balance is clamped to what is left and logged. A change the database refuses for good
 becomes a dead letter with its reason, and the changes behind it go on.
+
+With erasure configured, the fallback asks every `erasure_poll_seconds` for the users
+erased since (by any process) and drops them from the snapshot: an outage then serves
+nothing of a user another replica erased (SPEC §10).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import hashlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar, assert_never
 
+from app.clock import utc_now
 from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read, Reset
 from app.errors import (
     IdempotencyKeyReusedError,
@@ -48,6 +53,10 @@ from app.storage.last_known import LastKnown
 from app.storage.resilience import sqlstate
 
 logger = logging.getLogger(__name__)
+
+# An erasure's instant is taken before it commits, and on the erasing host's clock: each
+# round asks again for this far back, so that one committed late is not missed.
+ERASURES_LATE_BY = timedelta(minutes=5)
 T = TypeVar("T")
 
 DEFAULT_MAX_CHANGES = 100_000
@@ -67,9 +76,14 @@ class OutageFallback:
         snapshot_max_users: int,
         retry_seconds: float = 5.0,
         erasures: Erasures | None = None,
+        erasure_poll_seconds: float = 2.0,
     ) -> None:
         self._rules = rules
         self._erasures = erasures
+        self._erasure_poll_seconds = erasure_poll_seconds
+        self._erasures_after = utc_now()  # none made before can be in the snapshot
+        self._erasures_forgotten: dict[str, datetime] = {}  # those of the last rounds
+        self.snapshot_erased = 0  # users dropped from the snapshot: erased elsewhere
         self._max_users = max_users
         self.journal = journal
         self.last_known = LastKnown(snapshot_max_users)
@@ -83,6 +97,7 @@ class OutageFallback:
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
         self._generation = 0  # fallback stores built so far (a rebuild makes a new one)
 
     @property
@@ -106,6 +121,7 @@ class OutageFallback:
             "erased": self.erased,
             "unknown_accounts": self.unknown_accounts,
             "snapshot_users": len(self.last_known),
+            "snapshot_erased": self.snapshot_erased,
         }
 
     async def start(self, database: Stores) -> None:
@@ -115,6 +131,8 @@ class OutageFallback:
             await self._rebuild()
         self.replay_soon(database)
         self._retrying = asyncio.create_task(self._keep_replaying(database))
+        if self._erasures is not None:
+            self._watching = asyncio.create_task(self._keep_forgetting_erased())
 
     # Serving while the database cannot.
 
@@ -288,6 +306,38 @@ class OutageFallback:
             await asyncio.sleep(self._retry_seconds)
             self.replay_soon(database)
 
+    # Erasures made elsewhere.
+
+    async def forget_erased(self) -> int:
+        """Drops from the snapshot the users erased since the last round, by this process
+        or another; counts them. Raises what the erasures raise (StorageUnavailableError
+        behind the guard)."""
+        erasures = self._erasures
+        assert erasures is not None
+        after = self._erasures_after - ERASURES_LATE_BY
+        found = await erasures.erased_since(after)
+        seen = self._erasures_forgotten
+        new = {pseudonym for pseudonym, at in found if seen.get(pseudonym) != at}
+        seen.update(found)
+        if found:
+            self._erasures_after = max(self._erasures_after, found[-1][1])
+        for pseudonym, at in list(seen.items()):
+            if at <= after:
+                del seen[pseudonym]
+        if not new:
+            return 0
+        gone = self.last_known.forget_erased(new, erasures.pseudonym)
+        self.snapshot_erased += gone
+        return gone
+
+    async def _keep_forgetting_erased(self) -> None:
+        while True:
+            await asyncio.sleep(self._erasure_poll_seconds)
+            try:
+                await self.forget_erased()
+            except Exception:  # the database away: the next round asks for these too
+                logger.debug("erasures not asked for this round", exc_info=True)
+
     async def _dead_letter(self, seq: int, reason: str) -> None:
         logger.error("journaled change %d moved to the dead letters: %s", seq, reason)
         await self.journal.dead(seq, reason)
@@ -363,10 +413,11 @@ class OutageFallback:
         """At shutdown: one last replay attempt; what still waits stays in the journal
         for the next start."""
         started = self._retrying is not None
-        if self._retrying is not None:
-            self._retrying.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retrying
+        for task in (self._retrying, self._watching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._replay_task is not None:
             with contextlib.suppress(Exception):
                 await self._replay_task

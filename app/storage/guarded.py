@@ -140,6 +140,12 @@ class GuardedErasures:
     async def erased_at(self, user_id: str) -> datetime | None:
         return await self._guard.run(self._inner.erased_at, user_id)
 
+    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
+        return await self._guard.run(self._inner.erased_since, after)
+
+    def pseudonym(self, user_id: str) -> str:
+        return self._inner.pseudonym(user_id)
+
 
 class GuardedState:
     """A StateRepository behind the guard: a merge may be retried, since merging the same

@@ -9,6 +9,7 @@ every answer the database gives, so it costs the normal path one ordered-dict up
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.domain.credits import Account
@@ -25,6 +26,7 @@ class Seen:
     credits: UserCredits | None = None
     consent: UserConsent | None = None
     consent_known: bool = False
+    pseudonym: str | None = None  # an erasure's, worked out once when first needed
 
     @property
     def account(self) -> Account | None:
@@ -63,6 +65,20 @@ class LastKnown:
     def forget(self, user_id: str) -> None:
         """The user was erased (SPEC §10): nothing of them is kept."""
         self._users.pop(user_id, None)
+
+    def forget_erased(self, erased: set[str], pseudonym: Callable[[str], str]) -> int:
+        """Forgets every user whose erasure's pseudonym is in `erased` (erased by another
+        process); counts them. A user's pseudonym is worked out once, here, not on the
+        path every answer of the database takes."""
+        gone = []
+        for user_id, seen in self._users.items():
+            if seen.pseudonym is None:
+                seen.pseudonym = pseudonym(user_id)
+            if seen.pseudonym in erased:
+                gone.append(user_id)
+        for user_id in gone:
+            del self._users[user_id]
+        return len(gone)
 
     def _seen(self, user_id: str) -> Seen:
         users = self._users
