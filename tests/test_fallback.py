@@ -779,3 +779,9 @@ async def test_the_snapshot_drops_users_erased_elsewhere_also_when_committed_lat
     fallback.last_known.saw_consent("ann", None)
     erasures.rows.append(("erased-ann", later + timedelta(seconds=5)))
     assert await fallback.forget_erased() == 1
+    # An eraser whose clock runs an hour ahead hides none of the erasures made after it.
+    erasures.rows.append(("erased-nobody-here", later + timedelta(hours=1)))
+    assert await fallback.forget_erased() == 0
+    erasures.rows.append(("erased-cyd", later + timedelta(seconds=10)))
+    assert await fallback.forget_erased() == 1
+    assert fallback.last_known.of("cyd") is None

@@ -53,13 +53,12 @@ from app.storage.last_known import LastKnown
 from app.storage.resilience import sqlstate
 
 logger = logging.getLogger(__name__)
-
-# An erasure's instant is taken before it commits, and on the erasing host's clock: each
-# round asks again for this far back, so that one committed late is not missed.
-ERASURES_LATE_BY = timedelta(minutes=5)
 T = TypeVar("T")
 
 DEFAULT_MAX_CHANGES = 100_000
+# An erasure's instant is taken before it commits, and on the erasing host's clock: each
+# round asks again for this far back, so that one committed late is not missed.
+ERASURES_LATE_BY = timedelta(minutes=5)
 REPLAY_BATCH = 500
 
 
@@ -319,8 +318,9 @@ class OutageFallback:
         seen = self._erasures_forgotten
         new = {pseudonym for pseudonym, at in found if seen.get(pseudonym) != at}
         seen.update(found)
-        if found:
-            self._erasures_after = max(self._erasures_after, found[-1][1])
+        if found:  # never past this host's own clock, however far ahead the eraser's
+            latest = min(found[-1][1], utc_now())
+            self._erasures_after = max(self._erasures_after, latest)
         for pseudonym, at in list(seen.items()):
             if at <= after:
                 del seen[pseudonym]
