@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import logging
 import os
 import platform
@@ -102,7 +103,7 @@ def _loop_factory() -> tuple[object, str]:
     try:
         import uvloop
 
-        return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
+        return uvloop.new_event_loop, f"uvloop {importlib.metadata.version('uvloop')}"
     except ImportError:
         return asyncio.new_event_loop, "asyncio"
 

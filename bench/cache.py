@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 from app.container import build_container
 from app.domain.credits import CreditRules
@@ -64,7 +65,7 @@ async def _memory(url: str) -> AsyncIterator[tuple[QueryCacheService, CacheStats
 
 @asynccontextmanager
 async def _container(
-    url: str, **settings: object
+    url: str, **settings: Any
 ) -> AsyncIterator[tuple[QueryCacheService, CacheStats]]:
     container = build_container(bench_settings(url, **settings))
     try:

@@ -11,6 +11,7 @@ many seconds long fails here as it would in production.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from app.container import build_container
 from bench import fixtures
@@ -61,7 +62,7 @@ async def run(ctx: Context) -> None:
     container = build_container(bench_settings(url))
     outcome: dict[str, tuple[int, float, StatementLog]] = {}
     try:
-        jobs = {
+        jobs: dict[str, Callable[[], Awaitable[int]]] = {
             "QueryCacheService.cleanup_expired()": container.cache_service().cleanup_expired,
             "CreditService.cleanup_old_transactions(90)": lambda: (
                 container.credit_service().cleanup_old_transactions(90)
