@@ -291,6 +291,8 @@ class TestConsentHistory:
         await alembic(empty_engine, "upgrade", "head")
         assert len(await consents.consent_history("yes")) == 1  # the consent as it is now
 
+
+class TestErasuresByTime:
     async def test_0008_indexes_erasures_by_time_and_down_keeps_every_erasure(
         self, empty_engine: AsyncEngine
     ) -> None:

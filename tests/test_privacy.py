@@ -250,6 +250,18 @@ async def test_during_an_outage_erasure_is_refused_and_erases_nothing(
             assert (await client.delete(f"{API}/users/kim")).status_code == 200
 
 
+async def assert_nothing_served_of_lea(client: httpx.AsyncClient) -> None:
+    """In an outage: max's consent served as last seen; of erased lea nothing, her consent
+    unknown (503) and her account never seen (a full budget)."""
+    kept = await client.get(f"{API}/consents/max")
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["marketing_consent"] is True
+    forgotten = await client.get(f"{API}/consents/lea")
+    assert forgotten.status_code == 503, forgotten.text
+    balance = await client.get(f"{API}/credits/lea")
+    assert balance.json()["available_credits"] == balance.json()["max_credits"]
+
+
 @pytest.mark.postgres
 async def test_an_outage_after_an_erasure_serves_nothing_of_the_erased_user(
     request: pytest.FixtureRequest,
@@ -268,13 +280,7 @@ async def test_an_outage_after_an_erasure_serves_nothing_of_the_erased_user(
             assert (await client.delete(f"{API}/users/lea")).status_code == 200
             await relay.cut()
             try:
-                kept = await client.get(f"{API}/consents/max")
-                assert kept.status_code == 200, kept.text
-                assert kept.json()["marketing_consent"] is True
-                forgotten = await client.get(f"{API}/consents/lea")
-                assert forgotten.status_code == 503, forgotten.text
-                balance = await client.get(f"{API}/credits/lea")
-                assert balance.json()["available_credits"] == balance.json()["max_credits"]
+                await assert_nothing_served_of_lea(client)
             finally:
                 await relay.restore()
 
@@ -305,12 +311,7 @@ async def test_an_outage_serves_nothing_of_a_user_another_replica_erased(
                 await asyncio.sleep(0.1)
             await relay.cut()
             try:
-                kept = await client.get(f"{API}/consents/max")
-                assert kept.status_code == 200, kept.text
-                forgotten = await client.get(f"{API}/consents/lea")
-                assert forgotten.status_code == 503, forgotten.text
-                balance = await client.get(f"{API}/credits/lea")
-                assert balance.json()["available_credits"] == balance.json()["max_credits"]
+                await assert_nothing_served_of_lea(client)
             finally:
                 await relay.restore()
             assert ready["fallback"]["snapshot_erased"] == 1
