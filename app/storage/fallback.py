@@ -326,7 +326,7 @@ class OutageFallback:
                 del seen[pseudonym]
         if not new:
             return 0
-        gone = self.last_known.forget_erased(new, erasures.pseudonym)
+        gone = await self.last_known.forget_erased(new, erasures.pseudonym)
         self.snapshot_erased += gone
         return gone
 
