@@ -58,7 +58,7 @@ from app.storage.refusal import connection_refusal
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.storage.shadow import Shadow
-from app.storage.stream import merge_spooled, spooled
+from app.storage.stream import staged
 from app.storage.tls import tls_failure
 
 logger = logging.getLogger(__name__)
@@ -291,12 +291,12 @@ class Container:
     async def import_state(
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
     ) -> HandoverReport:
-        """Validates a whole NDJSON stream, then merges it into `backend`'s store
+        """Validates a whole NDJSON stream, staged in `backend`'s store, then merges it
         (app/storage/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
-        async with spooled(chunks) as stream, self._moving_state():
-            if backend is StorageBackend.DATABASE:
-                await self.prepare_database()
-            return await merge_spooled(stream, self.states[backend])
+        if backend is StorageBackend.DATABASE:
+            await self.prepare_database()
+        async with staged(chunks, self.states[backend]) as stream, self._moving_state():
+            return await stream.merge()
 
     async def audit_ledger(self) -> AuditReport:
         """The ledger audit (app/ops/audit.py) of the primary store, kept as the last."""

@@ -1,9 +1,10 @@
 """Section `handover`: moving state into PostgreSQL and out of it (SPEC §7).
 
-- Import: N accounts and 2N ledger rows as an NDJSON stream, validated (spooled) and
-  merged (merge_spooled) into an empty database through PostgresStateRepository, against
-  asyncpg's binary COPY of the same rows into the same tables of another empty database:
-  the least any import can cost. SqlStateRepository is measured on a tenth of the stream.
+- Import: N accounts and 2N ledger rows as an NDJSON stream, validated into the store's
+  staging and merged (app/storage/stream.py) into an empty database through
+  PostgresStateRepository, against asyncpg's binary COPY of the same rows into the same
+  tables of another empty database: the least any import can cost. SqlStateRepository
+  is measured on a tenth of the stream.
 - Export: those N accounts streamed to /dev/null by export_lines, in a process of its own
   (bench/export_rss.py), which reports the peak resident memory the export added.
 - Hand-over: memory accounts carried to PostgreSQL by hand_over() while writers keep
@@ -40,7 +41,7 @@ from app.storage.engine import create_engine
 from app.storage.handover import hand_over
 from app.storage.provider import StorageProvider
 from app.storage.routing import WriteGate
-from app.storage.stream import merge_spooled, spooled
+from app.storage.stream import staged
 from bench import fixtures
 from bench.context import Context
 from bench.report import heading, rate, ratio, say, table
@@ -170,9 +171,9 @@ async def _project_import(
     engine = create_engine(bench_settings(url, pool=2))
     try:
         started = time.perf_counter()
-        async with spooled(_chunks(stream)) as validated:
+        async with staged(_chunks(stream), target(engine)) as validated:
             validated_at = time.perf_counter()
-            report = await merge_spooled(validated, target(engine))
+            report = await validated.merge()
         body = report.body()
         return _Import(
             body["accounts"] + body["ledger_rows"],
@@ -328,7 +329,7 @@ async def run(ctx: Context) -> None:
             ratio(project.rate, raw.rate),
         ],
         [
-            "  of which validation (spooled)",
+            "  of which validation and staging",
             "",
             f"{project.validated_seconds:.1f}",
             rate(project.rows / project.validated_seconds),

@@ -97,8 +97,8 @@ class TestVerification:
     def test_a_user_verified_again_replaces_its_earlier_result(self) -> None:
         verification = Verification()
         incoming = [UserState("u", ACCOUNT)]
-        verification.record(incoming, verified(incoming, [UserState("u")]))
+        verification.record(["u"], verified(incoming, [UserState("u")]))
         assert verification.mismatches == 1
         assert verification.samples() == [{"user_id": "u", "differences": ["account missing"]}]
-        verification.record(incoming, verified(incoming, incoming))
+        verification.record(["u"], verified(incoming, incoming))
         assert verification.mismatches == 0

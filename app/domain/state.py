@@ -170,15 +170,15 @@ class Verification:
 
     mismatched: dict[str, list[str]] = field(default_factory=dict)
 
-    def record(self, incoming: Sequence[UserState], mismatched: dict[str, list[str]]) -> None:
-        """The differences VERIFY found for a batch (see Merged); a user verified again
-        replaces its earlier result."""
-        for state in incoming:
-            found = mismatched.get(state.user_id)
+    def record(self, user_ids: Iterable[str], mismatched: dict[str, list[str]]) -> None:
+        """The differences VERIFY found for a batch of users (see Merged); a user verified
+        again replaces its earlier result."""
+        for user_id in user_ids:
+            found = mismatched.get(user_id)
             if found:
-                self.mismatched[state.user_id] = found
+                self.mismatched[user_id] = found
             else:
-                self.mismatched.pop(state.user_id, None)
+                self.mismatched.pop(user_id, None)
 
     @property
     def mismatches(self) -> int:

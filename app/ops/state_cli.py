@@ -17,7 +17,7 @@ from app.ops.health import database_status
 from app.ops.migrate import upgrade_schema
 from app.repositories.sql import state_repository
 from app.storage.engine import create_engine, transaction_setting
-from app.storage.stream import InvalidStreamError, export_lines, merge_spooled, spooled
+from app.storage.stream import InvalidStreamError, export_lines, staged
 
 READ_BYTES = 1024 * 1024
 
@@ -95,10 +95,10 @@ async def _import(source: BinaryIO) -> int:
     try:
         if settings.run_migrations_on_startup:
             await upgrade_schema(settings, engine)
-        async with spooled(_chunks(source)) as stream:
+        state = state_repository(engine, transaction_setting(settings))
+        async with staged(_chunks(source), state) as stream:
             progress = terminal_progress(stream.lines)
-            state = state_repository(engine, transaction_setting(settings))
-            report = await merge_spooled(stream, state, progress=progress)
+            report = await stream.merge(progress=progress)
             if progress is not None:
                 progress(stream.lines, last=True)
     except InvalidStreamError as error:

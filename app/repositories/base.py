@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -133,6 +134,54 @@ class StateRepository(Protocol):
         """`merge`, then VERIFY of the states against what the store holds afterwards
         (in a `round`, a lower balance may stand); the rows added and the differences
         found, by user, as app/domain/state.py's `differences` words them."""
+        ...
+
+    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
+        """Where an import waits, validated, until its whole stream is; emptied when the
+        block ends."""
+        ...
+
+
+# An import's rows as staged, in stream order, each led by its batch's number:
+# an account (batch, user_id, is_guest, available_credits, max_credits, last_reset),
+# a ledger row (batch, position in the stream, user_id, kind, amount, timestamp,
+#               description, idempotency_key),
+# a consent (batch, user_id, terms_accepted, marketing_consent, timestamp, updated_at,
+#            terms_version).
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StagedBatch:
+    """Users merged together, each with one run of its lines."""
+
+    number: int
+    user_ids: list[str]
+    lines: int
+    # A user of the batch carries no account: the accounts are locked before the merge
+    # (an account's INSERT locks those it replaces by itself).
+    lock: bool
+    # It names a user the batch before names: merged after that one.
+    follows: bool
+
+
+class ImportStaging(Protocol):
+    """An import's validated rows, held apart from the store's users until merged."""
+
+    # The import's batches are numbered on from here, in stream order.
+    first_batch: int
+
+    async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
+        """Holds the next rows of the stream; may return before they are held."""
+        ...
+
+    async def flush(self) -> None:
+        """Waits until every row staged is held."""
+        ...
+
+    def merge(self, batch: StagedBatch) -> Awaitable[Merged]:
+        """`merge_verified` of the batch's users, as one unit of work. Called in batch
+        order; the next may be called before this one is awaited."""
         ...
 
 

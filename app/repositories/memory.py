@@ -14,6 +14,7 @@ import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -30,7 +31,8 @@ from app.domain.state import (
     missing_rows,
 )
 from app.errors import StorageFullError
-from app.repositories.base import Stores, read_back_verified
+from app.repositories.base import ImportStaging, Stores, read_back_verified
+from app.repositories.spool import spool_staging
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits, event_of
 
 DEFAULT_MAX_USERS = 100_000
@@ -297,6 +299,9 @@ class MemoryStateRepository:
         self, states: Sequence[UserState], round: Round | None = None
     ) -> Merged:
         return await read_back_verified(self, states, round)
+
+    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
+        return spool_staging(self)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         data = self._data

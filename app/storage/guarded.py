@@ -8,6 +8,7 @@ not here fails the type check where the wrapper is used as that protocol.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -20,6 +21,9 @@ from app.repositories.base import (
     ConsentRepository,
     CreditRepository,
     Erasures,
+    ImportStaging,
+    Row,
+    StagedBatch,
     StateRepository,
 )
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
@@ -175,3 +179,28 @@ class GuardedState:
 
     async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
         return await self._guard.run(self._inner.ledger_figures, after, limit)
+
+    @asynccontextmanager
+    async def staging(self) -> AsyncIterator[ImportStaging]:
+        async with self._inner.staging() as staging:
+            yield GuardedStaging(staging, self._guard)
+
+
+class GuardedStaging:
+    """An import's staging behind the guard: a batch's merge may be retried, as any
+    merge; staging rows is not (rows staged twice would be merged twice), and a failure
+    there fails the import before anything of it is merged."""
+
+    def __init__(self, inner: ImportStaging, guard: Guard) -> None:
+        self._inner = inner
+        self._guard = guard
+        self.first_batch = inner.first_batch
+
+    async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
+        await self._inner.stage(accounts, ledger, consents)
+
+    async def flush(self) -> None:
+        await self._inner.flush()
+
+    async def merge(self, batch: StagedBatch) -> Merged:
+        return await self._guard.run(self._inner.merge, batch)

@@ -147,7 +147,7 @@ async def copy_states(
 ) -> None:
     """Merges the states into `target` and verifies them there."""
     merged = await target.merge_verified(states, report.round)
-    report.verification.record(states, merged.mismatched)
+    report.verification.record((state.user_id for state in states), merged.mismatched)
     report.carried(states, merged.added)
 
 

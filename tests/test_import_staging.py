@@ -1,0 +1,331 @@
+"""An import's staging (SPEC §7): a stream is staged in its target store while it is
+validated, then merged batch by batch. A user's runs land in stream order, whatever the
+batches; a refused or failed import leaves nothing staged; imports at once keep apart; an
+import sweeps what a dead one left; an erasure reaches what waits to be merged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.config import Settings
+from app.domain.state import Merged, Round, UserState
+from app.models import import_accounts, import_consents, import_ledger
+from app.repositories import pg_state
+from app.repositories.base import StagedBatch, StateRepository
+from app.repositories.memory import MemoryData, MemoryStateRepository
+from app.repositories.spool import spool_staging
+from app.repositories.sql import state_repository
+from app.storage import stream
+from app.storage.engine import create_engine
+from app.storage.stream import InvalidStreamError, staged
+from tests.conftest import fresh_database
+
+AT = datetime(2026, 11, 30, 9, tzinfo=UTC)
+STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches of two users, staged three lines at a time: a short stream spans many."""
+    monkeypatch.setattr(stream, "MERGE_BATCH_SIZE", 2)
+    monkeypatch.setattr(stream, "STAGE_LINES", 3)
+
+
+class Store:
+    def __init__(self, state: StateRepository, engine: AsyncEngine | None) -> None:
+        self.state = state
+        self.engine = engine
+
+    async def staged_rows(self) -> int:
+        """Rows waiting in the import tables, of every import."""
+        assert self.engine is not None
+        rows = 0
+        async with self.engine.connect() as conn:
+            for table in (import_accounts, import_ledger, import_consents):
+                rows += (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+        return rows
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield Store(MemoryStateRepository(MemoryData()), None)
+        return
+    async with fresh_database(request, request.param) as url:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            yield Store(state_repository(engine), engine)
+        finally:
+            await engine.dispose()
+
+
+@pytest.fixture
+async def postgres(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    async with fresh_database(request, "postgres") as url:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            yield Store(state_repository(engine), engine)
+        finally:
+            await engine.dispose()
+
+
+def account(user_id: str, available: int) -> dict[str, Any]:
+    return {
+        "kind": "account",
+        "user_id": user_id,
+        "is_guest": True,
+        "available_credits": available,
+        "max_credits": 10,
+        "last_reset_timestamp": AT.isoformat(),
+    }
+
+
+def row(user_id: str, amount: int, key: str | None = None) -> dict[str, Any]:
+    return {
+        "kind": "ledger",
+        "id": 0,
+        "user_id": user_id,
+        "transaction_type": "deduction",
+        "amount": amount,
+        "timestamp": (AT + timedelta(seconds=-amount)).isoformat(),
+        "idempotency_key": key,
+    }
+
+
+def consent(user_id: str, marketing: bool, at: datetime) -> dict[str, Any]:
+    return {
+        "kind": "consent",
+        "user_id": user_id,
+        "terms_accepted": True,
+        "marketing_consent": marketing,
+        "timestamp": at.isoformat(),
+        "updated_at": at.isoformat(),
+    }
+
+
+def ndjson(lines: Sequence[dict[str, Any]]) -> list[bytes]:
+    """The lines between a header and a footer that counts them, a chunk per line."""
+    kinds = [line["kind"] for line in lines]
+    header = {"kind": "header", "format": 1, "store": "test", "exported_at": AT.isoformat()}
+    footer = {
+        "kind": "footer",
+        "accounts": kinds.count("account"),
+        "ledger_rows": kinds.count("ledger"),
+        "consents": kinds.count("consent"),
+    }
+    return [json.dumps(line).encode() + b"\n" for line in [header, *lines, footer]]
+
+
+async def chunks(parts: Sequence[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def imported(target: StateRepository, lines: Sequence[dict[str, Any]]) -> Any:
+    async with staged(chunks(ndjson(lines)), target) as validated:
+        return await validated.merge()
+
+
+def users(count: int, prefix: str = "u") -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
+    for number in range(count):
+        user_id = f"{prefix}{number}"
+        lines += [account(user_id, number % 10), row(user_id, -1, f"k{number}")]
+    return lines
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_a_users_runs_land_in_stream_order_across_batches(store: Store) -> None:
+    report = await imported(
+        store.state,
+        [
+            account("ann", 9),
+            row("ann", -1),
+            account("bob", 5),
+            account("cy", 4),
+            account("ann", 3),  # ann again, in the batch after her first run's
+            row("ann", -2),
+            consent("ann", True, AT),
+            account("bob", 8),
+            account("bob", 2),  # a second account in one run: the later stands
+            consent("cy", True, AT),
+            consent("cy", False, AT + timedelta(minutes=1)),
+        ],
+    )
+    assert report.verification.mismatches == 0
+    ann, bob, cy = await store.state.read(["ann", "bob", "cy"])
+    assert ann.account is not None and ann.account.available == 3
+    assert [entry.amount for entry in ann.ledger] == [-1, -2]
+    assert ann.consent is not None and ann.consent.marketing_consent
+    assert bob.account is not None and bob.account.available == 2
+    assert cy.consent is not None and not cy.consent.marketing_consent
+    assert report.body()["accounts"] == 3 and report.body()["ledger_rows"] == 2
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_an_import_across_many_batches_carries_every_user(store: Store) -> None:
+    report = await imported(store.state, users(25))
+    assert report.body()["accounts"] == 25
+    assert report.body()["ledger_rows_added"] == 25
+    held = await store.state.read([f"u{number}" for number in range(25)])
+    assert [state.account.available for state in held if state.account] == [
+        number % 10 for number in range(25)
+    ]
+    assert all(len(state.ledger) == 1 for state in held)
+    if store.engine is not None:
+        assert await store.staged_rows() == 0
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_a_stream_refused_at_its_end_leaves_nothing_staged_or_merged(store: Store) -> None:
+    parts = ndjson(users(12))
+    parts[-1] = b'{"kind": "footer", "accounts": 12, "ledger_rows": 11, "consents": 0}\n'
+    with pytest.raises(InvalidStreamError) as refused:
+        async with staged(chunks(parts), store.state) as validated:
+            await validated.merge()
+    assert refused.value.line == len(parts)
+    assert await store.state.read(["u0", "u11"]) == [UserState("u0"), UserState("u11")]
+    if store.engine is not None:
+        assert await store.staged_rows() == 0
+
+
+@pytest.mark.usefixtures("small_batches")
+@pytest.mark.postgres
+async def test_a_merge_failing_midway_leaves_nothing_staged(
+    postgres: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    applied = 0
+    apply = pg_state._apply
+
+    async def failing_third(*args: Any) -> int:
+        nonlocal applied
+        applied += 1
+        if applied == 3:
+            raise RuntimeError("the database went away")
+        return await apply(*args)
+
+    monkeypatch.setattr(pg_state, "_apply", failing_third)
+    with pytest.raises(RuntimeError):
+        await imported(postgres.state, users(12))
+    assert await postgres.staged_rows() == 0
+    # The batches merged before it stand, each its own unit of work; the rest is not.
+    merged = [state for state in await postgres.state.read(["u0", "u11"]) if state.account]
+    assert [state.user_id for state in merged] == ["u0"]
+
+
+@pytest.mark.usefixtures("small_batches")
+@pytest.mark.postgres
+async def test_two_imports_at_once_keep_apart(postgres: Store) -> None:
+    first, second = await asyncio.gather(
+        imported(postgres.state, users(9, "a")), imported(postgres.state, users(9, "b"))
+    )
+    assert first.verification.mismatches == second.verification.mismatches == 0
+    held = await postgres.state.read([f"{prefix}{n}" for prefix in "ab" for n in range(9)])
+    assert all(state.account is not None and len(state.ledger) == 1 for state in held)
+    assert await postgres.staged_rows() == 0
+
+
+@pytest.mark.postgres
+async def test_an_import_sweeps_the_rows_a_dead_import_left(postgres: Store) -> None:
+    def batch_of_import_started(seconds_ago: int) -> int:
+        started = int(time.time()) - seconds_ago
+        return started * 1000 * pg_state.BATCHES_PER_IMPORT
+
+    assert postgres.engine is not None
+    async with postgres.engine.begin() as conn:
+        for seconds_ago in (2 * 3600, 600):
+            await conn.execute(
+                insert(import_accounts).values(
+                    batch=batch_of_import_started(seconds_ago),
+                    user_id=f"left-{seconds_ago}",
+                    is_guest=True,
+                    available_credits=1,
+                    max_credits=10,
+                    last_reset_timestamp=AT,
+                )
+            )
+    await imported(postgres.state, users(1))
+    async with postgres.engine.connect() as conn:
+        left = (await conn.execute(select(import_accounts.c.user_id))).scalars().all()
+    assert left == ["left-600"]  # an import of ten minutes ago may be running still
+
+
+@pytest.mark.postgres
+async def test_an_erasure_reaches_what_waits_to_be_merged(postgres: Store) -> None:
+    async with staged(chunks(ndjson(users(3))), postgres.state) as validated:
+        await postgres.state.erase("u1", "pseudonym-of-u1", AT)
+        report = await validated.merge()
+    assert report.verification.mismatches == 0
+    u0, u1 = await postgres.state.read(["u0", "u1"])
+    assert u0.account is not None
+    assert u1 == UserState("u1")
+
+
+class SlowFirstMerge:
+    """The memory store, whose first merge takes a while."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateRepository(MemoryData())
+        self.merges = 0
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        self.merges += 1
+        if self.merges == 1:
+            await asyncio.sleep(0.05)
+        return await self.inner.merge_verified(states, round)
+
+    def staging(self) -> Any:
+        return spool_staging(self)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("small_batches")
+async def test_a_batch_naming_a_user_of_the_batch_before_waits_for_it() -> None:
+    target = SlowFirstMerge()
+    lines = [account("ann", 9), account("bob", 5), account("cy", 4), account("ann", 3)]
+    await imported(target, lines)  # type: ignore[arg-type]
+    ann, cy = await target.inner.read(["ann", "cy"])
+    assert ann.account is not None and ann.account.available == 3
+    assert cy.account is not None
+
+
+class FailingOnce:
+    """A store whose first merge fails, as a connection lost mid-merge."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStateRepository(MemoryData())
+        self.failed = False
+
+    async def merge_verified(
+        self, states: Sequence[UserState], round: Round | None = None
+    ) -> Merged:
+        if not self.failed:
+            self.failed = True
+            raise ConnectionError("lost")
+        return await self.inner.merge_verified(states, round)
+
+
+async def test_a_spooled_batch_asked_for_again_is_merged_again() -> None:
+    """A merge retried (app/storage/guarded.py) reads its batch from the spool again."""
+    target = FailingOnce()
+    async with spool_staging(target) as staging:  # type: ignore[arg-type]
+        rows = [(0, "ann", True, 4, 10, AT), (1, "bob", True, 6, 10, AT)]
+        await staging.stage(rows, [], [])
+        await staging.flush()
+        ann = StagedBatch(0, ["ann"], 1, lock=False, follows=False)
+        with pytest.raises(ConnectionError):
+            await staging.merge(ann)
+        assert (await staging.merge(ann)).mismatched == {}
+        await staging.merge(StagedBatch(1, ["bob"], 1, lock=False, follows=False))
+    held = await target.inner.read(["ann", "bob"])
+    assert [state.account.available for state in held if state.account] == [4, 6]
