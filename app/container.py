@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
-from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
+from app.cache.tiers import CacheTiers, build_cache_tiers
 from app.clock import utc_now
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
@@ -55,7 +55,7 @@ from app.storage.journal import OutageJournal
 from app.storage.metered import MeteredCredits
 from app.storage.provider import StorageProvider
 from app.storage.refusal import connection_refusal
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
+from app.storage.resilience import ONE_ATTEMPT, CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.storage.shadow import Shadow
 from app.storage.stream import staged

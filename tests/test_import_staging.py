@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.domain.state import Merged, Round, UserState
+from app.errors import StorageUnavailableError
 from app.models import import_accounts, import_consents, import_ledger
 from app.repositories import pg_state
 from app.repositories.base import StagedBatch, StateRepository
@@ -26,8 +27,11 @@ from app.repositories.spool import spool_staging
 from app.repositories.sql import state_repository
 from app.storage import stream
 from app.storage.engine import create_engine
+from app.storage.guarded import GuardedState
+from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.storage.stream import InvalidStreamError, staged
 from tests.conftest import fresh_database
+from tests.support.relay import relayed
 
 AT = datetime(2026, 11, 30, 9, tzinfo=UTC)
 STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -232,6 +236,42 @@ async def test_two_imports_at_once_keep_apart(postgres: Store) -> None:
     held = await postgres.state.read([f"{prefix}{n}" for prefix in "ab" for n in range(9)])
     assert all(state.account is not None and len(state.ledger) == 1 for state in held)
     assert await postgres.staged_rows() == 0
+
+
+@pytest.mark.usefixtures("small_batches")
+@pytest.mark.postgres
+async def test_the_database_lost_while_staging_is_unavailable_with_nothing_merged(
+    request: pytest.FixtureRequest,
+) -> None:
+    parts = ndjson(users(12))
+
+    async with fresh_database(request, "postgres") as url, relayed(url) as (through, relay):
+
+        async def cut_midway() -> AsyncIterator[bytes]:
+            for number, part in enumerate(parts):
+                if number == len(parts) // 2:
+                    await relay.cut()
+                yield part
+
+        engine = create_engine(Settings(database_url=through))
+        policy = RetryPolicy(attempts=3, max_seconds=5, initial_backoff=0.01, max_backoff=0.05)
+        state = GuardedState(
+            state_repository(engine),
+            Guard(CircuitBreaker(failure_threshold=5, reset_timeout=1.0), policy),
+        )
+        try:
+            with pytest.raises(StorageUnavailableError):
+                async with staged(cut_midway(), state) as validated:
+                    await validated.merge()
+        finally:
+            await engine.dispose()
+        await relay.restore()
+        direct = create_engine(Settings(database_url=url))
+        try:
+            held = await state_repository(direct).read(["u0", "u11"])
+        finally:
+            await direct.dispose()
+    assert held == [UserState("u0"), UserState("u11")]
 
 
 @pytest.mark.postgres

@@ -430,6 +430,11 @@ class PostgresStateRepository:
         return to the pool finds no transaction of SQLAlchemy's to end."""
         async with self._engine.connect() as conn:
             driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            if driver.is_closed():
+                # Closed under it while it sat in the pool: dropped from the pool, and the
+                # unit of work fails as a connection fault (retried on another).
+                await conn.invalidate()
+                raise ConnectionResetError("a pooled connection was found closed")
             async with driver.transaction(**options):
                 if self._setting is not None:
                     await driver.execute(self._setting)

@@ -7,6 +7,7 @@ not here fails the type check where the wrapper is used as that protocol.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -27,7 +28,7 @@ from app.repositories.base import (
     StateRepository,
 )
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
-from app.storage.resilience import Guard
+from app.storage.resilience import ONE_ATTEMPT, Guard
 
 
 class ExpiringCache(CacheRepository, EntryReader, Protocol):
@@ -182,25 +183,31 @@ class GuardedState:
 
     @asynccontextmanager
     async def staging(self) -> AsyncIterator[ImportStaging]:
-        async with self._inner.staging() as staging:
-            yield GuardedStaging(staging, self._guard)
+        once = Guard(self._guard.breaker, ONE_ATTEMPT)
+        async with contextlib.AsyncExitStack() as stack:
+            staging = await once.run(stack.enter_async_context, self._inner.staging())
+            try:
+                yield GuardedStaging(staging, self._guard, once)
+            finally:
+                await once.run(stack.aclose)
 
 
 class GuardedStaging:
     """An import's staging behind the guard: a batch's merge may be retried, as any
-    merge; staging rows is not (rows staged twice would be merged twice), and a failure
-    there fails the import before anything of it is merged."""
+    merge; staging rows is not (a COPY whose commit went unanswered, staged again, would
+    be merged twice), and a failure there fails the import before anything is merged."""
 
-    def __init__(self, inner: ImportStaging, guard: Guard) -> None:
+    def __init__(self, inner: ImportStaging, guard: Guard, once: Guard) -> None:
         self._inner = inner
         self._guard = guard
+        self._once = once
         self.first_batch = inner.first_batch
 
     async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        await self._inner.stage(accounts, ledger, consents)
+        await self._once.run(self._inner.stage, accounts, ledger, consents)
 
     async def flush(self) -> None:
-        await self._inner.flush()
+        await self._once.run(self._inner.flush)
 
     async def merge(self, batch: StagedBatch) -> Merged:
         return await self._guard.run(self._inner.merge, batch)
