@@ -137,8 +137,8 @@ class StateRepository(Protocol):
         ...
 
     def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        """Where an import waits, validated, until its whole stream is; emptied when the
-        block ends."""
+        """Where an import's rows wait, validated, until its whole stream is, then to be
+        merged; what is left of them is removed when the block ends."""
         ...
 
 

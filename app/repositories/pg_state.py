@@ -9,6 +9,10 @@ transaction, set-based against the staging tables (_VERIFY), so that only the di
 come back, not every user read back. Reads are the same statements as
 SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
 
+An import (`staging`) copies its rows into the import tables of migration 0009 while its
+stream is validated; each batch then moves from there into the staging tables (_UNSTAGE)
+and is merged by the same statements, with no row passing through Python again.
+
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
 empty to every merge, and a merge rolled back leaves nothing in them either). The users
 a statement names are matched by `user_id = ANY(array)`, which the planner prices per
@@ -521,8 +525,10 @@ async def _merge(
     ):
         if rows:
             await driver.copy_records_to_table(name, records=rows)
-    unlocked = [state.user_id for state in states if state.account is None]
-    return await _apply(driver, [state.user_id for state in states] if unlocked else None, round)
+    locking = None
+    if any(state.account is None for state in states):
+        locking = [state.user_id for state in states]
+    return await _apply(driver, locking, round)
 
 
 async def _apply(driver: asyncpg.Connection, locking: list[str] | None, round: Round | None) -> int:

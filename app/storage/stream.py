@@ -297,13 +297,18 @@ async def _validated(chunks: AsyncIterator[list[bytes]], staging: ImportStaging)
                     ledger_rows[run] = ledger_rows.get(run, 0) + run_rows
                 run, run_rows = user_id, 0
                 if user_id in batch or len(batch) == MERGE_BATCH_SIZE:
-                    lock = len(accounted) < len(batch)
                     batches.append(
-                        StagedBatch(number_of_batch, list(batch), batch_lines, lock, follows)
+                        _closed(
+                            number_of_batch,
+                            batch,
+                            accounted,
+                            consented,
+                            batch_lines,
+                            follows,
+                            report,
+                        )
                     )
                     number_of_batch += 1
-                    report.accounts.update(accounted)
-                    report.consents.update(consented)
                     before, batch, batch_lines, follows = batch, {}, 0, False
                     accounted, consented = set(), set()
                 if user_id in before:
@@ -364,11 +369,25 @@ async def _validated(chunks: AsyncIterator[list[bytes]], staging: ImportStaging)
     await staging.flush()
     if batch:
         ledger_rows[cast(str, run)] = ledger_rows.get(cast(str, run), 0) + run_rows
-        report.accounts.update(accounted)
-        report.consents.update(consented)
-        lock = len(accounted) < len(batch)
-        batches.append(StagedBatch(number_of_batch, list(batch), batch_lines, lock, follows))
+        batches.append(
+            _closed(number_of_batch, batch, accounted, consented, batch_lines, follows, report)
+        )
     return Staged(staging, footer, batches, report)
+
+
+def _closed(
+    number: int,
+    users: dict[str, None],
+    accounted: set[str],
+    consented: set[str],
+    lines: int,
+    follows: bool,
+    report: HandoverReport,
+) -> StagedBatch:
+    """A batch whose last line was read, its users counted in the report."""
+    report.accounts.update(accounted)
+    report.consents.update(consented)
+    return StagedBatch(number, list(users), lines, len(accounted) < len(users), follows)
 
 
 def _check_counts(number: int, footer: Footer, counted: tuple[int, int, int]) -> None:
