@@ -10,7 +10,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
-    Column,
     DateTime,
     Dialect,
     Index,
@@ -221,46 +220,6 @@ class HandoverMarkRow(Base):
     available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
     max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
     last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
-
-
-def _import_table(name: str, *columns: Column[Any]) -> Table:
-    """Where an import's rows wait (migration 0009: UNLOGGED there, on PostgreSQL)."""
-    return Table(
-        name,
-        Base.metadata,
-        Column("batch", BigInteger, nullable=False),
-        *columns,
-        Index(f"ix_{name}_batch", "batch"),
-    )
-
-
-import_accounts = _import_table(
-    "import_accounts",
-    Column("user_id", String(USER_ID_LENGTH), nullable=False),
-    Column("is_guest", Boolean, nullable=False),
-    Column("available_credits", Integer, nullable=False),
-    Column("max_credits", Integer, nullable=False),
-    Column("last_reset_timestamp", UTCDateTime, nullable=False),
-)
-import_ledger = _import_table(
-    "import_ledger",
-    Column("position", Integer, nullable=False),
-    Column("user_id", String(USER_ID_LENGTH), nullable=False),
-    Column("transaction_type", String(16), nullable=False),
-    Column("amount", Integer, nullable=False),
-    Column("timestamp", UTCDateTime, nullable=False),
-    Column("description", Text, nullable=True),
-    Column("idempotency_key", String(IDEMPOTENCY_KEY_LENGTH), nullable=True),
-)
-import_consents = _import_table(
-    "import_consents",
-    Column("user_id", String(USER_ID_LENGTH), nullable=False),
-    Column("terms_accepted", Boolean, nullable=False),
-    Column("marketing_consent", Boolean, nullable=False),
-    Column("timestamp", UTCDateTime, nullable=False),
-    Column("updated_at", UTCDateTime, nullable=False),
-    Column("terms_version", String(TERMS_VERSION_LENGTH), nullable=True),
-)
 
 
 def table(model: type[Base]) -> Table:

@@ -333,20 +333,6 @@ MUTANTS = [
         ("tests/test_import_staging.py", "-k", "waits_for_it"),
     ),
     Mutant(
-        "pg import: a running import's rows swept as a dead one's",
-        PG_STATE,
-        "ABANDONED_AFTER_SECONDS = 3600",
-        "ABANDONED_AFTER_SECONDS = 0",
-        ("tests/test_import_staging.py", "-k", "sweeps"),
-    ),
-    Mutant(
-        "erasure: what an import waits with left to bring the user back",
-        SQL_STATE,
-        "await conn.execute(delete(staged).where(staged.c.user_id == user_id))",
-        "pass",
-        ("tests/test_import_staging.py", "-k", "erasure"),
-    ),
-    Mutant(
         "state: equal rows counted once",
         STATE,
         "lacking.subtract(Counter(held))",

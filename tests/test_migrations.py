@@ -332,53 +332,6 @@ class TestErasuresByTime:
         assert await indexed()
 
 
-class TestImportStaging:
-    async def test_0009_adds_the_import_tables_and_down_keeps_every_other_row(
-        self, empty_engine: AsyncEngine
-    ) -> None:
-        await alembic(empty_engine, "upgrade", "0008")
-        at = datetime(2026, 3, 1, tzinfo=UTC)
-        async with empty_engine.begin() as connection:
-            await connection.execute(
-                text(
-                    "INSERT INTO user_credits (user_id, is_guest, available_credits,"
-                    " max_credits, last_reset_timestamp, created_at, updated_at)"
-                    " VALUES ('ann', true, 4, 10, :at, :at, :at)"
-                ),
-                {"at": at},
-            )
-
-        async def accounts() -> list[tuple[Any, ...]]:
-            async with empty_engine.connect() as connection:
-                rows = await connection.execute(
-                    text("SELECT user_id, available_credits FROM user_credits")
-                )
-                return [tuple(row) for row in rows]
-
-        async def stage_one() -> None:
-            async with empty_engine.begin() as connection:
-                await connection.execute(
-                    text(
-                        "INSERT INTO import_ledger (batch, position, user_id,"
-                        " transaction_type, amount, timestamp)"
-                        " VALUES (7, 1, 'bob', 'deduction', -1, :at)"
-                    ),
-                    {"at": at},
-                )
-
-        staging = {"import_accounts", "import_ledger", "import_consents"}
-        await alembic(empty_engine, "upgrade", "head")
-        assert staging <= await table_names(empty_engine)
-        await stage_one()
-        assert await accounts() == [("ann", 4)]
-        await alembic(empty_engine, "downgrade", "0008")
-        assert not staging & await table_names(empty_engine)
-        assert await accounts() == [("ann", 4)]
-        await alembic(empty_engine, "upgrade", "head")
-        await stage_one()
-        assert await accounts() == [("ann", 4)]
-
-
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

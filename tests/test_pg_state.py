@@ -22,6 +22,8 @@ from app.repositories.sql_credits import accounts, claimed_keys, ledger
 from app.repositories.sql_state import SqlStateRepository, marks
 from app.schemas import UserConsent
 from app.storage.engine import create_engine
+from app.storage.guarded import GuardedState
+from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.postgres
@@ -301,3 +303,20 @@ async def test_verify_in_the_database_finds_what_reading_back_finds(
     again = await pair.reference.merge_verified(states, round)
     assert (await pair.subject.merge_verified(states, round)).mismatched == again.mismatched
     assert set(again.mismatched) == set(found.mismatched)
+
+
+async def test_a_pooled_connection_closed_while_idle_is_a_fault_retried_on_another(
+    request: pytest.FixtureRequest,
+) -> None:
+    async with fresh_database(request, "postgres") as url:
+        engine = create_engine(Settings(database_url=url, db_pool_pre_ping=False))
+        try:
+            async with engine.connect() as conn:  # the pool's one idle connection, closed
+                raw = await conn.get_raw_connection()
+                await raw.driver_connection.close()
+            policy = RetryPolicy(attempts=2, max_seconds=5, initial_backoff=0, max_backoff=0)
+            breaker = CircuitBreaker(failure_threshold=5, reset_timeout=1.0)
+            state = GuardedState(PostgresStateRepository(engine), Guard(breaker, policy))
+            assert await state.read(["ann"]) == [UserState("ann")]
+        finally:
+            await engine.dispose()

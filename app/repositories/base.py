@@ -149,6 +149,8 @@ class StateRepository(Protocol):
 # a consent (batch, user_id, terms_accepted, marketing_consent, timestamp, updated_at,
 #            terms_version).
 Row = tuple[Any, ...]
+# A batch's accounts, ledger rows and consents.
+StagedRows = tuple[list[Row], list[Row], list[Row]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +169,6 @@ class StagedBatch:
 
 class ImportStaging(Protocol):
     """An import's validated rows, held apart from the store's users until merged."""
-
-    # The import's batches are numbered on from here, in stream order.
-    first_batch: int
 
     async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
         """Holds the next rows of the stream; may return before they are held."""

@@ -32,7 +32,7 @@ from app.domain.state import (
 )
 from app.errors import StorageFullError
 from app.repositories.base import ImportStaging, Stores, read_back_verified
-from app.repositories.spool import spool_staging
+from app.repositories.spool import merging_states, spool_staging
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits, event_of
 
 DEFAULT_MAX_USERS = 100_000
@@ -301,7 +301,7 @@ class MemoryStateRepository:
         return await read_back_verified(self, states, round)
 
     def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        return spool_staging(self)
+        return spool_staging(merging_states(self))
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         data = self._data

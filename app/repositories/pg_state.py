@@ -9,9 +9,9 @@ transaction, set-based against the staging tables (_VERIFY), so that only the di
 come back, not every user read back. Reads are the same statements as
 SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
 
-An import (`staging`) copies its rows into the import tables of migration 0009 while its
-stream is validated; each batch then moves from there into the staging tables (_UNSTAGE)
-and is merged by the same statements, with no row passing through Python again.
+An import (`staging`) keeps its validated rows in a spool file; each batch is then
+copied from there into the staging tables and merged by the same statements, its rows
+never made into users.
 
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
 empty to every merge, and a merge rolled back leaves nothing in them either). The users
@@ -23,11 +23,7 @@ into an empty database, whose statistics lag behind, most of all).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import secrets
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -38,7 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.domain.audit import LedgerFigures
 from app.domain.credits import Account
 from app.domain.state import LedgerRecord, Merged, Round, UserState
-from app.repositories.base import ImportStaging, Row, StagedBatch
+from app.repositories.base import ImportStaging, Row, StagedBatch, StagedRows
+from app.repositories.spool import spool_staging
 from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_state import erase
 from app.schemas import UserConsent
@@ -172,9 +169,10 @@ SELECT i.user_id, i.transaction_type, i.amount, i.timestamp, i.description, i.id
 """)
 
 # Whether the store holds a ledger row of any staged user (asked once their accounts are
-# locked). When it holds none, every incoming row is lacking: they are added as they come
-# (_LEDGER_NONE_HELD, in the order `missing_rows` gives them, as _LEDGER's), not compared
-# by _LEDGER. Asked a user at a time along the user_id index: an EXISTS over the
+# locked). When it holds none, every incoming row is lacking: they are copied into the
+# ledger as they come (COPY, in the order `missing_rows` gives them, as _LEDGER's), not
+# compared by _LEDGER; COPY also inserts in batches, at half an INSERT … SELECT's cost
+# per row. Asked a user at a time along the user_id index: an EXISTS over the
 # whole table was planned as a scan of it, in the hope of an early row.
 _HOLDS_LEDGER = """
 SELECT EXISTS (
@@ -185,15 +183,14 @@ SELECT EXISTS (
      ) AS one
 )
 """
-_LEDGER_NONE_HELD = """
-INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description,
-                                 idempotency_key)
-SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key
-  FROM state_ledger
- ORDER BY min(position) OVER (PARTITION BY user_id, transaction_type, amount, timestamp,
-                                           description, idempotency_key),
-          position
-"""
+_LEDGER_COLUMNS = [
+    "user_id",
+    "transaction_type",
+    "amount",
+    "timestamp",
+    "description",
+    "idempotency_key",
+]
 
 # Every key an incoming deduction or refund row carries is claimed, at the time of its
 # last row, with its operation and no request known (LedgerRecord.claim).
@@ -285,38 +282,6 @@ SELECT s.user_id, 6, 'consent differs'
  WHERE h.user_id IS NULL OR h.updated_at < s.updated_at
  ORDER BY user_id, ordinal
 """)
-
-# An import's batch, moved from where it waits (migration 0009) into the staging tables.
-_UNSTAGE = """
-WITH accounts AS (
-    DELETE FROM import_accounts WHERE batch = $1
-    RETURNING user_id, is_guest, available_credits, max_credits, last_reset_timestamp
-), staged_accounts AS (
-    INSERT INTO state_accounts SELECT * FROM accounts
-), ledger AS (
-    DELETE FROM import_ledger WHERE batch = $1
-    RETURNING position, user_id, transaction_type, amount, timestamp, description,
-              idempotency_key
-), staged_ledger AS (
-    INSERT INTO state_ledger SELECT * FROM ledger
-), consents AS (
-    DELETE FROM import_consents WHERE batch = $1
-    RETURNING user_id, terms_accepted, marketing_consent, timestamp, updated_at,
-              terms_version
-)
-INSERT INTO state_consents SELECT * FROM consents
-"""
-_IMPORT_TABLES = ("import_accounts", "import_ledger", "import_consents")
-# Copies of an import's rows at once, each on a connection of its own, while the stream
-# is validated on: the database's work, not ours, is the larger.
-COPIES_IN_FLIGHT = 2
-# An import's batches are numbered from (its start in seconds, then a random number
-# below 1000) times this: imports never share a number, and the numbers of one started an
-# hour ago, dead since (a live one of 1M users takes about a minute), are known by their
-# size; the next import removes their rows.
-BATCHES_PER_IMPORT = 1_000_000
-ABANDONED_AFTER_SECONDS = 3600
-
 
 # The next page of users with an account or a consent: the first `limit` of the union
 # after `after` are among the first `limit` of each table, each read along its index.
@@ -413,19 +378,17 @@ class PostgresStateRepository:
         # SqlStateRepository's statements: a batch comes back as one row per account.
         return await ledger_figures(self._engine, after, limit)
 
-    @asynccontextmanager
-    async def staging(self) -> AsyncIterator[ImportStaging]:
-        """The import's rows copied into the import tables as they come (COPY, a few at
-        once), then merged a batch at a time inside the database; whatever of them is
-        left when the block ends is deleted."""
-        started = int(time.time())
-        first = (started * 1000 + secrets.randbelow(1000)) * BATCHES_PER_IMPORT
-        staging = _Staging(self._transaction, first)
-        await staging.delete(before=(started - ABANDONED_AFTER_SECONDS) * 1000 * BATCHES_PER_IMPORT)
-        try:
-            yield staging
-        finally:
-            await staging.close()
+    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
+        """A spool file; each batch copied from it into the staging tables and merged
+        there, verified, as `merge_verified` merges users."""
+        return spool_staging(self._merge_batch)
+
+    async def _merge_batch(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        accounts, ledger, consents = ([row[1:] for row in kind] for kind in rows)
+        locking = batch.user_ids if batch.lock else None
+        async with self._transaction() as driver:
+            added = await _merge_rows(driver, accounts, ledger, consents, locking, None)
+            return Merged(added, await _verified(driver, False))
 
     @asynccontextmanager
     async def _transaction(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
@@ -445,65 +408,10 @@ class PostgresStateRepository:
                 yield driver
 
 
-class _Staging:
-    """An import's rows in the import tables, under batch numbers of its own."""
-
-    def __init__(
-        self,
-        transaction: Callable[[], AbstractAsyncContextManager[asyncpg.Connection]],
-        first_batch: int,
-    ) -> None:
-        self._transaction = transaction
-        self.first_batch = first_batch
-        self._end = first_batch + BATCHES_PER_IMPORT
-        self._copies: list[asyncio.Task[None]] = []
-
-    async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        while len(self._copies) >= COPIES_IN_FLIGHT:
-            await self._copies.pop(0)
-        self._copies.append(asyncio.create_task(self._copy(accounts, ledger, consents)))
-
-    async def _copy(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        async with self._transaction() as driver:
-            for name, rows in zip(_IMPORT_TABLES, (accounts, ledger, consents), strict=True):
-                if rows:
-                    await driver.copy_records_to_table(name, records=rows)
-
-    async def flush(self) -> None:
-        while self._copies:
-            await self._copies.pop(0)
-
-    async def merge(self, batch: StagedBatch) -> Merged:
-        async with self._transaction() as driver:
-            await driver.execute(_STAGING)
-            await driver.execute(_UNSTAGE, batch.number)
-            added = await _apply(driver, batch.user_ids if batch.lock else None, None)
-            return Merged(added, await _verified(driver, False))
-
-    async def delete(self, *, before: int | None = None) -> None:
-        """This import's rows, or those of every batch numbered below `before`."""
-        low, high = (0, before) if before is not None else (self.first_batch, self._end)
-        async with self._transaction() as driver:
-            for name in _IMPORT_TABLES:
-                await driver.execute(
-                    f"DELETE FROM {name} WHERE batch >= $1 AND batch < $2", low, high
-                )
-
-    async def close(self) -> None:
-        for copy in self._copies:  # abandoned: an invalid stream, or a failure
-            copy.cancel()
-        for copy in self._copies:
-            with contextlib.suppress(BaseException):
-                await copy
-        self._copies.clear()
-        await self.delete()
-
-
 async def _merge(
     driver: asyncpg.Connection, states: Sequence[UserState], round: Round | None
 ) -> int:
-    """MERGE of the states, staged by COPY."""
-    await driver.execute(_STAGING)
+    """MERGE of the states."""
     accounts = [_account(state) for state in states if state.account is not None]
     ledger = [
         (
@@ -518,37 +426,60 @@ async def _merge(
         for position, row in enumerate(row for state in states for row in state.ledger)
     ]
     consents = [_consent(state) for state in states if state.consent is not None]
-    for name, rows in (
-        ("state_accounts", accounts),
-        ("state_ledger", ledger),
-        ("state_consents", consents),
-    ):
-        if rows:
-            await driver.copy_records_to_table(name, records=rows)
     locking = None
     if any(state.account is None for state in states):
         locking = [state.user_id for state in states]
-    return await _apply(driver, locking, round)
+    return await _merge_rows(driver, accounts, ledger, consents, locking, round)
 
 
-async def _apply(driver: asyncpg.Connection, locking: list[str] | None, round: Round | None) -> int:
-    """MERGE of the users staged in the temporary tables; `locking`: the users to lock
-    first, when some of them carry no account (else the accounts' INSERT locks every
-    account named, in the same order)."""
+async def _merge_rows(
+    driver: asyncpg.Connection,
+    accounts: list[Row],
+    ledger: list[Row],
+    consents: list[Row],
+    locking: list[str] | None,
+    round: Round | None,
+) -> int:
+    """MERGE of the users whose rows are given as the staging tables hold them, copied in
+    (COPY); `locking`: the users to lock first, when some of them carry no account (else
+    the accounts' INSERT locks every account named, in the same order)."""
+    await driver.execute(_STAGING)
     if locking is not None:
         await driver.execute(_LOCK, locking)
-    if round is None:
-        await driver.execute(_ACCOUNTS)
-    else:
-        await driver.execute(_MARK, round.number, round.replica)
-        await driver.execute(_LOWEST_ACCOUNTS, round.number)
-    if await driver.fetchval(_HOLDS_LEDGER):
-        added = _rows(await driver.execute(_LEDGER))
-    else:
-        added = _rows(await driver.execute(_LEDGER_NONE_HELD))
-    await driver.execute(_KEYS)
-    await driver.execute(_CONSENTS)
+    added = 0
+    if accounts:
+        await driver.copy_records_to_table("state_accounts", records=accounts)
+        if round is None:
+            await driver.execute(_ACCOUNTS)
+        else:
+            await driver.execute(_MARK, round.number, round.replica)
+            await driver.execute(_LOWEST_ACCOUNTS, round.number)
+    if ledger:
+        await driver.copy_records_to_table("state_ledger", records=ledger)
+        if await driver.fetchval(_HOLDS_LEDGER):
+            added = _rows(await driver.execute(_LEDGER))
+        else:
+            rows = _copies_together([row[1:] for row in ledger])
+            await driver.copy_records_to_table(
+                "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+            )
+            added = len(rows)
+        await driver.execute(_KEYS)
+    if consents:
+        await driver.copy_records_to_table("state_consents", records=consents)
+        await driver.execute(_CONSENTS)
     return added
+
+
+def _copies_together(rows: list[Row]) -> list[Row]:
+    """The rows, each row's copies together at its first appearance: the order in which
+    `missing_rows` gives the rows a store lacks when it holds none of them."""
+    copies: dict[Row, int] = {}
+    for row in rows:
+        copies[row] = copies.get(row, 0) + 1
+    if len(copies) == len(rows):
+        return rows
+    return [row for row, count in copies.items() for _ in range(count)]
 
 
 async def _verified(driver: asyncpg.Connection, in_round: bool) -> dict[str, list[str]]:

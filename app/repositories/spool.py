@@ -1,43 +1,52 @@
-"""An import's staging for a store that merges users as states (the memory store and
-SqlStateRepository): the rows wait in a temporary file, then each batch is read back into
-users and merged with `merge_verified`."""
+"""An import's staging: the validated rows wait in a temporary file, and each batch is read
+back from it, in batch order, and handed to the store's merge of such rows."""
 
 from __future__ import annotations
 
 import pickle
 import tempfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import IO
 
 from app.domain.credits import Account
 from app.domain.state import LedgerRecord, Merged, UserState
-from app.repositories.base import ImportStaging, Row, StagedBatch, StateRepository
+from app.repositories.base import ImportStaging, Row, StagedBatch, StagedRows, StateRepository
 from app.schemas import UserConsent
 
 # Spooled in memory up to this size, then on disk: a large import never sits in memory.
 SPOOL_IN_MEMORY_BYTES = 8 * 1024 * 1024
 
+MergeRows = Callable[[StagedBatch, StagedRows], Awaitable[Merged]]
+
 
 @asynccontextmanager
-async def spool_staging(target: StateRepository) -> AsyncIterator[ImportStaging]:
-    """Staging in a temporary file, removed when the block ends."""
+async def spool_staging(merge: MergeRows) -> AsyncIterator[ImportStaging]:
+    """Staging in a temporary file, removed when the block ends; `merge` merges a batch's
+    rows, verified, as one unit of work."""
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES) as file:
-        yield _Spool(file, target)
+        yield _Spool(file, merge)
+
+
+def merging_states(target: StateRepository) -> MergeRows:
+    """A batch's rows merged as users, by `merge_verified`: for a store that merges users."""
+
+    async def merge(batch: StagedBatch, rows: StagedRows) -> Merged:
+        return await target.merge_verified(_states(batch, rows))
+
+    return merge
 
 
 class _Spool:
-    first_batch = 0
-
-    def __init__(self, file: IO[bytes], target: StateRepository) -> None:
+    def __init__(self, file: IO[bytes], merge: MergeRows) -> None:
         self._file = file
-        self._target = target
+        self._merge = merge
         self._reading = False
-        # Each batch's users from when first asked for until merged: a merge retried
-        # (app/storage/guarded.py) asks again.
-        self._held: dict[int, list[UserState]] = {}
         # Rows read back ahead of their batch: a chunk of the file may span two.
-        self._ahead: tuple[list[Row], list[Row], list[Row]] = ([], [], [])
+        self._ahead: StagedRows = ([], [], [])
+        # Each batch's rows from when first asked for until merged: a merge retried
+        # (app/storage/guarded.py) asks again.
+        self._held: dict[int, StagedRows] = {}
 
     async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
         pickle.dump((accounts, ledger, consents), self._file, pickle.HIGHEST_PROTOCOL)
@@ -47,39 +56,22 @@ class _Spool:
 
     def merge(self, batch: StagedBatch) -> Awaitable[Merged]:
         # Read now, in the caller's order; merged when awaited.
-        states = self._held.get(batch.number)
-        if states is None:
-            states = self._held[batch.number] = self._states(batch)
-        return self._merged(batch.number, states)
+        rows = self._held.get(batch.number)
+        if rows is None:
+            rows = self._held[batch.number] = self._rows(batch.number)
+        return self._merged(batch, rows)
 
-    async def _merged(self, number: int, states: list[UserState]) -> Merged:
-        merged = await self._target.merge_verified(states)
-        del self._held[number]
+    async def _merged(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        merged = await self._merge(batch, rows)
+        del self._held[batch.number]
         return merged
 
-    def _states(self, batch: StagedBatch) -> list[UserState]:
-        accounts, ledger, consents = self._rows(batch.number)
-        account_of = {row[1]: Account(*row[1:]) for row in accounts}
-        ledger_of: dict[str, list[LedgerRecord]] = {}
-        for row in ledger:
-            ledger_of.setdefault(row[2], []).append(LedgerRecord(*row[2:]))
-        consent_of = {row[1]: _consent(row) for row in consents}
-        return [
-            UserState(
-                user_id,
-                account_of.get(user_id),
-                tuple(ledger_of.get(user_id, ())),
-                consent_of.get(user_id),
-            )
-            for user_id in batch.user_ids
-        ]
-
-    def _rows(self, number: int) -> tuple[list[Row], list[Row], list[Row]]:
+    def _rows(self, number: int) -> StagedRows:
         """The batch's rows, reading the file on until a later batch's rows or its end."""
         if not self._reading:
             self._file.seek(0)
             self._reading = True
-        found: tuple[list[Row], list[Row], list[Row]] = ([], [], [])
+        found: StagedRows = ([], [], [])
         pending = self._ahead
         while True:
             later = False
@@ -94,6 +86,24 @@ class _Spool:
             except EOFError:
                 self._ahead = ([], [], [])
                 return found
+
+
+def _states(batch: StagedBatch, rows: StagedRows) -> list[UserState]:
+    accounts, ledger, consents = rows
+    account_of = {row[1]: Account(*row[1:]) for row in accounts}
+    ledger_of: dict[str, list[LedgerRecord]] = {}
+    for row in ledger:
+        ledger_of.setdefault(row[2], []).append(LedgerRecord(*row[2:]))
+    consent_of = {row[1]: _consent(row) for row in consents}
+    return [
+        UserState(
+            user_id,
+            account_of.get(user_id),
+            tuple(ledger_of.get(user_id, ())),
+            consent_of.get(user_id),
+        )
+        for user_id in batch.user_ids
+    ]
 
 
 def _consent(row: Row) -> UserConsent:

@@ -22,9 +22,9 @@ from app.domain.state import (
     lowest,
     missing_rows,
 )
-from app.models import HandoverMarkRow, import_accounts, import_consents, import_ledger, table
+from app.models import HandoverMarkRow, table
 from app.repositories.base import ImportStaging, read_back_verified
-from app.repositories.spool import spool_staging
+from app.repositories.spool import merging_states, spool_staging
 from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_base import insert, snapshot, transaction
 from app.repositories.sql_consents import consent_events, consents
@@ -121,7 +121,7 @@ class SqlStateRepository:
         return await read_back_verified(self, states, round)
 
     def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        return spool_staging(self)
+        return spool_staging(merging_states(self))
 
 
 _ACCOUNT_FIELDS = (
@@ -298,11 +298,6 @@ async def erase(engine: AsyncEngine, user_id: str, pseudonym: str, now: datetime
     """StateRepository.erase on a SQL store (SQLite or PostgreSQL), one transaction that
     holds the account row: nothing of the user is left under their id."""
     async with transaction(engine) as conn:
-        # First what an import waiting to be merged holds of the user, which would bring
-        # them back. A batch being merged this moment is merged first: its merge takes
-        # these rows, then the account, the order taken here too.
-        for staged in (import_accounts, import_ledger, import_consents):
-            await conn.execute(delete(staged).where(staged.c.user_id == user_id))
         columns = [accounts.c[name] for name in _MARK_FIELDS]  # the account as a mark holds it
         held = (
             await conn.execute(

@@ -7,7 +7,6 @@ not here fails the type check where the wrapper is used as that protocol.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -28,7 +27,7 @@ from app.repositories.base import (
     StateRepository,
 )
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
-from app.storage.resilience import ONE_ATTEMPT, Guard
+from app.storage.resilience import Guard
 
 
 class ExpiringCache(CacheRepository, EntryReader, Protocol):
@@ -183,31 +182,28 @@ class GuardedState:
 
     @asynccontextmanager
     async def staging(self) -> AsyncIterator[ImportStaging]:
-        once = Guard(self._guard.breaker, ONE_ATTEMPT)
-        async with contextlib.AsyncExitStack() as stack:
-            staging = await once.run(stack.enter_async_context, self._inner.staging())
-            try:
-                yield GuardedStaging(staging, self._guard, once)
-            finally:
-                await once.run(stack.aclose)
+        async with self._inner.staging() as staging:
+            yield GuardedStaging(staging, self._guard)
 
 
 class GuardedStaging:
-    """An import's staging behind the guard: a batch's merge may be retried, as any
-    merge; staging rows is not (a COPY whose commit went unanswered, staged again, would
-    be merged twice), and a failure there fails the import before anything is merged."""
+    """An import's staging, its batches' merges behind the guard (retried, as any merge:
+    merging the same rows again changes nothing)."""
 
-    def __init__(self, inner: ImportStaging, guard: Guard, once: Guard) -> None:
+    def __init__(self, inner: ImportStaging, guard: Guard) -> None:
         self._inner = inner
         self._guard = guard
-        self._once = once
-        self.first_batch = inner.first_batch
 
     async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        await self._once.run(self._inner.stage, accounts, ledger, consents)
+        await self._inner.stage(accounts, ledger, consents)
 
     async def flush(self) -> None:
-        await self._once.run(self._inner.flush)
+        await self._inner.flush()
 
     async def merge(self, batch: StagedBatch) -> Merged:
-        return await self._guard.run(self._inner.merge, batch)
+        return await self._guard.run(self._merged, batch)
+
+    async def _merged(self, batch: StagedBatch) -> Merged:
+        # A coroutine function, as the retries take it; the staging's merge may hand back
+        # an awaitable from a plain call.
+        return await self._inner.merge(batch)

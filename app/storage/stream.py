@@ -2,10 +2,9 @@
 
 A stream is a header line, then each user's lines together (its account, its ledger rows,
 its consent), then a footer with the counts. An import is all or nothing: the whole
-stream is validated first, line by line, into the target store's staging (a spool file, or
-PostgreSQL's import tables: StateRepository.staging); only a stream whose footer agrees
-with its lines is then merged, batch by batch, with the hand-over's merge and
-verification, so importing the same stream twice changes nothing.
+stream is validated first, line by line, into a spool file (StateRepository.staging); only
+a stream whose footer agrees with its lines is then merged, batch by batch, with the
+hand-over's merge and verification, so importing the same stream twice changes nothing.
 """
 
 from __future__ import annotations
@@ -160,7 +159,7 @@ STAGE_LINES = 8192
 
 
 class Staged:
-    """A validated stream, staged in its target store (StateRepository.staging) and
+    """A validated stream, staged for its target store (StateRepository.staging) and
     waiting to be merged."""
 
     def __init__(
@@ -251,7 +250,7 @@ async def _validated(chunks: AsyncIterator[list[bytes]], staging: ImportStaging)
     consents: list[Row] = []
     account_lines = ledger_lines = consent_lines = 0
     batches: list[StagedBatch] = []
-    number_of_batch = staging.first_batch
+    number_of_batch = 0
     batch: dict[str, None] = {}  # the batch's users, in order
     accounted: set[str] = set()  # those of the batch whose run has its account
     consented: set[str] = set()
