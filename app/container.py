@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.assistant.answerer import Answerer, CatalogueAnswerer
-from app.cache.tiers import CacheTiers, build_cache_tiers
+from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.clock import utc_now
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
@@ -55,7 +55,7 @@ from app.storage.journal import OutageJournal
 from app.storage.metered import MeteredCredits
 from app.storage.provider import StorageProvider
 from app.storage.refusal import connection_refusal
-from app.storage.resilience import ONE_ATTEMPT, CircuitBreaker, Guard, RetryPolicy, is_unavailable
+from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
 from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.storage.shadow import Shadow
 from app.storage.stream import staged
@@ -291,11 +291,11 @@ class Container:
     async def import_state(
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
     ) -> HandoverReport:
-        """Validates a whole NDJSON stream, staged in `backend`'s store, then merges it
+        """Validates a whole NDJSON stream, then merges it into `backend`'s store
         (app/storage/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
-        if backend is StorageBackend.DATABASE:
-            await self.prepare_database()
         async with staged(chunks, self.states[backend]) as stream, self._moving_state():
+            if backend is StorageBackend.DATABASE:
+                await self.prepare_database()
             return await stream.merge()
 
     async def audit_ledger(self) -> AuditReport:

@@ -20,6 +20,7 @@ from typing import get_args
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cache.tiers import ONE_ATTEMPT
 from app.clock import Clock, utc_now
 from app.domain.credits import Attempt, Change, Deduct, Operation, Read, Refund, Reset, Upgrade
 from app.domain.privacy import Pseudonyms
@@ -35,7 +36,7 @@ from app.storage.fallback import OutageFallback, with_fallback
 from app.storage.guarded import GuardedErasures
 from app.storage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
 from app.storage.last_known import LastKnown
-from app.storage.resilience import ONE_ATTEMPT, CircuitBreaker, Guard
+from app.storage.resilience import CircuitBreaker, Guard
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
 

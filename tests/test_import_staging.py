@@ -1,5 +1,5 @@
-"""An import's staging (SPEC §7): a stream is spooled while it is validated, then merged
-batch by batch. A user's runs land in stream order, whatever the batches; a refused
+"""An import (SPEC §7): a stream is spooled while it is validated, then merged batch by
+batch. A user's runs land in stream order, whatever the batches; a refused
 stream merges nothing, a failed merge keeps the batches before it; imports at once keep
 apart; a database lost meanwhile is 503."""
 
@@ -15,12 +15,11 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
-from app.domain.state import Merged, Round, UserState
+from app.domain.state import Merged, UserState
 from app.errors import StorageUnavailableError
 from app.repositories import pg_state
-from app.repositories.base import StagedBatch, StateRepository
+from app.repositories.base import StagedBatch, StagedRows, StateRepository
 from app.repositories.memory import MemoryData, MemoryStateRepository
-from app.repositories.spool import merging_states, spool_staging
 from app.repositories.sql import state_repository
 from app.storage import stream
 from app.storage.engine import create_engine
@@ -36,9 +35,9 @@ STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgre
 
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches of two users, staged three lines at a time: a short stream spans many."""
+    """Batches of two users, spooled three lines at a time: a short stream spans many."""
     monkeypatch.setattr(stream, "MERGE_BATCH_SIZE", 2)
-    monkeypatch.setattr(stream, "STAGE_LINES", 3)
+    monkeypatch.setattr(stream, "SPOOL_LINES", 3)
 
 
 class Store:
@@ -263,16 +262,11 @@ class SlowFirstMerge:
         self.inner = MemoryStateRepository(MemoryData())
         self.merges = 0
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
         self.merges += 1
         if self.merges == 1:
             await asyncio.sleep(0.05)
-        return await self.inner.merge_verified(states, round)
-
-    def staging(self) -> Any:
-        return spool_staging(merging_states(self))  # type: ignore[arg-type]
+        return await self.inner.merge_rows(batch, rows)
 
 
 @pytest.mark.usefixtures("small_batches")
@@ -286,32 +280,26 @@ async def test_a_batch_naming_a_user_of_the_batch_before_waits_for_it() -> None:
 
 
 class FailingOnce:
-    """A store whose first merge fails, as a connection lost mid-merge."""
+    """The memory store, whose first merge fails as a connection lost mid-merge."""
 
     def __init__(self) -> None:
         self.inner = MemoryStateRepository(MemoryData())
         self.failed = False
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
         if not self.failed:
             self.failed = True
-            raise ConnectionError("lost")
-        return await self.inner.merge_verified(states, round)
+            raise ConnectionResetError("lost")
+        return await self.inner.merge_rows(batch, rows)
 
 
-async def test_a_spooled_batch_asked_for_again_is_merged_again() -> None:
-    """A merge retried (app/storage/guarded.py) reads its batch from the spool again."""
+@pytest.mark.usefixtures("small_batches")
+async def test_a_batch_whose_merge_failed_once_is_merged_by_the_retry() -> None:
     target = FailingOnce()
-    async with spool_staging(merging_states(target)) as staging:  # type: ignore[arg-type]
-        rows = [(0, "ann", True, 4, 10, AT), (1, "bob", True, 6, 10, AT)]
-        await staging.stage(rows, [], [])
-        await staging.flush()
-        ann = StagedBatch(0, ["ann"], 1, lock=False, follows=False)
-        with pytest.raises(ConnectionError):
-            await staging.merge(ann)
-        assert (await staging.merge(ann)).mismatched == {}
-        await staging.merge(StagedBatch(1, ["bob"], 1, lock=False, follows=False))
-    held = await target.inner.read(["ann", "bob"])
-    assert [state.account.available for state in held if state.account] == [4, 6]
+    policy = RetryPolicy(attempts=2, max_seconds=5, initial_backoff=0, max_backoff=0)
+    breaker = CircuitBreaker(failure_threshold=5, reset_timeout=1.0)
+    state = GuardedState(target, Guard(breaker, policy))  # type: ignore[arg-type]
+    report = await imported(state, users(5))
+    assert target.failed and report.verification.mismatches == 0
+    held = await target.inner.read([f"u{number}" for number in range(5)])
+    assert [len(user.ledger) for user in held] == [1] * 5

@@ -6,7 +6,7 @@ stream copy of the body.
   route (`/credits/x%2Fupgrade` is not the upgrade of `x`).
 - A body over MAX_BODY_BYTES is 413 `payload_too_large`: at once when Content-Length says
   so, else as soon as the bytes received pass it, before anything parses it. The admin
-  import stages its NDJSON in the target store line by line and is exempt.
+  import streams its NDJSON to a spool file line by line and is exempt.
 - A body that stops arriving is 408 after REQUEST_BODY_TIMEOUT_SECONDS.
 - Responses under /api/v1 and /admin carry `Cache-Control: no-store` and
   `X-Content-Type-Options: nosniff`.

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.audit import LedgerFigures
-from app.domain.credits import Attempt, Operation
-from app.domain.state import Merged, Round, UserState, verified
+from app.domain.credits import Account, Attempt, Operation
+from app.domain.state import LedgerRecord, Merged, Round, UserState, verified
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 
 
@@ -136,9 +135,8 @@ class StateRepository(Protocol):
         found, by user, as app/domain/state.py's `differences` words them."""
         ...
 
-    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        """Where an import's rows wait, validated, until its whole stream is, then to be
-        merged; what is left of them is removed when the block ends."""
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        """`merge_verified` of a batch of an import, given as its rows (Row)."""
         ...
 
 
@@ -167,23 +165,6 @@ class StagedBatch:
     follows: bool
 
 
-class ImportStaging(Protocol):
-    """An import's validated rows, held apart from the store's users until merged."""
-
-    async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        """Holds the next rows of the stream; may return before they are held."""
-        ...
-
-    async def flush(self) -> None:
-        """Waits until every row staged is held."""
-        ...
-
-    def merge(self, batch: StagedBatch) -> Awaitable[Merged]:
-        """`merge_verified` of the batch's users, as one unit of work. Called in batch
-        order; the next may be called before this one is awaited."""
-        ...
-
-
 class Erasures(Protocol):
     """When users were erased (SPEC §10)."""
 
@@ -198,6 +179,37 @@ class Erasures(Protocol):
     def pseudonym(self, user_id: str) -> str:
         """What the user's erasure is recorded under."""
         ...
+
+
+def states_of(batch: StagedBatch, rows: StagedRows) -> list[UserState]:
+    """A batch of an import as its users, in the batch's order."""
+    accounts, ledger, consents = rows
+    account_of = {row[1]: Account(*row[1:]) for row in accounts}
+    ledger_of: dict[str, list[LedgerRecord]] = {}
+    for row in ledger:
+        ledger_of.setdefault(row[2], []).append(LedgerRecord(*row[2:]))
+    consent_of = {row[1]: _consent(row) for row in consents}
+    return [
+        UserState(
+            user_id,
+            account_of.get(user_id),
+            tuple(ledger_of.get(user_id, ())),
+            consent_of.get(user_id),
+        )
+        for user_id in batch.user_ids
+    ]
+
+
+def _consent(row: Row) -> UserConsent:
+    _, user_id, terms_accepted, marketing_consent, timestamp, updated_at, version = row
+    return UserConsent(
+        user_id=user_id,
+        terms_accepted=terms_accepted,
+        marketing_consent=marketing_consent,
+        timestamp=timestamp,
+        updated_at=updated_at,
+        terms_version=version,
+    )
 
 
 async def read_back_verified(

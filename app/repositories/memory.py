@@ -14,7 +14,6 @@ import heapq
 import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -31,8 +30,13 @@ from app.domain.state import (
     missing_rows,
 )
 from app.errors import StorageFullError
-from app.repositories.base import ImportStaging, Stores, read_back_verified
-from app.repositories.spool import merging_states, spool_staging
+from app.repositories.base import (
+    StagedBatch,
+    StagedRows,
+    Stores,
+    read_back_verified,
+    states_of,
+)
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits, event_of
 
 DEFAULT_MAX_USERS = 100_000
@@ -300,8 +304,8 @@ class MemoryStateRepository:
     ) -> Merged:
         return await read_back_verified(self, states, round)
 
-    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        return spool_staging(merging_states(self))
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        return await self.merge_verified(states_of(batch, rows))
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         data = self._data

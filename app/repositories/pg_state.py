@@ -9,9 +9,8 @@ transaction, set-based against the staging tables (_VERIFY), so that only the di
 come back, not every user read back. Reads are the same statements as
 SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
 
-An import (`staging`) keeps its validated rows in a spool file; each batch is then
-copied from there into the staging tables and merged by the same statements, its rows
-never made into users.
+An import's batch (`merge_rows`) is copied from its rows into the staging tables and
+merged by the same statements, never made into users.
 
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
 empty to every merge, and a merge rolled back leaves nothing in them either). The users
@@ -24,7 +23,7 @@ into an empty database, whose statistics lag behind, most of all).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -34,8 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.domain.audit import LedgerFigures
 from app.domain.credits import Account
 from app.domain.state import LedgerRecord, Merged, Round, UserState
-from app.repositories.base import ImportStaging, Row, StagedBatch, StagedRows
-from app.repositories.spool import spool_staging
+from app.repositories.base import Row, StagedBatch, StagedRows
 from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_state import erase
 from app.schemas import UserConsent
@@ -378,12 +376,9 @@ class PostgresStateRepository:
         # SqlStateRepository's statements: a batch comes back as one row per account.
         return await ledger_figures(self._engine, after, limit)
 
-    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        """A spool file; each batch copied from it into the staging tables and merged
-        there, verified, as `merge_verified` merges users."""
-        return spool_staging(self._merge_batch)
-
-    async def _merge_batch(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        """The rows copied into the staging tables as they come, merged and verified
+        there as `merge_verified` merges users."""
         accounts, ledger, consents = ([row[1:] for row in kind] for kind in rows)
         locking = batch.user_ids if batch.lock else None
         async with self._transaction() as driver:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any
 
@@ -23,8 +22,7 @@ from app.domain.state import (
     missing_rows,
 )
 from app.models import HandoverMarkRow, table
-from app.repositories.base import ImportStaging, read_back_verified
-from app.repositories.spool import merging_states, spool_staging
+from app.repositories.base import StagedBatch, StagedRows, read_back_verified, states_of
 from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_base import insert, snapshot, transaction
 from app.repositories.sql_consents import consent_events, consents
@@ -120,8 +118,8 @@ class SqlStateRepository:
         """`merge`, then the users read back (committed) and compared."""
         return await read_back_verified(self, states, round)
 
-    def staging(self) -> AbstractAsyncContextManager[ImportStaging]:
-        return spool_staging(merging_states(self))
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        return await self.merge_verified(states_of(batch, rows))
 
 
 _ACCOUNT_FIELDS = (

@@ -8,7 +8,6 @@ not here fails the type check where the wrapper is used as that protocol.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -21,9 +20,8 @@ from app.repositories.base import (
     ConsentRepository,
     CreditRepository,
     Erasures,
-    ImportStaging,
-    Row,
     StagedBatch,
+    StagedRows,
     StateRepository,
 )
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
@@ -180,30 +178,5 @@ class GuardedState:
     async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
         return await self._guard.run(self._inner.ledger_figures, after, limit)
 
-    @asynccontextmanager
-    async def staging(self) -> AsyncIterator[ImportStaging]:
-        async with self._inner.staging() as staging:
-            yield GuardedStaging(staging, self._guard)
-
-
-class GuardedStaging:
-    """An import's staging, its batches' merges behind the guard (retried, as any merge:
-    merging the same rows again changes nothing)."""
-
-    def __init__(self, inner: ImportStaging, guard: Guard) -> None:
-        self._inner = inner
-        self._guard = guard
-
-    async def stage(self, accounts: list[Row], ledger: list[Row], consents: list[Row]) -> None:
-        await self._inner.stage(accounts, ledger, consents)
-
-    async def flush(self) -> None:
-        await self._inner.flush()
-
-    async def merge(self, batch: StagedBatch) -> Merged:
-        return await self._guard.run(self._merged, batch)
-
-    async def _merged(self, batch: StagedBatch) -> Merged:
-        # A coroutine function, as the retries take it; the staging's merge may hand back
-        # an awaitable from a plain call.
-        return await self._inner.merge(batch)
+    async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
+        return await self._guard.run(self._inner.merge_rows, batch, rows)

@@ -172,11 +172,6 @@ class RetryPolicy:
     max_backoff: float
 
 
-# For what is never worth waiting for (the cache: a miss is cheaper), and for what a
-# retry could apply twice.
-ONE_ATTEMPT = RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)
-
-
 class Guard:
     """Runs one whole unit of work with retries for transient faults, behind the breaker.
 

@@ -2,8 +2,8 @@
 
 A stream is a header line, then each user's lines together (its account, its ledger rows,
 its consent), then a footer with the counts. An import is all or nothing: the whole
-stream is validated first, line by line, into a spool file (StateRepository.staging); only
-a stream whose footer agrees with its lines is then merged, batch by batch, with the
+stream is validated first, line by line, into a spool file (app/storage/spool.py); only a
+stream whose footer agrees with its lines is then merged, batch by batch, with the
 hand-over's merge and verification, so importing the same stream twice changes nothing.
 """
 
@@ -25,9 +25,10 @@ from app.domain.credits import CreditRules
 from app.domain.state import Merged
 from app.errors import AppError
 from app.models import IDEMPOTENCY_KEY_LENGTH, TERMS_VERSION_LENGTH, USER_ID_LENGTH
-from app.repositories.base import ImportStaging, Row, StagedBatch, StateRepository
+from app.repositories.base import Row, StagedBatch, StateRepository
 from app.schemas import TransactionType
 from app.storage.handover import BATCH_SIZE, HandoverReport
+from app.storage.spool import Spool, spooled
 
 FORMAT = 1
 # No line of ours comes near it (a description is the longest field); it bounds what an
@@ -154,22 +155,23 @@ def _iso(value: object) -> str:
 # Import.
 
 
-# A stream's lines staged at once.
-STAGE_LINES = 8192
+# A stream's lines spooled at once.
+SPOOL_LINES = 8192
 
 
 class Staged:
-    """A validated stream, staged for its target store (StateRepository.staging) and
-    waiting to be merged."""
+    """A validated stream, spooled and waiting to be merged into its target store."""
 
     def __init__(
         self,
-        staging: ImportStaging,
+        spool: Spool,
+        target: StateRepository,
         footer: Footer,
         batches: list[StagedBatch],
         report: HandoverReport,
     ) -> None:
-        self._staging = staging
+        self._spool = spool
+        self._target = target
         self.footer = footer
         self._batches = batches
         self._report = report
@@ -181,9 +183,9 @@ class Staged:
     async def merge(self, *, progress: Callable[[int], None] | None = None) -> HandoverReport:
         """Merges the stream, verified user by user.
 
-        Up to MERGES_IN_FLIGHT batches are merged at once, each its own unit of work; a
-        batch naming a user that the batch before names waits for it, so that a user's
-        runs are merged in stream order."""
+        Up to MERGES_IN_FLIGHT batches are merged at once, each its own unit of work
+        (StateRepository.merge_rows); a batch naming a user that the batch before names
+        waits for it, so that a user's runs are merged in stream order."""
         started = time.perf_counter()
         report = self._report
         merging: list[tuple[asyncio.Future[Merged], StagedBatch]] = []
@@ -204,7 +206,8 @@ class Staged:
             for batch in self._batches:
                 while merging and (len(merging) == MERGES_IN_FLIGHT or batch.follows):
                     await settle()
-                merging.append((asyncio.ensure_future(self._staging.merge(batch)), batch))
+                rows = self._spool.batch(batch.number)
+                merging.append((asyncio.ensure_future(self._target.merge_rows(batch, rows)), batch))
             while merging:
                 await settle()
         finally:
@@ -219,11 +222,12 @@ class Staged:
 
 @asynccontextmanager
 async def staged(chunks: AsyncIterable[bytes], target: StateRepository) -> AsyncIterator[Staged]:
-    """Validates a whole stream into `target`'s staging, emptied when the block ends;
-    InvalidStreamError names the first line that is wrong (or the last, for a stream cut
-    short), with nothing merged."""
-    async with target.staging() as staging:
-        yield await _validated(_lines(chunks), staging)
+    """Validates a whole stream into a spool, removed when the block ends, to be merged
+    into `target`; InvalidStreamError names the first line that is wrong (or the last,
+    for a stream cut short), with nothing merged."""
+    with spooled() as spool:
+        footer, batches, report = await _validated(_lines(chunks), spool)
+        yield Staged(spool, target, footer, batches, report)
 
 
 async def _lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
@@ -241,8 +245,10 @@ async def _lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[bytes]]:
         yield [pending]
 
 
-async def _validated(chunks: AsyncIterator[list[bytes]], staging: ImportStaging) -> Staged:
-    """Each line validated and staged, its user's batch numbered (see StagedBatch); one
+async def _validated(
+    chunks: AsyncIterator[list[bytes]], spool: Spool
+) -> tuple[Footer, list[StagedBatch], HandoverReport]:
+    """Each line validated and spooled, its user's batch numbered (see StagedBatch); one
     function of plain locals, since it runs for every line of a stream of millions."""
     report = HandoverReport()
     accounts: list[Row] = []
@@ -356,22 +362,21 @@ async def _validated(chunks: AsyncIterator[list[bytes]], staging: ImportStaging)
                     )
                 )
                 consented.add(user_id)
-        if len(accounts) + len(ledger) + len(consents) >= STAGE_LINES:
-            await staging.stage(accounts, ledger, consents)
+        if len(accounts) + len(ledger) + len(consents) >= SPOOL_LINES:
+            spool.write(accounts, ledger, consents)
             accounts, ledger, consents = [], [], []
     if number == 0:
         raise InvalidStreamError(1, "an empty stream")
     if footer is None:
         raise InvalidStreamError(number, "the stream ends without its footer (truncated?)")
     if accounts or ledger or consents:
-        await staging.stage(accounts, ledger, consents)
-    await staging.flush()
+        spool.write(accounts, ledger, consents)
     if batch:
         ledger_rows[cast(str, run)] = ledger_rows.get(cast(str, run), 0) + run_rows
         batches.append(
             _closed(number_of_batch, batch, accounted, consented, batch_lines, follows, report)
         )
-    return Staged(staging, footer, batches, report)
+    return footer, batches, report
 
 
 def _closed(
