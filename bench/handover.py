@@ -1,7 +1,7 @@
 """Section `handover`: moving state into PostgreSQL and out of it (SPEC §7).
 
-- Import: N accounts and 2N ledger rows as an NDJSON stream, validated into the store's
-  staging and merged (app/storage/stream.py) into an empty database through
+- Import: N accounts and 2N ledger rows as an NDJSON stream, validated into a spool and
+  merged (app/storage/stream.py) into an empty database through
   PostgresStateRepository, against asyncpg's binary COPY of the same rows into the same
   tables of another empty database: the least any import can cost. SqlStateRepository
   is measured on a tenth of the stream.
@@ -329,7 +329,7 @@ async def run(ctx: Context) -> None:
             ratio(project.rate, raw.rate),
         ],
         [
-            "  of which validation and staging",
+            "  of which validation and spooling",
             "",
             f"{project.validated_seconds:.1f}",
             rate(project.rows / project.validated_seconds),

@@ -1,18 +1,18 @@
 """An import (SPEC §7): a stream is spooled while it is validated, then merged batch by
-batch. A user's runs land in stream order, whatever the batches; a refused
-stream merges nothing, a failed merge keeps the batches before it; imports at once keep
-apart; a database lost meanwhile is 503."""
+batch. A user's runs land in stream order, whatever the batches; a refused stream merges
+nothing, a failed merge keeps the batches before it; imports at once keep apart; a
+database lost meanwhile is 503."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.domain.state import Merged, UserState
@@ -40,33 +40,30 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stream, "SPOOL_LINES", 3)
 
 
-class Store:
-    def __init__(self, state: StateRepository, engine: AsyncEngine | None) -> None:
-        self.state = state
-        self.engine = engine
+@asynccontextmanager
+async def repository(request: pytest.FixtureRequest, kind: str) -> AsyncIterator[StateRepository]:
+    """The store's users as a whole, on a fresh database of `kind`."""
+    async with fresh_database(request, kind) as url:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            yield state_repository(engine)
+        finally:
+            await engine.dispose()
 
 
 @pytest.fixture(params=STORES)
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateRepository]:
     if request.param == "memory":
-        yield Store(MemoryStateRepository(MemoryData()), None)
+        yield MemoryStateRepository(MemoryData())
         return
-    async with fresh_database(request, request.param) as url:
-        engine = create_engine(Settings(database_url=url))
-        try:
-            yield Store(state_repository(engine), engine)
-        finally:
-            await engine.dispose()
+    async with repository(request, request.param) as state:
+        yield state
 
 
 @pytest.fixture
-async def postgres(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    async with fresh_database(request, "postgres") as url:
-        engine = create_engine(Settings(database_url=url))
-        try:
-            yield Store(state_repository(engine), engine)
-        finally:
-            await engine.dispose()
+async def postgres(request: pytest.FixtureRequest) -> AsyncIterator[StateRepository]:
+    async with repository(request, "postgres") as state:
+        yield state
 
 
 def account(user_id: str, available: int) -> dict[str, Any]:
@@ -135,9 +132,9 @@ def users(count: int, prefix: str = "u") -> list[dict[str, Any]]:
 
 
 @pytest.mark.usefixtures("small_batches")
-async def test_a_users_runs_land_in_stream_order_across_batches(store: Store) -> None:
+async def test_a_users_runs_land_in_stream_order_across_batches(store: StateRepository) -> None:
     report = await imported(
-        store.state,
+        store,
         [
             account("ann", 9),
             row("ann", -1),
@@ -153,7 +150,7 @@ async def test_a_users_runs_land_in_stream_order_across_batches(store: Store) ->
         ],
     )
     assert report.verification.mismatches == 0
-    ann, bob, cy = await store.state.read(["ann", "bob", "cy"])
+    ann, bob, cy = await store.read(["ann", "bob", "cy"])
     assert ann.account is not None and ann.account.available == 3
     assert [entry.amount for entry in ann.ledger] == [-1, -2]
     assert ann.consent is not None and ann.consent.marketing_consent
@@ -163,11 +160,11 @@ async def test_a_users_runs_land_in_stream_order_across_batches(store: Store) ->
 
 
 @pytest.mark.usefixtures("small_batches")
-async def test_an_import_across_many_batches_carries_every_user(store: Store) -> None:
-    report = await imported(store.state, users(25))
+async def test_an_import_across_many_batches_carries_every_user(store: StateRepository) -> None:
+    report = await imported(store, users(25))
     assert report.body()["accounts"] == 25
     assert report.body()["ledger_rows_added"] == 25
-    held = await store.state.read([f"u{number}" for number in range(25)])
+    held = await store.read([f"u{number}" for number in range(25)])
     assert [state.account.available for state in held if state.account] == [
         number % 10 for number in range(25)
     ]
@@ -175,20 +172,20 @@ async def test_an_import_across_many_batches_carries_every_user(store: Store) ->
 
 
 @pytest.mark.usefixtures("small_batches")
-async def test_a_stream_refused_at_its_end_merges_nothing(store: Store) -> None:
+async def test_a_stream_refused_at_its_end_merges_nothing(store: StateRepository) -> None:
     parts = ndjson(users(12))
     parts[-1] = b'{"kind": "footer", "accounts": 12, "ledger_rows": 11, "consents": 0}\n'
     with pytest.raises(InvalidStreamError) as refused:
-        async with staged(chunks(parts), store.state) as validated:
+        async with staged(chunks(parts), store) as validated:
             await validated.merge()
     assert refused.value.line == len(parts)
-    assert await store.state.read(["u0", "u11"]) == [UserState("u0"), UserState("u11")]
+    assert await store.read(["u0", "u11"]) == [UserState("u0"), UserState("u11")]
 
 
 @pytest.mark.usefixtures("small_batches")
 @pytest.mark.postgres
 async def test_a_merge_failing_midway_keeps_the_batches_before_it(
-    postgres: Store, monkeypatch: pytest.MonkeyPatch
+    postgres: StateRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     applied = 0
     apply = pg_state._merge_rows
@@ -202,20 +199,20 @@ async def test_a_merge_failing_midway_keeps_the_batches_before_it(
 
     monkeypatch.setattr(pg_state, "_merge_rows", failing_third)
     with pytest.raises(RuntimeError):
-        await imported(postgres.state, users(12))
+        await imported(postgres, users(12))
     # The batches merged before it stand, each its own unit of work; the rest is not.
-    merged = [state for state in await postgres.state.read(["u0", "u11"]) if state.account]
+    merged = [state for state in await postgres.read(["u0", "u11"]) if state.account]
     assert [state.user_id for state in merged] == ["u0"]
 
 
 @pytest.mark.usefixtures("small_batches")
 @pytest.mark.postgres
-async def test_two_imports_at_once_keep_apart(postgres: Store) -> None:
+async def test_two_imports_at_once_keep_apart(postgres: StateRepository) -> None:
     first, second = await asyncio.gather(
-        imported(postgres.state, users(9, "a")), imported(postgres.state, users(9, "b"))
+        imported(postgres, users(9, "a")), imported(postgres, users(9, "b"))
     )
     assert first.verification.mismatches == second.verification.mismatches == 0
-    held = await postgres.state.read([f"{prefix}{n}" for prefix in "ab" for n in range(9)])
+    held = await postgres.read([f"{prefix}{n}" for prefix in "ab" for n in range(9)])
     assert all(state.account is not None and len(state.ledger) == 1 for state in held)
 
 

@@ -73,10 +73,11 @@ class LastKnown:
         process); counts them. A user's pseudonym is worked out once, here, not on the
         path every answer of the database takes; a full snapshot's worth takes a good
         part of a second, so the event loop gets a turn every PSEUDONYMS_PER_TURN."""
-        gone = 0
-        for worked, (user_id, seen) in enumerate(list(self._users.items()), start=1):
+        gone = worked = 0
+        for user_id, seen in list(self._users.items()):
             if seen.pseudonym is None:
                 seen.pseudonym = pseudonym(user_id)
+                worked += 1
                 if worked % PSEUDONYMS_PER_TURN == 0:
                     await asyncio.sleep(0)
             if seen.pseudonym in erased and self._users.pop(user_id, None) is not None:

@@ -282,13 +282,13 @@ async def _validated(
             kind = type(line)
             if number == 1 and kind is not Header:
                 raise InvalidStreamError(number, "the first line is not a header")
-            if kind is Header or kind is Footer:
-                if kind is Header and number > 1:
+            if kind is Header:
+                if number > 1:
                     raise InvalidStreamError(number, "a second header")
-                if kind is Footer:
-                    footer = line
-                    found = (account_lines, ledger_lines, consent_lines)
-                    _check_counts(number, line, found)
+                continue
+            if kind is Footer:
+                footer = line
+                _check_counts(number, line, (account_lines, ledger_lines, consent_lines))
                 continue
             user_id: str = line.user_id
             # A new run: another user, or a second account or consent of this one (merged
