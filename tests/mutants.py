@@ -410,6 +410,27 @@ MUTANTS = [
         PG_STATE_TESTS,
     ),
     Mutant(
+        "pg import: a batch copied over ledger rows the store held",
+        PG_STATE,
+        "    if any(differing.values()):",
+        "    if False:",
+        PG_STATE_TESTS,
+    ),
+    Mutant(
+        "pg import: a copied key claimed for another operation",
+        PG_STATE,
+        "(row[0], row[5], row[3], row[1])",
+        "(row[0], row[5], row[3], 'refund')",
+        PG_STATE_TESTS,
+    ),
+    Mutant(
+        "pg import: a copied batch's ledger left out of VERIFY",
+        PG_STATE,
+        "if row[1:6] != expected[user_id]:",
+        "if row[1:4] != expected[user_id][:3]:",
+        PG_STATE_TESTS,
+    ),
+    Mutant(
         "pg state: the earlier consent wins",
         PG_STATE,
         "WHERE held.updated_at < excluded.updated_at",

@@ -188,16 +188,19 @@ async def test_a_merge_failing_midway_keeps_the_batches_before_it(
     postgres: StateRepository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     applied = 0
-    apply = pg_state._merge_rows
+    copy = pg_state._copied
 
-    async def failing_third(*args: Any) -> int:
+    async def failing_third(*args: Any) -> Merged | None:
+        """The third batch fails once its rows are in, inside its transaction."""
         nonlocal applied
         applied += 1
-        if applied == 3:
+        number = applied
+        copied = await copy(*args)
+        if number == 3:
             raise RuntimeError("the database went away")
-        return await apply(*args)
+        return copied
 
-    monkeypatch.setattr(pg_state, "_merge_rows", failing_third)
+    monkeypatch.setattr(pg_state, "_copied", failing_third)
     with pytest.raises(RuntimeError):
         await imported(postgres, users(12))
     # The batches merged before it stand, each its own unit of work; the rest is not.
@@ -214,6 +217,20 @@ async def test_two_imports_at_once_keep_apart(postgres: StateRepository) -> None
     assert first.verification.mismatches == second.verification.mismatches == 0
     held = await postgres.read([f"{prefix}{n}" for prefix in "ab" for n in range(9)])
     assert all(state.account is not None and len(state.ledger) == 1 for state in held)
+
+
+@pytest.mark.usefixtures("small_batches")
+@pytest.mark.postgres
+async def test_two_imports_of_the_same_users_at_once_add_each_row_once(
+    postgres: StateRepository,
+) -> None:
+    # Both find the users new; the second's copy waits for the first's keys, fails on
+    # them, and its batch is merged as any other.
+    first, second = await asyncio.gather(imported(postgres, users(9)), imported(postgres, users(9)))
+    assert first.verification.mismatches == second.verification.mismatches == 0
+    held = await postgres.read([f"u{n}" for n in range(9)])
+    assert [state.account.available for state in held if state.account] == list(range(9))
+    assert [len(state.ledger) for state in held] == [1] * 9
 
 
 @pytest.mark.usefixtures("small_batches")

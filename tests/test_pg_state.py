@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.domain.credits import Account
-from app.domain.state import LedgerRecord, Round, UserState
+from app.domain.state import LedgerRecord, Merged, Round, UserState
+from app.repositories.base import StagedBatch, StagedRows
 from app.repositories.pg_state import PostgresStateRepository
 from app.repositories.sql_consents import consents
 from app.repositories.sql_credits import accounts, claimed_keys, ledger
@@ -49,6 +50,13 @@ class Pair:
         """Merges into both; the rows added, which must agree."""
         expected = await self.reference.merge(states, round)
         assert await self.subject.merge(states, round) == expected
+        return expected
+
+    async def merge_rows(self, states: Sequence[UserState]) -> Merged:
+        """Merges into both as an import's batch of them; what each found must agree."""
+        batch, rows = staged(states)
+        expected = await self.reference.merge_rows(batch, rows)
+        assert await self.subject.merge_rows(batch, rows) == expected
         return expected
 
     async def assert_same(self, user_ids: Sequence[str]) -> None:
@@ -86,6 +94,29 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
         finally:
             for engine in engines:
                 await engine.dispose()
+
+
+def staged(states: Sequence[UserState]) -> tuple[StagedBatch, StagedRows]:
+    """The states as an import's batch of them (app/repositories/base.py, Row)."""
+    accounts = [
+        (a.user_id, a.is_guest, a.available, a.maximum, a.last_reset)
+        for a in (state.account for state in states)
+        if a is not None
+    ]
+    ledger = [
+        (r.user_id, r.kind, r.amount, r.timestamp, r.description, r.idempotency_key)
+        for state in states
+        for r in state.ledger
+    ]
+    consents = [
+        (c.user_id, c.terms_accepted, c.marketing_consent, c.timestamp, c.updated_at, None)
+        for c in (state.consent for state in states)
+        if c is not None
+    ]
+    lines = len(accounts) + len(ledger) + len(consents)
+    lock = len(accounts) < len(states)
+    batch = StagedBatch(0, [state.user_id for state in states], lines, lock, follows=False)
+    return batch, (accounts, ledger, consents)
 
 
 def row(
@@ -177,6 +208,51 @@ async def test_into_held_state_only_the_lacking_copies_are_added_and_later_conse
     assert subject["dee"].consent == consent("dee", True, LATER)
     assert subject["ann"].account == account("ann", 6)
     assert [r.amount for r in subject["ann"].ledger] == [-1, -5, -1, -2, 1]
+
+
+def accounted() -> list[UserState]:
+    """incoming() but its user with only a consent: an import's batch of users that each
+    come with an account, which is copied straight into a store that holds none of them."""
+    return [state for state in incoming() if state.account is not None]
+
+
+async def test_an_import_batch_copied_into_empty_stores_is_what_the_merge_leaves(
+    pair: Pair,
+) -> None:
+    assert await pair.merge_rows(accounted()) == Merged(7)
+    await pair.assert_same(USERS)
+
+
+_HELD_KEY = """
+INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation)
+VALUES ('cy', 'c', '2026-11-28T12:00:00+00:00', 'refund')
+"""
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        # ann's ledger rows without her account: one of her two equal rows, and one more.
+        [UserState("ann", ledger=(row("ann", -1), row("ann", -7)))],
+        [UserState("cy", account("cy", 2))],
+        [UserState("ann", consent=consent("ann", False, LATER + timedelta(hours=1)))],
+        _HELD_KEY,
+    ],
+    ids=["ledger rows", "an account", "a later consent", "a claimed key"],
+)
+async def test_an_import_batch_of_users_the_store_holds_something_of_is_merged(
+    pair: Pair, held: list[UserState] | str
+) -> None:
+    if isinstance(held, str):
+        for engine in pair.engines:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(held)
+    else:
+        await pair.seed(held)
+    merged = await pair.merge_rows(accounted())
+    assert merged.mismatched == {}
+    await pair.assert_same(USERS)
+    assert await pair.merge_rows(accounted()) == Merged(0)
 
 
 async def test_a_failed_merge_leaves_nothing_behind_not_even_staged_rows(pair: Pair) -> None:
@@ -303,6 +379,24 @@ async def test_verify_in_the_database_finds_what_reading_back_finds(
     again = await pair.reference.merge_verified(states, round)
     assert (await pair.subject.merge_verified(states, round)).mismatched == again.mismatched
     assert set(again.mismatched) == set(found.mismatched)
+
+
+async def test_an_import_batch_copied_is_verified_as_reading_back_verifies(pair: Pair) -> None:
+    for engine in pair.engines:
+        async with engine.begin() as conn:
+            for statement in _LOSSY:
+                await conn.exec_driver_sql(statement)
+    merged = await pair.merge_rows([s for s in lossy_incoming() if s.account is not None])
+    assert merged.mismatched == {
+        "lossy": ["1 ledger row(s) missing: ledger sum -4, expected -6"],
+        "bent": [
+            "balance 5, expected 4",
+            "maximum 11, expected 10",
+            "tier registered, expected guest",
+        ],
+        "lower": ["balance 3, expected 4", "1 ledger row(s) missing: ledger sum 0, expected -1"],
+        "shy": ["consent differs"],
+    }
 
 
 async def test_a_pooled_connection_closed_while_idle_is_a_fault_retried_on_another(

@@ -140,11 +140,10 @@ class StateRepository(Protocol):
         ...
 
 
-# An import's rows as staged, in stream order, each led by its batch's number:
-# an account (batch, user_id, is_guest, available_credits, max_credits, last_reset),
-# a ledger row (batch, position in the stream, user_id, kind, amount, timestamp,
-#               description, idempotency_key),
-# a consent (batch, user_id, terms_accepted, marketing_consent, timestamp, updated_at,
+# An import's rows as staged, in stream order:
+# an account (user_id, is_guest, available_credits, max_credits, last_reset),
+# a ledger row (user_id, kind, amount, timestamp, description, idempotency_key),
+# a consent (user_id, terms_accepted, marketing_consent, timestamp, updated_at,
 #            terms_version).
 Row = tuple[Any, ...]
 # A batch's accounts, ledger rows and consents.
@@ -184,11 +183,11 @@ class Erasures(Protocol):
 def states_of(batch: StagedBatch, rows: StagedRows) -> list[UserState]:
     """A batch of an import as its users, in the batch's order."""
     accounts, ledger, consents = rows
-    account_of = {row[1]: Account(*row[1:]) for row in accounts}
+    account_of = {row[0]: Account(*row) for row in accounts}
     ledger_of: dict[str, list[LedgerRecord]] = {}
     for row in ledger:
-        ledger_of.setdefault(row[2], []).append(LedgerRecord(*row[2:]))
-    consent_of = {row[1]: _consent(row) for row in consents}
+        ledger_of.setdefault(row[0], []).append(LedgerRecord(*row))
+    consent_of = {row[0]: _consent(row) for row in consents}
     return [
         UserState(
             user_id,
@@ -201,7 +200,7 @@ def states_of(batch: StagedBatch, rows: StagedRows) -> list[UserState]:
 
 
 def _consent(row: Row) -> UserConsent:
-    _, user_id, terms_accepted, marketing_consent, timestamp, updated_at, version = row
+    user_id, terms_accepted, marketing_consent, timestamp, updated_at, version = row
     return UserConsent(
         user_id=user_id,
         terms_accepted=terms_accepted,

@@ -9,8 +9,10 @@ transaction, set-based against the staging tables (_VERIFY), so that only the di
 come back, not every user read back. Reads are the same statements as
 SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
 
-An import's batch (`merge_rows`) is copied from its rows into the staging tables and
-merged by the same statements, never made into users.
+An import's batch (`merge_rows`) of users the store holds nothing of is copied straight
+into the tables (COPY) and verified by reading back each user's account, ledger count and
+sum, and consent; any other batch is copied from its rows into the staging tables and
+merged by the same statements as a hand-over. Neither is ever made into users.
 
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
 empty to every merge, and a merge rolled back leaves nothing in them either). The users
@@ -22,18 +24,20 @@ into an empty database, whose statistics lag behind, most of all).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.audit import LedgerFigures
-from app.domain.credits import Account
-from app.domain.state import LedgerRecord, Merged, Round, UserState
-from app.repositories.base import Row, StagedBatch, StagedRows
+from app.domain.credits import KEYED_KINDS, Account
+from app.domain.state import LedgerRecord, Merged, Round, UserState, verified
+from app.repositories.base import Row, StagedBatch, StagedRows, states_of
 from app.repositories.sql_audit import ledger_figures
 from app.repositories.sql_state import erase
 from app.schemas import UserConsent
@@ -219,6 +223,62 @@ ON CONFLICT (user_id) DO UPDATE
 """
 
 
+# An import's batch of users the store holds nothing of (a restore, above all) is copied
+# straight into the tables, as the raw COPY would, not through the staging tables and the
+# merge's INSERT … SELECTs, which cost twice as much per row. Whether the store held
+# something of them is left to the tables' keys (an account, a claimed key or a consent
+# already held fails its COPY as a unique violation) and, for ledger rows, which have
+# none, to the copy's VERIFY (_COPIED_DIFFER: more rows than came); either way the copy is
+# undone and the batch merged as any other. Each table's rows go in key order, as the
+# merge's do, so that two merges of the same users wait for each other, not deadlock.
+_ACCOUNT_COLUMNS = [
+    "user_id",
+    "is_guest",
+    "available_credits",
+    "max_credits",
+    "last_reset_timestamp",
+    "created_at",
+    "updated_at",
+]
+_KEY_COLUMNS = ["user_id", "idempotency_key", "created_at", "operation"]
+_CONSENT_COLUMNS = [
+    "user_id",
+    "terms_accepted",
+    "marketing_consent",
+    "timestamp",
+    "updated_at",
+    "terms_version",
+]
+
+# VERIFY of a copied batch: what its users ($1) hold now, set-based, a row each (account,
+# ledger count and sum, consent's `updated_at` for the users of $2). When the store held
+# none of them it holds them exactly as they came, unless something was lost or changed
+# on the way (_copied_differing); SPEC §7 verifies the ledger by its sum.
+_COPIED_HELD = """
+WITH named AS (
+    SELECT unnest($1::text[]) AS user_id
+), held_accounts AS (
+    SELECT user_id, is_guest, available_credits, max_credits
+      FROM user_credits
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
+), held_ledgers AS (
+    SELECT user_id, count(*) AS rows, sum(amount) AS total
+      FROM credit_transactions
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
+     GROUP BY user_id
+), held_consents AS (
+    SELECT user_id, updated_at
+      FROM user_consents
+     WHERE user_id = ANY(ARRAY(SELECT unnest($2::text[])))
+)
+SELECT n.user_id, a.is_guest, a.available_credits, a.max_credits,
+       coalesce(l.rows, 0), coalesce(l.total, 0), c.updated_at
+  FROM named n
+  LEFT JOIN held_accounts a ON a.user_id = n.user_id
+  LEFT JOIN held_ledgers l ON l.user_id = n.user_id
+  LEFT JOIN held_consents c ON c.user_id = n.user_id
+"""
+
 # VERIFY (app/domain/state.py's `differences`, set-based), after the merge in the same
 # transaction, of the staged users against what the tables hold now: one row per
 # difference found, `ordinal` ordering a user's rows as `differences` lists them, each
@@ -336,21 +396,8 @@ class PostgresStateRepository:
             after = users[-1]
 
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
-        named = list(user_ids)
         async with self._transaction(isolation="repeatable_read", readonly=True) as driver:
-            await driver.execute(_CUSTOM_PLANS)
-            accounts = {row[0]: Account(*row) for row in await driver.fetch(_READ_ACCOUNTS, named)}
-            ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
-            for row in await driver.fetch(_READ_LEDGER, named):
-                ledger[row[0]].append(LedgerRecord(*row))
-            consents = {
-                row[0]: UserConsent.model_validate(dict(row))
-                for row in await driver.fetch(_READ_CONSENTS, named)
-            }
-        return [
-            UserState(user_id, accounts.get(user_id), tuple(ledger[user_id]), consents.get(user_id))
-            for user_id in named
-        ]
+            return await _read(driver, list(user_ids))
 
     async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
         if not states:
@@ -377,12 +424,18 @@ class PostgresStateRepository:
         return await ledger_figures(self._engine, after, limit)
 
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
-        """The rows copied into the staging tables as they come, merged and verified
-        there as `merge_verified` merges users."""
-        accounts, ledger, consents = ([row[1:] for row in kind] for kind in rows)
-        locking = batch.user_ids if batch.lock else None
+        """The rows copied straight into the tables when the store holds nothing of their
+        users (_copied), else into the staging tables, merged and verified there as
+        `merge_verified` merges users."""
         async with self._transaction() as driver:
-            added = await _merge_rows(driver, accounts, ledger, consents, locking, None)
+            # Only a batch whose every user comes with its account: the accounts' keys
+            # then stand for every user in it.
+            if not batch.lock and (copied := await _copied(driver, batch, rows)) is not None:
+                return copied
+            accounts, ledger, consents = rows
+            positioned = [(position, *row) for position, row in enumerate(ledger)]
+            locking = batch.user_ids if batch.lock else None
+            added = await _merge_rows(driver, accounts, positioned, consents, locking, None)
             return Merged(added, await _verified(driver, False))
 
     @asynccontextmanager
@@ -466,12 +519,100 @@ async def _merge_rows(
     return added
 
 
+async def _copied(
+    driver: asyncpg.Connection, batch: StagedBatch, staged: StagedRows
+) -> Merged | None:
+    """COPY of a batch whose users the store holds nothing of, verified; None, with
+    nothing copied, when it holds something of them."""
+    accounts, ledger, consents = staged
+    # Every key a deduction or refund row carries, claimed at the time of its last row.
+    claims = {
+        (row[0], row[5]): (row[0], row[5], row[3], row[1])
+        for row in ledger
+        if row[5] is not None and row[1] in KEYED_KINDS
+    }
+    rows = _copies_together(ledger)
+    copy = driver.transaction()  # a savepoint: what the store held undoes only the copy
+    await copy.start()
+    try:
+        await driver.copy_records_to_table(
+            "user_credits",
+            records=sorted((*row, row[4], row[4]) for row in accounts),
+            columns=_ACCOUNT_COLUMNS,
+        )
+        if rows:
+            await driver.copy_records_to_table(
+                "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+            )
+        if claims:
+            await driver.copy_records_to_table(
+                "credit_idempotency_keys", records=sorted(claims.values()), columns=_KEY_COLUMNS
+            )
+        if consents:
+            await driver.copy_records_to_table(
+                "user_consents", records=sorted(consents), columns=_CONSENT_COLUMNS
+            )
+        held = await driver.fetch(
+            _COPIED_HELD, [row[0] for row in accounts], [row[0] for row in consents]
+        )
+    except asyncpg.UniqueViolationError:
+        await copy.rollback()
+        return None
+    differing = _copied_differing(staged, held)
+    if any(differing.values()):
+        await copy.rollback()
+        return None
+    await copy.commit()
+    if not differing:
+        return Merged(len(rows))
+    incoming = [state for state in states_of(batch, staged) if state.user_id in differing]
+    kept = await _read(driver, [state.user_id for state in incoming])
+    return Merged(len(rows), verified(incoming, kept))
+
+
+def _copied_differing(staged: StagedRows, held: list[asyncpg.Record]) -> dict[str, bool]:
+    """The users a copy left differing from their rows (_COPIED_HELD), each with whether
+    the store holds more ledger rows of it than came: then it held some before."""
+    accounts, ledger, consents = staged
+    rows_of = Counter(map(itemgetter(0), ledger))
+    total_of: dict[str, int] = {}
+    for row in ledger:
+        total_of[row[0]] = total_of.get(row[0], 0) + row[2]
+    expected = {
+        row[0]: (row[1], row[2], row[3], rows_of[row[0]], total_of.get(row[0], 0))
+        for row in accounts
+    }
+    consented = {row[0]: row[4] for row in consents}
+    differing: dict[str, bool] = {}
+    for row in held:
+        user_id, stands = row[0], row[6]
+        if row[1:6] != expected[user_id]:
+            differing[user_id] = row[4] > expected[user_id][3]
+        elif user_id in consented and (stands is None or stands < consented[user_id]):
+            differing[user_id] = False
+    return differing
+
+
+async def _read(driver: asyncpg.Connection, named: list[str]) -> list[UserState]:
+    await driver.execute(_CUSTOM_PLANS)
+    accounts = {row[0]: Account(*row) for row in await driver.fetch(_READ_ACCOUNTS, named)}
+    ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
+    for row in await driver.fetch(_READ_LEDGER, named):
+        ledger[row[0]].append(LedgerRecord(*row))
+    consents = {
+        row[0]: UserConsent.model_validate(dict(row))
+        for row in await driver.fetch(_READ_CONSENTS, named)
+    }
+    return [
+        UserState(user_id, accounts.get(user_id), tuple(ledger[user_id]), consents.get(user_id))
+        for user_id in named
+    ]
+
+
 def _copies_together(rows: list[Row]) -> list[Row]:
     """The rows, each row's copies together at its first appearance: the order in which
     `missing_rows` gives the rows a store lacks when it holds none of them."""
-    copies: dict[Row, int] = {}
-    for row in rows:
-        copies[row] = copies.get(row, 0) + 1
+    copies = Counter(rows)  # in first appearance order
     if len(copies) == len(rows):
         return rows
     return [row for row, count in copies.items() for _ in range(count)]

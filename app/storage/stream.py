@@ -302,6 +302,8 @@ async def _validated(
                     ledger_rows[run] = ledger_rows.get(run, 0) + run_rows
                 run, run_rows = user_id, 0
                 if user_id in batch or len(batch) == MERGE_BATCH_SIZE:
+                    spool.write(number_of_batch, accounts, ledger, consents)
+                    accounts, ledger, consents = [], [], []
                     batches.append(
                         _closed(
                             number_of_batch,
@@ -325,8 +327,6 @@ async def _validated(
                 run_rows += 1
                 ledger.append(
                     (
-                        number_of_batch,
-                        ledger_lines,
                         user_id,
                         line.transaction_type,
                         line.amount,
@@ -339,7 +339,6 @@ async def _validated(
                 account_lines += 1
                 accounts.append(
                     (
-                        number_of_batch,
                         user_id,
                         line.is_guest,
                         line.available_credits,
@@ -352,7 +351,6 @@ async def _validated(
                 consent_lines += 1
                 consents.append(
                     (
-                        number_of_batch,
                         user_id,
                         line.terms_accepted,
                         line.marketing_consent,
@@ -363,14 +361,14 @@ async def _validated(
                 )
                 consented.add(user_id)
         if len(accounts) + len(ledger) + len(consents) >= SPOOL_LINES:
-            spool.write(accounts, ledger, consents)
+            spool.write(number_of_batch, accounts, ledger, consents)
             accounts, ledger, consents = [], [], []
     if number == 0:
         raise InvalidStreamError(1, "an empty stream")
     if footer is None:
         raise InvalidStreamError(number, "the stream ends without its footer (truncated?)")
     if accounts or ledger or consents:
-        spool.write(accounts, ledger, consents)
+        spool.write(number_of_batch, accounts, ledger, consents)
     if batch:
         ledger_rows[cast(str, run)] = ledger_rows.get(cast(str, run), 0) + run_rows
         batches.append(
