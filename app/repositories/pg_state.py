@@ -228,7 +228,7 @@ ON CONFLICT (user_id) DO UPDATE
 # merge's INSERT … SELECTs, which cost twice as much per row. Whether the store held
 # something of them is left to the tables' keys (an account, a claimed key or a consent
 # already held fails its COPY as a unique violation) and, for ledger rows, which have
-# none, to the copy's VERIFY (_COPIED_DIFFER: more rows than came); either way the copy is
+# none, to the copy's VERIFY (_COPIED_HELD: more rows than came); either way the copy is
 # undone and the batch merged as any other. Each table's rows go in key order, as the
 # merge's do, so that two merges of the same users wait for each other, not deadlock.
 _ACCOUNT_COLUMNS = [
