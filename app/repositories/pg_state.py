@@ -16,10 +16,12 @@ merged by the same statements as a hand-over. Neither is ever made into users.
 
 The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
 empty to every merge, and a merge rolled back leaves nothing in them either). The users
-a statement names are matched by `user_id = ANY(array)`, which the planner prices per
-element and so reads along the user_id indexes; a join with `unnest(array)` was planned
-as a hash join over the whole table, whose cost grew with the table (during an import
-into an empty database, whose statistics lag behind, most of all).
+a statement names are matched by `user_id = ANY(ARRAY(SELECT …))`: an array the planner
+cannot see when planning, so that it reads along the user_id indexes whatever the tables'
+statistics say. Given the array itself, it priced its elements against statistics that,
+after a large import into an empty database, still describe small tables, and scanned them
+whole for every batch until autovacuum analysed them; a join with `unnest(array)` was
+planned as a hash join over the whole table.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ CREATE TEMPORARY TABLE IF NOT EXISTS state_consents (
 # As SqlStateRepository: the accounts the merge may replace are held until it commits, in
 # one order, so that two merges of the same users wait for each other, not deadlock.
 _LOCK = """
-SELECT user_id FROM user_credits WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE
+SELECT user_id
+  FROM user_credits
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+ ORDER BY user_id
+   FOR UPDATE
 """
 
 # The account's creation is not carried; its last reset is the earliest known instant.
@@ -356,20 +362,20 @@ SELECT user_id FROM (
 _READ_ACCOUNTS = """
 SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp
   FROM user_credits
- WHERE user_id = ANY($1::text[])
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
 """
 
 _READ_LEDGER = """
 SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key, id
   FROM credit_transactions
- WHERE user_id = ANY($1::text[])
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
  ORDER BY id
 """
 
 _READ_CONSENTS = """
 SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
   FROM user_consents
- WHERE user_id = ANY($1::text[])
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
 """
 
 
