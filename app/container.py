@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,8 +18,8 @@ from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
 from app.domain.credits import CreditRules
 from app.domain.privacy import Pseudonyms
-from app.domain.state import Round
-from app.errors import StorageUnavailableError
+from app.domain.state import Tally
+from app.errors import JournalPendingError, StorageUnavailableError
 from app.ops.audit import AuditReport, audit_ledger
 from app.ops.health import database_status
 from app.ops.metrics import CreditOutcomes
@@ -96,6 +97,9 @@ class Container:
     answers_in_flight: SingleFlight[Answer] = field(default_factory=SingleFlight)
     gate: WriteGate = field(default_factory=WriteGate)
     last_audit: AuditReport | None = None  # this process's last ledger audit, for /metrics
+    # What every path that carried state into a store here did (the one merge): hand-overs
+    # made and followed, imports, shadow repairs; for GET /admin/storage.
+    carried: Tally = field(default_factory=Tally)
     shadow: Shadow = field(init=False)
     cluster: ClusterFlag = field(init=False)
     retention: RetentionJob = field(init=False)
@@ -110,6 +114,7 @@ class Container:
             self.states,
             compare_rate=self.settings.shadow_compare_rate,
             repair_max=self.settings.shadow_repair_max_users,
+            carried=self.carried,
         )
         self.cluster = ClusterFlag(
             FlagStore(self.engine), poll_seconds=self.settings.storage_flag_poll_seconds
@@ -120,7 +125,8 @@ class Container:
         self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.privacy = PrivacyService(
-            stores=self._primary_then_shadow,
+            stores=self._erasing_stores,
+            primary=lambda: self.states[self.storage.backend],
             consents=self._consents,
             rules=self.rules,
             pseudonyms=self.pseudonyms,
@@ -140,14 +146,30 @@ class Container:
 
     def _forget_seen(self, user_id: str) -> None:
         if self.fallback is not None:
-            self.fallback.last_known.forget(user_id)
+            self.fallback.forget(user_id)
 
-    def _primary_then_shadow(self) -> list[StateRepository]:
+    async def _erasing_stores(self) -> list[StateRepository]:
+        """Where an erasure goes (SPEC §10): the primary, then the shadow, this process's
+        memory store (a memory store handed over from keeps its state until it serves
+        again), and the database at its schema head, whatever the primary: every replica's
+        later hand-over into it then carries nothing of the user from before. A database
+        out of reach makes it StorageUnavailableError (503), a retry finishing it."""
         storage = self.storage
-        backends = (
-            [storage.backend] if storage.shadow is None else [storage.backend, storage.shadow]
-        )
+        backends = [storage.backend]
+        if storage.shadow is not None:
+            backends.append(storage.shadow)
+        if StorageBackend.MEMORY not in backends:
+            backends.append(StorageBackend.MEMORY)
+        if StorageBackend.DATABASE not in backends and await self._schema_at_head():
+            backends.append(StorageBackend.DATABASE)
         return [self.states[backend] for backend in backends]
+
+    async def _schema_at_head(self) -> bool:
+        """Does the database hold the schema (a replica on memory may run beside none)?"""
+        status = await database_status(self.engine)
+        if not status["reachable"]:
+            raise StorageUnavailableError("the database is unreachable: erasure not recorded")
+        return bool(status["up_to_date"])
 
     @property
     def services(self) -> Services:
@@ -212,20 +234,22 @@ class Container:
         followed: StoredFlag | None = None,
     ) -> HandoverReport | None:
         """Set the flag: the primary and the shadow. A database among them must answer at
-        the schema head first. With `carry_state`, a new primary gets the old one's users
-        first, or else a new shadow the primary's (app/storage/handover.py), and the report
-        says what was carried; HandoverFailedError leaves the flag. HandoverInProgressError
-        while another change runs. The change is stored for the other replicas to follow
+        the schema head first, and a new primary waits for the outage journal's replay
+        (JournalPendingError while changes still wait). With `carry_state`, a new primary
+        gets the old one's users first, or else a new shadow the primary's
+        (app/storage/handover.py), and the report says what was carried;
+        HandoverFailedError leaves the flag. HandoverInProgressError while another change
+        runs. The change is stored for the other replicas to follow
         (app/storage/cluster_flag.py), unless it is one they made: `followed`."""
         async with self._moving_state():
             if StorageBackend.DATABASE in (backend, shadow):
                 await self.prepare_database()
             storage = self.storage
             old, old_shadow = storage.backend, storage.shadow
-            change_round: Round | None = (
-                Round(followed.version, self.cluster.replica)
-                if followed is not None
-                else await self.cluster.next_round()
+            if backend is not old:
+                await self._journal_replayed()
+            version = (
+                followed.version if followed is not None else await self.cluster.next_version()
             )
 
             def flip() -> None:
@@ -240,28 +264,30 @@ class Container:
 
             report = None
             if carry_state and backend is not old:
-                report = await self._hand_over(old, backend, flip, change_round)
+                report = await self._hand_over(old, backend, flip)
             elif carry_state and shadow is not None and shadow is not old_shadow:
-                report = await self._hand_over(backend, shadow, flip, change_round)
+                report = await self._hand_over(backend, shadow, flip)
             else:
                 flip()
-            if followed is None and change_round is not None:
-                await self.cluster.share(
-                    StoredFlag(backend, shadow, carry_state, change_round.number)
-                )
+            if followed is None and version is not None:
+                await self.cluster.share(StoredFlag(backend, shadow, carry_state, version))
             return report
 
+    async def _journal_replayed(self) -> None:
+        """Recovery before a change of primary (SPEC §9): the outage journal replayed
+        first, or JournalPendingError (409) while changes still wait."""
+        fallback = self.fallback
+        if fallback is None or not fallback.depth:
+            return
+        await fallback.replay()
+        if fallback.depth:
+            raise JournalPendingError(fallback.depth)
+
     async def _hand_over(
-        self,
-        source: StorageBackend,
-        target: StorageBackend,
-        flip: Callable[[], None],
-        change_round: Round | None,
+        self, source: StorageBackend, target: StorageBackend, flip: Callable[[], None]
     ) -> HandoverReport:
-        # Rounds weigh the replicas' accounts in the shared database; a memory store is
-        # one process's own.
-        shared = change_round if target is StorageBackend.DATABASE else None
-        report = await hand_over(self.states[source], self.states[target], self.gate, flip, shared)
+        report = await hand_over(self.states[source], self.states[target], self.gate, flip)
+        self.carried.add(report.tally)
         logger.info(
             "state handed over from %s to %s: %s", source.value, target.value, report.body()
         )
@@ -278,10 +304,28 @@ class Container:
             except StorageUnavailableError as error:
                 logger.warning("the stored storage flag cannot be taken (%s)", error.message)
             else:
-                self.storage.switch(stored.backend, stored.shadow)
-                self.cluster.version = stored.version
-                logger.info("storage flag version %d taken from the database", stored.version)
+                fallback = self.fallback
+                if (
+                    fallback is not None
+                    and fallback.depth
+                    and stored.backend is not self.storage.backend
+                ):
+                    # Recovery before a change of primary: the poll follows the flag once
+                    # the journal's replay has carried what waits (switch_storage).
+                    logger.warning(
+                        "storage flag version %d waits for the outage journal's replay",
+                        stored.version,
+                    )
+                else:
+                    self.storage.switch(stored.backend, stored.shadow)
+                    self.cluster.version = stored.version
+                    logger.info("storage flag version %d taken from the database", stored.version)
         self.cluster.follow(self._follow)
+
+    async def follow_cluster(self) -> bool:
+        """Makes the change another replica stored, if there is a newer one, now rather
+        than at the next poll; True when there was."""
+        return await self.cluster.catch_up(self._follow)
 
     async def _follow(self, stored: StoredFlag) -> None:
         await self.switch_storage(
@@ -296,7 +340,9 @@ class Container:
         async with staged(chunks, self.states[backend]) as stream, self._moving_state():
             if backend is StorageBackend.DATABASE:
                 await self.prepare_database()
-            return await stream.merge()
+            report = await stream.merge()
+        self.carried.add(report.tally)
+        return report
 
     async def audit_ledger(self) -> AuditReport:
         """The ledger audit (app/ops/audit.py) of the primary store, kept as the last."""
@@ -323,7 +369,7 @@ class Container:
         replay (what an earlier process left included)."""
         self.retention.start()
         if self.fallback is not None:
-            await self.fallback.start(self.guarded)
+            await self.fallback.start()
 
     async def close(self) -> None:
         await self.cluster.stop()
@@ -331,7 +377,7 @@ class Container:
         await self.shadow.close()
         await self.cache_tiers.close()
         if self.fallback is not None:
-            await self.fallback.close(self.guarded)
+            await self.fallback.close()
         if self.fast is not None:
             await self.fast.close()
         await self.engine.dispose()
@@ -351,6 +397,23 @@ def _not_prepared(error: Exception, failed: str) -> StorageUnavailableError:
         return StorageUnavailableError("the database is unreachable")
     logger.error(failed, exc_info=error)
     return StorageUnavailableError(failed)
+
+
+def pseudonyms_of(settings: Settings) -> Pseudonyms | None:
+    """Erasure's pseudonyms, when ERASURE_KEY configures it."""
+    key = settings.erasure_key
+    return None if key is None else Pseudonyms(key.get_secret_value())
+
+
+def database_state(settings: Settings, engine: AsyncEngine) -> StateRepository:
+    """The database's users as a whole (app/repositories/sql.py), as the settings say."""
+    return state_repository(
+        engine,
+        credit_rules(settings),
+        retention=timedelta(days=settings.transaction_retention_days),
+        pseudonyms=pseudonyms_of(settings),
+        transaction_setting=transaction_setting(settings),
+    )
 
 
 def credit_rules(settings: Settings) -> CreditRules:
@@ -379,8 +442,7 @@ def build_container(
         masked_url(settings.database_url),
     )
     fast = fast_connections(engine, settings)
-    key = settings.erasure_key
-    pseudonyms = None if key is None else Pseudonyms(key.get_secret_value())
+    pseudonyms = pseudonyms_of(settings)
     sql = sql_stores(
         engine, rules, batch_size=settings.retention_batch_size, fast=fast, pseudonyms=pseudonyms
     )
@@ -389,20 +451,27 @@ def build_container(
     erasures = (
         None if pseudonyms is None else GuardedErasures(SqlErasures(engine, pseudonyms), retried)
     )
+    retention = timedelta(days=settings.transaction_retention_days)
+    memory_data = MemoryData(max_users=settings.memory_store_max_users)
+    states: dict[StorageBackend, StateRepository] = {
+        StorageBackend.MEMORY: MemoryStateRepository(
+            memory_data, rules, retention=retention, pseudonyms=pseudonyms
+        ),
+        StorageBackend.DATABASE: GuardedState(database_state(settings, engine), retried),
+    }
     fallback = None
-    max_users = settings.memory_store_max_users
     if settings.db_outage_fallback is OutageFallbackMode.MEMORY:
         fallback = OutageFallback(
             rules,
             OutageJournal.open(settings.outage_journal_path),
-            max_users=max_users,
+            states[StorageBackend.DATABASE],
+            max_users=settings.memory_store_max_users,
             max_changes=settings.outage_outbox_max_changes,
             snapshot_max_users=settings.fallback_snapshot_max_users,
             retry_seconds=settings.db_breaker_reset_seconds,
             erasures=erasures,
             erasure_poll_seconds=settings.erasure_poll_seconds,
         )
-    memory_data = MemoryData(max_users=max_users)
     memory = memory_stores(
         rules,
         memory_data,
@@ -425,12 +494,7 @@ def build_container(
         answerer=answerer or CatalogueAnswerer(),
         breaker=breaker,
         guarded=guarded,
-        states={
-            StorageBackend.MEMORY: MemoryStateRepository(memory_data),
-            StorageBackend.DATABASE: GuardedState(
-                state_repository(engine, transaction_setting(settings)), retried
-            ),
-        },
+        states=states,
         cache_tiers=cache_tiers,
         fast=fast,
         fallback=fallback,

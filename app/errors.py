@@ -154,6 +154,25 @@ class StorageUnavailableError(AppError):
         self.retry_after = retry_after
 
 
+class JournalPendingError(AppError):
+    """SPEC §9 revision 3: the primary does not change while changes made during an
+    outage wait in the journal; they would land in a store that no longer serves."""
+
+    status_code = 409
+    code = "journal_pending"
+
+    def __init__(self, depth: int) -> None:
+        super().__init__(
+            f"{depth} change(s) made during an outage wait to be replayed into the database; "
+            "the storage flag was left as it was (retry once /health/ready shows none)"
+        )
+        self.depth = depth
+
+    @property
+    def details(self) -> Any:
+        return {"journal_depth": self.depth}
+
+
 class AnswerFailedError(AppError):
     status_code = 502
     code = "answer_failed"

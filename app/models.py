@@ -165,18 +165,20 @@ class ConsentEventRow(Base):
 
 
 class CreditErasureRow(Base):
-    """The account an erased user had, under the erasure's pseudonym (SPEC §10): an id
-    created again before its next reset resumes it (ERASED RESUMES), and the pseudonymised
-    ledger is checked against it."""
+    """Every erasure, under its pseudonym (SPEC §10), with the account the user had then:
+    an id created again before its next reset resumes it (ERASED RESUMES), and the
+    pseudonymised ledger is checked against it. A user erased with no account (a consent
+    alone) has a record without one (migration 0009): every path that carries state asks
+    it whether a change was made before the erasure (app/domain/carry.py, ERASED)."""
 
     __tablename__ = "credit_erasures"
     __table_args__ = (Index("ix_credit_erasures_erased_at", "erased_at"),)
 
     pseudonym: Mapped[str] = mapped_column(String(USER_ID_LENGTH), primary_key=True)
-    is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
-    max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
-    last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    is_guest: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    available_credits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_credits: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_reset_timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     erased_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
@@ -205,21 +207,6 @@ class StorageFlagRow(Base):
     carry_state: Mapped[bool] = mapped_column(Boolean, nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
-
-
-class HandoverMarkRow(Base):
-    """The account a replica carried for a user in a hand-over round (migration 0005)."""
-
-    __tablename__ = "handover_marks"
-    __table_args__ = (PrimaryKeyConstraint("round", "user_id", "replica"),)
-
-    round: Mapped[int] = mapped_column(Integer)
-    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
-    replica: Mapped[str] = mapped_column(String(64))
-    is_guest: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    available_credits: Mapped[int] = mapped_column(Integer, nullable=False)
-    max_credits: Mapped[int] = mapped_column(Integer, nullable=False)
-    last_reset_timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 def table(model: type[Base]) -> Table:

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from typing import IO
 
 from app.container import credit_rules
@@ -42,7 +43,9 @@ async def _export(url: str, sink: IO[bytes]) -> dict[str, float]:
         _reset_peak()
         before = _kib("VmRSS")
         started = time.perf_counter()
-        chunks = export_lines(PostgresStateRepository(engine), credit_rules(settings), "bench")
+        rules = credit_rules(settings)
+        state = PostgresStateRepository(engine, rules, retention=timedelta(days=90))
+        chunks = export_lines(state, rules, "bench")
         async for chunk in chunks:
             sink.write(chunk)
             lines += chunk.count(b"\n")

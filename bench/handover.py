@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.clock import utc_now
 from app.config import StorageBackend
 from app.container import credit_rules
-from app.domain.credits import Account, Attempt, Deduct
+from app.domain.credits import Account, Attempt, CreditRules, Deduct
 from app.domain.state import LedgerRecord
 from app.repositories.base import StateRepository
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
@@ -51,6 +51,7 @@ BASE = datetime(2026, 11, 1, tzinfo=UTC)
 READ_BYTES = 1024 * 1024
 WRITERS = 4
 WRITE_PAUSE = 0.001  # seconds between one writer's writes
+RETENTION = timedelta(days=90)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +166,22 @@ async def _raw_copy(url: str, count: int) -> _Import:
         await conn.close()
 
 
+def _postgres_state(engine: AsyncEngine, rules: CreditRules) -> StateRepository:
+    return PostgresStateRepository(engine, rules, retention=RETENTION)
+
+
+def _sql_state(engine: AsyncEngine, rules: CreditRules) -> StateRepository:
+    return SqlStateRepository(engine, rules, retention=RETENTION)
+
+
 async def _project_import(
-    url: str, stream: IO[bytes], target: Callable[[AsyncEngine], StateRepository]
+    url: str, stream: IO[bytes], target: Callable[[AsyncEngine, CreditRules], StateRepository]
 ) -> _Import:
-    engine = create_engine(bench_settings(url, pool=2))
+    settings = bench_settings(url, pool=2)
+    engine = create_engine(settings)
     try:
         started = time.perf_counter()
-        async with staged(_chunks(stream), target(engine)) as validated:
+        async with staged(_chunks(stream), target(engine, credit_rules(settings))) as validated:
             validated_at = time.perf_counter()
             report = await validated.merge()
         body = report.body()
@@ -197,10 +207,10 @@ async def _imports(ctx: Context, count: int) -> tuple[str, _Import, _Import, _Im
         raw = await _raw_copy(await ctx.databases.create("handover_raw"), count)
         say(f"  .. raw COPY done in {raw.seconds:.1f} s")
         url = await ctx.databases.create("handover")
-        project = await _project_import(url, stream, PostgresStateRepository)
+        project = await _project_import(url, stream, _postgres_state)
         say(f"  .. import done in {project.seconds:.1f} s")
         general = await _project_import(
-            await ctx.databases.create("handover_sql"), small_stream, SqlStateRepository
+            await ctx.databases.create("handover_sql"), small_stream, _sql_state
         )
     return url, raw, project, general, small
 
@@ -264,7 +274,7 @@ def _memory_data(users: int) -> MemoryData:
             data.ledger[user_id].append(record)
             claim = record.claim()
             assert claim is not None
-            data.keys[(user_id, key)] = (now, claim)
+            data.keys[user_id][key] = (now, claim)
     return data
 
 
@@ -289,8 +299,8 @@ async def _hand_over(url: str, users: int) -> tuple[dict[str, object], _Writes, 
     try:
         started = time.perf_counter()
         report = await hand_over(
-            MemoryStateRepository(data),
-            PostgresStateRepository(engine),
+            MemoryStateRepository(data, rules, retention=RETENTION),
+            _postgres_state(engine, rules),
             gate,
             lambda: provider.switch(StorageBackend.DATABASE),
         )

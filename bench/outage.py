@@ -27,6 +27,7 @@ from pathlib import Path
 from app.config import OutageFallback as OutageFallbackMode
 from app.container import build_container
 from app.domain.credits import Attempt, CreditRules, Deduct, Operation
+from app.domain.state import Merged
 from app.errors import StorageUnavailableError
 from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
@@ -43,6 +44,13 @@ from bench.server import bench_settings
 
 CONCURRENCY = 8
 RULES = CreditRules(guest_max=10, registered_max=10**12, reset_period=timedelta(days=1))
+
+
+class _DownState:
+    """The database's users as a whole with the circuit open: every merge refused at once."""
+
+    async def merge(self, carried: object) -> Merged:
+        raise StorageUnavailableError("the database is down (bench)")
 
 
 class _DownCredits:
@@ -62,7 +70,12 @@ class _DownCredits:
 async def _journaled(directory: Path) -> AsyncIterator[CreditService]:
     journal = OutageJournal.open(directory / "journal.db")
     fallback = OutageFallback(
-        RULES, journal, max_users=10**6, max_changes=10**9, snapshot_max_users=10
+        RULES,
+        journal,
+        _DownState(),  # type: ignore[arg-type]  # the replay's only call
+        max_users=10**6,
+        max_changes=10**9,
+        snapshot_max_users=10,
     )
     down = memory_stores(RULES)
     stores = with_fallback(

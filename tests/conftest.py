@@ -36,9 +36,9 @@ from app.config import Settings, StorageBackend
 from app.domain.credits import CreditRules
 from app.main import create_app
 from app.ops.migrate import upgrade_to_head
-from app.repositories.base import Stores
-from app.repositories.memory import memory_stores
-from app.repositories.sql import sql_stores
+from app.repositories.base import StateRepository, Stores
+from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
+from app.repositories.sql import sql_stores, state_repository
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
@@ -63,6 +63,7 @@ STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgre
 REPOSITORY_STORES = [*STORES, pytest.param("postgres-general", marks=pytest.mark.postgres)]
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 RULES = CreditRules(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
+RETENTION = timedelta(days=90)  # TRANSACTION_RETENTION_DAYS' default, for the merge's HORIZON
 TEMPLATE_DB = "assistant_template"
 T = TypeVar("T")
 
@@ -89,6 +90,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         ):
             if item.get_closest_marker(marker) is not None:
                 item.user_properties.append(("tier", tier))
+
+
+def database_state(engine: AsyncEngine, **options: Any) -> StateRepository:
+    """The database's users as a whole, with the test rules (app/repositories/sql.py)."""
+    return state_repository(engine, RULES, retention=RETENTION, **options)
+
+
+def memory_state(data: MemoryData, **options: Any) -> MemoryStateRepository:
+    """The memory store's users as a whole, with the test rules."""
+    return MemoryStateRepository(data, RULES, retention=RETENTION, **options)
 
 
 def plain_dsn(url: str) -> str:

@@ -32,6 +32,10 @@ STATEMENTS = "app/repositories/pg_statements.py"
 FAST = "app/repositories/pg_credits.py"
 SERVICE_CODE = "app/services/credits.py"
 FALLBACK = "app/storage/fallback.py"
+REPLAY = "app/storage/replay.py"
+CARRY = "app/domain/carry.py"
+CONTAINER = "app/container.py"
+PRIVACY = "app/services/privacy.py"
 STATE = "app/domain/state.py"
 ROUTING = "app/storage/routing.py"
 HANDOVER = "app/storage/handover.py"
@@ -53,6 +57,14 @@ HANDOVER_TESTS = (
     "tests/test_write_gate.py",
     "tests/test_handover.py",
 )
+RULES_OF_CARRY = ("tests/test_state_rules.py",)
+
+
+def one_truth(*findings: int) -> tuple[str, ...]:
+    """The HTTP regression tests of issue 26's findings (tests/test_one_truth.py)."""
+    return ("tests/test_one_truth.py", "-k", " or ".join(f"test_{n}_" for n in findings))
+
+
 MEMORY_TESTS = (f"{SERVICE}", f"{MODEL}[memory]", "-k", "memory")
 GENERAL_TESTS = (
     SERVICE,
@@ -200,7 +212,7 @@ MUTANTS = [
     Mutant(
         "memory: an erased id not resumed",
         MEMORY,
-        "erased = data.erasures.get(self._pseudonyms.of(user_id))",
+        "erased = None if erasure is None else erasure.account",
         "erased = None",
         ("tests/test_privacy.py", "-k", "memory"),
     ),
@@ -264,15 +276,15 @@ MUTANTS = [
     Mutant(
         "memory: keys never claimed",
         MEMORY,
-        "data.keys[key] = (attempt.at, Claim.of(operation))",
+        "data.keys[user_id][key] = (attempt.at, Claim.of(operation))",
         "pass",
         MEMORY_TESTS,
     ),
     Mutant(
         "memory: a key claimed without its request",
         MEMORY,
-        "data.keys[key] = (attempt.at, Claim.of(operation))",
-        "data.keys[key] = (attempt.at, Claim(Claim.of(operation).operation, None))",
+        "data.keys[user_id][key] = (attempt.at, Claim.of(operation))",
+        "data.keys[user_id][key] = (attempt.at, Claim(Claim.of(operation).operation, None))",
         MEMORY_TESTS,
     ),
     Mutant(
@@ -304,10 +316,10 @@ MUTANTS = [
         MEMORY_TESTS,
     ),
     Mutant(
-        "memory: a merge adds every row again",
+        "memory: a merge writes its rows twice",
         MEMORY,
-        "added = missing_rows(state.ledger, held)",
-        "added = list(state.ledger)",
+        "held.extend(replace(row, id=next(data.ids)) for row in plan.rows)",
+        "held.extend(replace(row, id=next(data.ids)) for row in plan.rows + plan.rows)",
         HANDOVER_TESTS,
     ),
     # Moving state between stores.
@@ -317,13 +329,6 @@ MUTANTS = [
         "return Claim(self.kind, None)",
         'return Claim("refund", None)',
         ("tests/test_state_stream.py", "-k", "sqlite"),
-    ),
-    Mutant(
-        "pg state: a moved key claimed for another operation",
-        PG_STATE,
-        "       transaction_type\n  FROM state_ledger",
-        "       'refund'\n  FROM state_ledger",
-        ("tests/test_state_stream.py", "-k", "postgres"),
     ),
     Mutant(
         "import: a batch naming a user of the batch before merged alongside it",
@@ -396,17 +401,17 @@ MUTANTS = [
         ("tests/test_shadow.py",),
     ),
     Mutant(
-        "pg state: rows the store holds added again",
+        "pg state: a plan's keys not claimed",
         PG_STATE,
-        "WHERE i.copy > coalesce(h.copies, 0)",
-        "WHERE true",
+        "        await driver.execute(_CLAIM_KEYS, *map(list, zip(*keys, strict=True)))",
+        "        pass",
         PG_STATE_TESTS,
     ),
     Mutant(
-        "pg state: a missing ledger row not counted by VERIFY",
+        "pg state: VERIFY compares the plans with themselves",
         PG_STATE,
-        "sum(greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent,",
-        "0 AS absent,",
+        "return outcome(plans, await _read(driver, users, self._pseudonyms))",
+        "return outcome(plans, [plan.expected for plan in plans])",
         PG_STATE_TESTS,
     ),
     Mutant(
@@ -419,30 +424,23 @@ MUTANTS = [
     Mutant(
         "pg import: a copied key claimed for another operation",
         PG_STATE,
-        "(row[0], row[5], row[3], row[1])",
-        "(row[0], row[5], row[3], 'refund')",
-        PG_STATE_TESTS,
+        "(row[0], row[5], row[3], row[1], None)",
+        "(row[0], row[5], row[3], 'refund', None)",
+        ("tests/test_state_stream.py", "-k", "postgres and format_1"),
     ),
     Mutant(
         "pg import: a copied batch's ledger left out of VERIFY",
         PG_STATE,
-        "if row[1:6] != expected[user_id]:",
-        "if row[1:4] != expected[user_id][:3]:",
+        "if row[1:6] != expected[user_id] or more:",
+        "if row[1:4] != expected[user_id][:3] or more:",
         PG_STATE_TESTS,
     ),
     Mutant(
-        "pg state: the earlier consent wins",
+        "pg import: a batch copied over an erasure the store holds",
         PG_STATE,
-        "WHERE held.updated_at < excluded.updated_at",
-        "WHERE true",
+        "if recorded_as and await driver.fetchval(_ANY_ERASED, recorded_as):",
+        "if False:",
         PG_STATE_TESTS,
-    ),
-    Mutant(
-        "cluster: the incoming account wins over a lower one",
-        SQL_STATE,
-        "return [lowest(accounts) for accounts in marked.values()]",
-        "return carried",
-        ("tests/test_cluster_flag.py",),
     ),
     Mutant(
         "cluster: a newer stored flag not followed",
@@ -727,39 +725,196 @@ MUTANTS = [
         ("tests/test_fallback.py",),
     ),
     Mutant(
-        "fallback: a reset replayed again after a crash refills again",
-        FALLBACK,
-        "return credits.last_reset_timestamp >= at",
-        "return False",
-        ("tests/test_fallback.py",),
-    ),
-    Mutant(
-        "fallback: a consent change replayed again after a crash is recorded again",
-        FALLBACK,
-        "or _applied(held, served)):",
-        "or False):",
-        ("tests/test_fallback.py",),
-    ),
-    Mutant(
-        "fallback: a replayed consent change overwrites a later one",
-        FALLBACK,
-        "(held.updated_at > served.now or",
-        "(False or",
-        ("tests/test_fallback.py",),
-    ),
-    Mutant(
-        "fallback: a database that cannot take changes has them all moved aside",
-        FALLBACK,
+        "replay: a database that cannot take changes has them all moved aside",
+        REPLAY,
         "if _database_fault(refused):",
         "if False:",
         ("tests/test_fallback.py",),
     ),
     Mutant(
-        "fallback: a change the database refuses for good stops the replay",
-        FALLBACK,
-        "await self._dead_letter(seq, _reason(refused))",
-        "return",
+        "replay: a refused batch moved aside whole",
+        REPLAY,
+        "        if len(entries) == 1:",
+        "        if True:",
         ("tests/test_fallback.py",),
+    ),
+    # The one merge (app/domain/carry.py), each rule undone, and each fix of issue 26
+    # undone where two paths meet (tests/test_one_truth.py, finding by finding).
+    Mutant(
+        "carry: a follower's hand-over undoes a later write (finding 1)",
+        CARRY,
+        "elif account is not None and carried.account is not None and not self._own_changes():",
+        "elif account is not None and carried.account is not None:",
+        (*RULES_OF_CARRY, *one_truth(1)),
+    ),
+    Mutant(
+        "carry: a change the store holds by its key applied again",
+        CARRY,
+        "        if credit.key is not None:\n            return self._known_key(credit)",
+        "        if False:\n            return self._known_key(credit)",
+        (*RULES_OF_CARRY, "tests/test_fallback.py"),
+    ),
+    Mutant(
+        "carry: a key carried twice applied twice",
+        CARRY,
+        "            if known is not None:\n                fates[index] = known",
+        "            if False:\n                fates[index] = known",
+        RULES_OF_CARRY,
+    ),
+    Mutant(
+        "carry: a deduction that no longer fits clamped to nothing",
+        CARRY,
+        "            clamped_to = short.available\n",
+        "            clamped_to = 0\n",
+        (*RULES_OF_CARRY, "tests/test_faults.py", "-k", "clamped"),
+    ),
+    Mutant(
+        "carry: a clamped row without a key carried again",
+        CARRY,
+        "            key = clamp_key(credit.row)  # CLAMP: known by it from now on",
+        "            key = None",
+        RULES_OF_CARRY,
+    ),
+    Mutant(
+        "carry: a refill the store made since made again",
+        CARRY,
+        "if refill and account is not None and account.last_reset >= credit.at:",
+        "if False:",
+        (*RULES_OF_CARRY, "tests/test_fallback.py"),
+    ),
+    Mutant(
+        "carry: a change made before its user's erasure carried (findings 4, 7)",
+        CARRY,
+        "if self.erased_at is not None and credit.at <= self.erased_at:",
+        "if False:",
+        (*RULES_OF_CARRY, *one_truth(4, 7)),
+    ),
+    Mutant(
+        "carry: an erased user's account taken as carried (finding 4)",
+        CARRY,
+        "return self.erased_at is None or (known is not None and known >= self.erased_at)",
+        "return True",
+        (*RULES_OF_CARRY, *one_truth(4)),
+    ),
+    Mutant(
+        "carry: an erased user's consent carried",
+        CARRY,
+        "            and not self._erased(incoming.updated_at)\n",
+        "",
+        (*RULES_OF_CARRY, *one_truth(4)),
+    ),
+    Mutant(
+        "carry: a change beyond the horizon carried onto a held account",
+        CARRY,
+        "if row is not None and account is not None and credit.at < self.horizon:",
+        "if False:",
+        RULES_OF_CARRY,
+    ),
+    Mutant(
+        "carry: an opening row carried as a deduction",
+        CARRY,
+        '    return row.kind == "deduction" and unkeyed and row.description == CARRIED_NOTE',
+        "    return False",
+        RULES_OF_CARRY,
+    ),
+    Mutant(
+        "carry: a key the store holds for another request counted as the same",
+        CARRY,
+        "if known is not None and credit.claim is not None and not _same(known, credit.claim):",
+        "if False:",
+        (*RULES_OF_CARRY, "tests/test_fallback.py"),
+    ),
+    Mutant(
+        "carry: a journaled consent change stands over a later one",
+        CARRY,
+        "    if current is None or current.updated_at < change.at:\n"
+        "        return after, Fate.APPLIED",
+        "    if True:\n        return after, Fate.APPLIED",
+        (*RULES_OF_CARRY, "tests/test_fallback.py"),
+    ),
+    Mutant(
+        "carry: a consent event carried again",
+        CARRY,
+        "self.events = missing(events + added, held.events)",
+        "self.events = events + added",
+        (*RULES_OF_CARRY, "tests/test_fallback.py", *one_truth(8)),
+    ),
+    Mutant(
+        "carry: claims carried without their requests (finding 8)",
+        CARRY,
+        "state.keys if keys else None,",
+        "None,",
+        (*RULES_OF_CARRY, *one_truth(8)),
+    ),
+    Mutant(
+        "recovery: the database serves a user whose journal waits (finding 2)",
+        FALLBACK,
+        "        if fallback.waits(user_id):\n            return await fallback.credits(",
+        "        if False:\n            return await fallback.credits(",
+        one_truth(2),
+    ),
+    Mutant(
+        "recovery: a change of primary while the journal waits (finding 3)",
+        CONTAINER,
+        "            if backend is not old:\n                await self._journal_replayed()",
+        "            if False:\n                await self._journal_replayed()",
+        one_truth(3),
+    ),
+    Mutant(
+        "recovery: the fallback store outlives its outage (finding 5)",
+        FALLBACK,
+        "        elif self._data.held:\n",
+        "        elif False:\n",
+        one_truth(5),
+    ),
+    Mutant(
+        "recovery: an erased user kept in the fallback store (finding 5)",
+        FALLBACK,
+        "        self._data.forget(user_id)",
+        "        pass",
+        one_truth(5),
+    ),
+    Mutant(
+        "recovery: a key the database applied before the outage charged again (finding 6)",
+        FALLBACK,
+        "if self._applied_before(user_id, operation, attempt):",
+        "if False:",
+        one_truth(6),
+    ),
+    Mutant(
+        "recovery: a client's key short in an outage answered 402 (finding 6)",
+        FALLBACK,
+        "if attempt.key is not None and not attempt.own_key:",
+        "if False:",
+        one_truth(6),
+    ),
+    Mutant(
+        "export: no erasure lines (finding 8)",
+        "app/storage/stream.py",
+        "        yield _ENCODER.encode_lines([_erasure_line(record) for record in records])",
+        "        yield b''",
+        one_truth(8),
+    ),
+    Mutant(
+        "erasure: an id erased before is not found again",
+        PRIVACY,
+        "        if not state.empty or state.erasure is not None:",
+        "        if not state.empty:",
+        (*one_truth(8), "tests/test_privacy.py"),
+    ),
+    Mutant(
+        "erasure: not recorded where nothing of the user is held (finding 9)",
+        SQL_STATE,
+        "            statement = insert(conn, erasures).values(pseudonym=pseudonym, erased_at=now)",
+        "            return None",
+        one_truth(9),
+    ),
+    Mutant(
+        "erasure: a carried record leaves the user held (memory)",
+        MEMORY,
+        "        return await erase_held(self, self._pseudonyms, new)",
+        "        return 0",
+        one_truth(8),
     ),
     Mutant(
         "assistant: a query that waited shows the account read before the wait",

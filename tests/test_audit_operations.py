@@ -20,6 +20,7 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.container import Container
+from app.domain.carry import carried_state
 from app.domain.credits import Account
 from app.domain.state import UserState
 from app.repositories.sql import sql_stores
@@ -43,11 +44,12 @@ async def audit(client: httpx.AsyncClient) -> dict[str, object]:
 
 
 async def drift(app: FastAPI, user_id: str) -> None:
-    """An account written into the primary store without the ledger rows that led to it."""
+    """An account the primary store did not hold, carried in without the ledger rows that
+    led to it (FIRST CARRY takes an account as it comes)."""
     container: Container = app.state.container
     now = datetime.now(UTC)
     state = container.states[container.storage.backend]
-    await state.merge([UserState(user_id, Account(user_id, True, 3, 10, now))])
+    await state.merge([carried_state(UserState(user_id, Account(user_id, True, 3, 10, now)))])
 
 
 class TestTheRoute:
@@ -60,10 +62,10 @@ class TestTheRoute:
         body = await audit(client)
         assert (body["accounts"], body["drifted"]) == (5, [])
         assert (body["checked_since_refill"], body["unverifiable"]) == (0, 0)
-        await drift(running_app, "user-3")
+        await drift(running_app, "drifted")
         await drift(running_app, "carried")
         body = await audit(client)
-        assert (body["accounts"], body["drifted"]) == (6, ["carried", "user-3"])
+        assert (body["accounts"], body["drifted"]) == (7, ["carried", "drifted"])
 
     async def test_the_metrics_show_the_last_audit(
         self, client: httpx.AsyncClient, running_app: FastAPI

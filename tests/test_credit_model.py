@@ -55,12 +55,12 @@ from app.domain.credits import (
 )
 from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
 from app.repositories.base import CreditRepository, StateRepository
-from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.sql import sql_stores, state_repository
+from app.repositories.memory import MemoryData, memory_stores
+from app.repositories.sql import sql_stores
 from app.schemas import UserCredits
 from app.services.credits import Applied, CreditService
 from app.storage.engine import create_engine, fast_connections
-from tests.conftest import RULES, fresh_database
+from tests.conftest import RULES, database_state, fresh_database, memory_state
 from tests.support.clock import FakeClock
 
 T = TypeVar("T")
@@ -107,7 +107,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     with asyncio.Runner() as runner:
         if request.param == "memory":
             data = MemoryData()
-            yield Target(runner, memory_stores(RULES, data).credits, MemoryStateRepository(data))
+            yield Target(runner, memory_stores(RULES, data).credits, memory_state(data))
             return
         database = fresh_database(request, "sqlite" if request.param == "sqlite" else "postgres")
         url = runner.run(database.__aenter__())
@@ -116,7 +116,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         fast = fast_connections(engine, config) if request.param == "postgres" else None
         try:
             stores = sql_stores(engine, RULES, fast=fast)
-            yield Target(runner, stores.credits, state_repository(engine))
+            yield Target(runner, stores.credits, database_state(engine))
         finally:
             if fast is not None:
                 runner.run(fast.close())

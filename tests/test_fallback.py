@@ -5,14 +5,13 @@ reaches the database on replay, once; reads are never replayed."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import get_args
@@ -20,24 +19,29 @@ from typing import get_args
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.cache.tiers import ONE_ATTEMPT
 from app.clock import Clock, utc_now
-from app.domain.credits import Attempt, Change, Deduct, Operation, Read, Refund, Reset, Upgrade
+from app.domain.carry import Carried
+from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset, Upgrade
 from app.domain.privacy import Pseudonyms
-from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.repositories.base import CreditRepository, Erasures, Stores
-from app.repositories.memory import MemoryConsentRepository, MemoryData, memory_stores
+from app.domain.state import Merged
+from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError, StorageUnavailableError
+from app.repositories.base import (
+    ConsentRepository,
+    CreditRepository,
+    Erasures,
+    StateRepository,
+    Stores,
+)
+from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
 from app.repositories.sql import sql_stores
-from app.repositories.sql_state import SqlErasures, SqlStateRepository
+from app.repositories.sql_state import SqlStateRepository
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.guarded import GuardedErasures
 from app.storage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
 from app.storage.last_known import LastKnown
-from app.storage.resilience import CircuitBreaker, Guard
-from tests.conftest import RULES
+from tests.conftest import RETENTION, RULES
 from tests.support.clock import FakeClock
 
 EXAMPLES: dict[type, Change] = {
@@ -49,11 +53,14 @@ EXAMPLES: dict[type, Change] = {
 
 
 class Outage:
-    """A memory store standing in for the database, down while `down` is true."""
+    """A store standing in for the database (memory, unless given), down while `down` is
+    true."""
 
-    def __init__(self) -> None:
+    def __init__(self, stores: Stores | None = None, state: StateRepository | None = None) -> None:
         self.down = False
-        self.stores = memory_stores(RULES)
+        self.data = MemoryData()
+        self.stores = stores or memory_stores(RULES, self.data)
+        self.state = state or MemoryStateRepository(self.data, RULES, retention=RETENTION)
 
     def check(self) -> None:
         if self.down:
@@ -78,10 +85,10 @@ class DownableCredits:
         return await self._inner.delete_transactions_before(cutoff)
 
 
-class DownableConsents(MemoryConsentRepository):
+class DownableConsents:
     def __init__(self, outage: Outage) -> None:
-        super().__init__(MemoryData())
         self._outage = outage
+        self._inner: ConsentRepository = outage.stores.consents
 
     async def upsert(
         self,
@@ -93,7 +100,7 @@ class DownableConsents(MemoryConsentRepository):
         now: datetime,
     ) -> UserConsent:
         self._outage.check()
-        return await super().upsert(
+        return await self._inner.upsert(
             user_id,
             terms_accepted=terms_accepted,
             marketing_consent=marketing_consent,
@@ -105,21 +112,48 @@ class DownableConsents(MemoryConsentRepository):
         self, user_id: str, marketing_consent: bool, *, now: datetime
     ) -> UserConsent | None:
         self._outage.check()
-        return await super().set_marketing(user_id, marketing_consent, now=now)
+        return await self._inner.set_marketing(user_id, marketing_consent, now=now)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         self._outage.check()
-        return await super().history(user_id)
+        return await self._inner.history(user_id)
 
     async def get(self, user_id: str) -> UserConsent | None:
         self._outage.check()
-        return await super().get(user_id)
+        return await self._inner.get(user_id)
+
+    async def page(self, limit: int, offset: int) -> list[UserConsent]:
+        self._outage.check()
+        return await self._inner.page(limit, offset)
 
     async def admission(
         self, user_id: str, *, now: datetime
     ) -> tuple[UserConsent | None, UserCredits | None]:
         self._outage.check()
-        return await super().admission(user_id, now=now)
+        return await self._inner.admission(user_id, now=now)
+
+
+class DownableState:
+    """The stand-in's users as a whole, as the replay carries into them."""
+
+    def __init__(self, outage: Outage) -> None:
+        self._outage = outage
+        inner = outage.state
+        self.user_ids = inner.user_ids
+        self.erasures = inner.erasures
+        self.read = inner.read
+        self.erase = inner.erase
+        self.ledger_figures = inner.ledger_figures
+        self.merge_rows = inner.merge_rows
+        self.merge_erasures = inner.merge_erasures
+
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        self._outage.check()
+        self.refuse(carried)
+        return await self._outage.state.merge(carried)
+
+    def refuse(self, carried: Sequence[Carried]) -> None:
+        """What a database that refuses some changes raises for them (none here)."""
 
 
 @pytest.fixture
@@ -128,8 +162,11 @@ def outage() -> Outage:
 
 
 @pytest.fixture
-async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFallback]]:
-    """Fallbacks journaling in `tmp_path`, closed after the test."""
+async def open_fallback(
+    tmp_path: Path, outage: Outage
+) -> AsyncIterator[Callable[..., OutageFallback]]:
+    """Fallbacks journaling in `tmp_path`, replaying into the outage's store unless given
+    another, closed after the test."""
     opened: list[OutageFallback] = []
 
     def open_one(
@@ -138,10 +175,12 @@ async def open_fallback(tmp_path: Path) -> AsyncIterator[Callable[..., OutageFal
         name: str = "journal.db",
         max_users: int = 100,
         erasures: Erasures | None = None,
+        database: StateRepository | None = None,
     ) -> OutageFallback:
         fallback = OutageFallback(
             RULES,
             OutageJournal.open(tmp_path / name),
+            database or DownableState(outage),
             max_users=max_users,
             max_changes=max_changes,
             snapshot_max_users=100,
@@ -205,8 +244,8 @@ async def test_a_change_served_during_an_outage_reaches_the_database_once(
     assert served.available_credits == 4  # as last seen in the database
 
     outage.down = False
-    await fallback.replay(database)
-    await fallback.replay(database)  # a second replay changes nothing
+    await fallback.replay()
+    await fallback.replay()  # a second replay changes nothing
     await reference.get_user_credits("traveller")
     await reference_apply(reference, change, attempt)
     assert fallback.depth == 0
@@ -246,7 +285,7 @@ async def test_consent_changes_served_during_an_outage_reach_the_database_in_ord
     clock.advance(minutes=1)
     await consents.update_marketing_consent("reader", True)
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     stored = await database.consents.get("reader")
     assert stored is not None
     assert (stored.terms_accepted, stored.marketing_consent, stored.updated_at) == (
@@ -263,10 +302,10 @@ async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_repla
     this one still holds the user's changes in its journal; replaying them would bring
     the user back. A change made after the erasure is the user coming back, and lands."""
     pseudonyms = Pseudonyms("an-erasure-key-for-tests")
-    outage = Outage()
-    outage.stores = sql_stores(engine, RULES, pseudonyms=pseudonyms)
+    state = SqlStateRepository(engine, RULES, retention=RETENTION, pseudonyms=pseudonyms)
+    outage = Outage(sql_stores(engine, RULES, pseudonyms=pseudonyms), state)
     database = database_of(outage)
-    fallback = open_fallback(erasures=SqlErasures(engine, pseudonyms))
+    fallback = open_fallback(database=DownableState(outage))
     clock = FakeClock()
     served = with_fallback(database, fallback)
     credits = CreditService(served.credits, clock=clock)
@@ -280,13 +319,12 @@ async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_repla
     await consents.record_consent("leaver", marketing_consent=True)
     await credits.deduct_credits("stayer", 1)
     outage.down = False
-    state = SqlStateRepository(engine)
     # Erased elsewhere, at the very instant of the changes: which came first is unknown,
     # and forgetting is the safe side.
     assert await state.erase("leaver", pseudonyms.of("leaver"), clock.now) == 1
 
-    await fallback.replay(database)
-    assert (fallback.depth, fallback.erased, fallback.replayed) == (0, 2, 1)
+    await fallback.replay()
+    assert (fallback.depth, fallback.counts.erased, fallback.counts.replayed) == (0, 2, 1)
     leaver, stayer = await state.read(["leaver", "stayer"])
     assert (leaver.account, leaver.ledger, leaver.consent) == (None, (), None)
     assert await database.consents.get("leaver") is None
@@ -297,8 +335,8 @@ async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_repla
     outage.down = True
     await credits.deduct_credits("leaver", 1)  # after the erasure: the user is back
     outage.down = False
-    await fallback.replay(database)
-    assert (fallback.erased, fallback.replayed) == (2, 2)
+    await fallback.replay()
+    assert (fallback.counts.erased, fallback.counts.replayed) == (2, 2)
     (back,) = await state.read(["leaver"])
     assert back.account is not None
     # Resumed as erased (ERASED RESUMES: the spent part as a row), then the new change;
@@ -310,34 +348,6 @@ async def test_a_change_journaled_before_its_user_was_erased_is_dropped_on_repla
     assert back.account.available == back.account.maximum - 3
 
 
-class Unreachable:
-    """Erasures a replay cannot ask about: the database went away again. Behind the guard,
-    as the service has them."""
-
-    async def erased_at(self, user_id: str) -> datetime | None:
-        raise ConnectionRefusedError("the database is down (test)")
-
-    async def erased_since(self, after: datetime) -> list[tuple[str, datetime]]:
-        raise ConnectionRefusedError("the database is down (test)")
-
-    def pseudonym(self, user_id: str) -> str:
-        return f"erased-{user_id}"
-
-
-async def test_a_replay_that_cannot_ask_about_erasures_pauses_keeping_every_change(
-    outage: Outage, open_fallback: Callable[..., OutageFallback]
-) -> None:
-    guard = Guard(CircuitBreaker(failure_threshold=5, reset_timeout=1.0), ONE_ATTEMPT)
-    fallback = open_fallback(erasures=GuardedErasures(Unreachable(), guard))
-    database = database_of(outage)
-    credits = served_credits(database, fallback, clock=FakeClock())
-    outage.down = True
-    await credits.deduct_credits("traveller", 1)
-    outage.down = False
-    await fallback.replay(database)
-    assert (fallback.depth, fallback.journal.dead_letters, fallback.replayed) == (1, 0, 0)
-
-
 async def test_a_replay_that_meets_the_database_down_again_keeps_the_rest(
     outage: Outage, fallback: OutageFallback
 ) -> None:
@@ -346,26 +356,34 @@ async def test_a_replay_that_meets_the_database_down_again_keeps_the_rest(
     outage.down = True
     for n in range(3):
         await credits.deduct_credits("patient", 1, idempotency_key=f"k{n}")
-    await fallback.replay(database)  # still down
+    await fallback.replay()  # still down
     assert fallback.depth == 3
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     assert [row.amount for row in await database.credits.history("patient", 10)] == [-1] * 3
 
 
-async def test_a_replayed_change_whose_key_the_database_holds_for_another_request_is_skipped(
+async def test_a_key_the_database_applied_for_another_request_is_refused_then_or_on_replay(
     outage: Outage, fallback: OutageFallback
 ) -> None:
     database = database_of(outage)
     credits = served_credits(database, fallback)
-    await credits.deduct_credits("twice", 2, idempotency_key="order-1")
+    await credits.deduct_credits("twice", 2, idempotency_key="order-1")  # seen by this process
+    # Applied through another replica, which this process never saw.
+    await outage.stores.credits.apply("twice", Deduct(3), Attempt(utc_now(), "order-2"))
     outage.down = True
-    await credits.deduct_credits("twice", 5, idempotency_key="order-1")  # unknown to memory
-    await credits.deduct_credits("twice", 1, idempotency_key="order-2")
+    with pytest.raises(
+        IdempotencyKeyReusedError
+    ):  # known here: refused at once, as the database would
+        await credits.deduct_credits("twice", 5, idempotency_key="order-1")
+    await credits.deduct_credits("twice", 1, idempotency_key="order-2")  # not known here
+    await credits.deduct_credits("twice", 1, idempotency_key="order-3")
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     assert (fallback.depth, fallback.journal.dead_letters) == (0, 1)
-    assert [row.amount for row in await database.credits.history("twice", 10)] == [-1, -2]
+    [letter] = await fallback.journal.letters(10)
+    assert letter.change["key"] == "order-2"
+    assert [row.amount for row in await database.credits.history("twice", 10)] == [-1, -3, -2]
 
 
 async def test_the_consent_history_is_refused_during_an_outage_not_half_told(
@@ -379,7 +397,7 @@ async def test_the_consent_history_is_refused_during_an_outage_not_half_told(
     with pytest.raises(StorageUnavailableError):
         await consents.consent_history("told")
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     assert len(await consents.consent_history("told")) == 2
 
 
@@ -400,20 +418,18 @@ async def test_a_full_journal_refuses_further_writes_and_keeps_serving_reads(
     assert (await credits.get_user_credits("full")).available_credits == 9  # nothing half-made
     assert fallback.depth == 2
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     outage.down = True
     await credits.deduct_credits("full", 1)  # room again once replayed
     assert fallback.depth == 1
 
 
-class Poisoned(DownableCredits):
+class Poisoned(DownableState):
     """A database that refuses one user's changes for good."""
 
-    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
-        self._outage.check()
-        if user_id == "poison" and not isinstance(operation, Read):
+    def refuse(self, carried: Sequence[Carried]) -> None:
+        if any(one.user_id == "poison" for one in carried):
             raise ValueError("check constraint violated (test)")
-        return await super().apply(user_id, operation, attempt)
 
 
 async def test_a_known_users_balance_and_consent_are_honoured_during_an_outage(
@@ -476,17 +492,17 @@ async def test_changes_journaled_before_a_crash_land_once_after_restarts(
     await crashed.journal.close()  # the process dies: nothing replayed, the journal kept
 
     restarted = open_fallback()
-    await restarted.start(database)  # the database is still down
+    await restarted.start()  # the database is still down
     assert restarted.depth == 5
     assert (await restarted.memory.credits.history("kept", 10))[0].amount == -1
     outage.down = False
     shutil.copy(tmp_path / "journal.db", tmp_path / "image.db")  # as if killed mid-replay
     shutil.copy(tmp_path / "journal.db-wal", tmp_path / "image.db-wal")
-    await restarted.replay(database)
+    await restarted.replay()
     assert restarted.depth == 0
     again = open_fallback(name="image.db")  # the same changes, replayed once more
-    await again.replay(database)
-    assert again.replayed == 5
+    await again.replay()
+    assert again.counts.replayed == 5
     ledger = await database.credits.history("kept", 10)
     assert [row.amount for row in ledger] == [-1, -1, -1, -1, -2]
     consent = await database.consents.get("kept")
@@ -510,11 +526,11 @@ async def test_a_reset_replayed_again_after_a_crash_refills_once(
     shutil.copy(tmp_path / "journal.db", image)  # the journal before the replay marks it
     shutil.copy(tmp_path / "journal.db-wal", tmp_path / "image.db-wal")
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     clock.advance(minutes=1)
     await credits.deduct_credits("refilled", 4)  # spent after the replay
     again = open_fallback(name="image.db")
-    await again.replay(database)
+    await again.replay()
     assert (await database.credits.history("refilled", 10))[0].amount == -4
     assert (await credits.get_user_credits("refilled")).available_credits == 6
 
@@ -534,21 +550,22 @@ async def test_a_torn_last_record_is_dropped_and_the_intact_ones_replay(
     outage.down = False
     survivor = open_fallback(name="torn.db")
     assert survivor.depth == 2
-    await survivor.replay(database)
+    await survivor.replay()
     assert [row.amount for row in await database.credits.history("torn", 10)] == [-1, -1]
 
 
 async def test_a_change_the_database_refuses_for_good_becomes_a_dead_letter(
-    outage: Outage, fallback: OutageFallback
+    outage: Outage, open_fallback: Callable[..., OutageFallback]
 ) -> None:
-    database = dataclasses.replace(database_of(outage), credits=Poisoned(outage))
+    fallback = open_fallback(database=Poisoned(outage))
+    database = database_of(outage)
     credits = served_credits(database, fallback)
     outage.down = True
     for user in ("before", "poison", "after"):
         await credits.deduct_credits(user, 1)
     outage.down = False
-    await fallback.replay(database)
-    assert (fallback.depth, fallback.replayed, fallback.journal.dead_letters) == (0, 2, 1)
+    await fallback.replay()
+    assert (fallback.depth, fallback.counts.replayed, fallback.journal.dead_letters) == (0, 2, 1)
     for user in ("before", "after"):
         assert [row.amount for row in await database.credits.history(user, 10)] == [-1]
     [letter] = await fallback.journal.letters(10)
@@ -584,7 +601,7 @@ async def test_concurrent_changes_are_journaled_in_the_order_they_were_made(
     await asyncio.gather(*(credits.refund_credits("busy", n + 1) for n in range(40)))
     served = [row.amount for row in await fallback.memory.credits.history("busy", 100)]
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     assert [row.amount for row in await database.credits.history("busy", 100)] == served
 
 
@@ -655,24 +672,22 @@ class Broken(Exception):
     sqlstate = "42P01"
 
 
-class Unmigrated(DownableCredits):
-    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
-        self._outage.check()
-        if not isinstance(operation, Read):
-            raise Broken('relation "credit_transactions" does not exist')
-        return await super().apply(user_id, operation, attempt)
+class Unmigrated(DownableState):
+    def refuse(self, carried: Sequence[Carried]) -> None:
+        raise Broken('relation "credit_transactions" does not exist')
 
 
 async def test_a_database_that_cannot_take_changes_pauses_the_replay_moving_nothing_aside(
-    outage: Outage, fallback: OutageFallback
+    outage: Outage, open_fallback: Callable[..., OutageFallback]
 ) -> None:
-    database = dataclasses.replace(database_of(outage), credits=Unmigrated(outage))
+    fallback = open_fallback(database=Unmigrated(outage))
+    database = database_of(outage)
     credits = served_credits(database, fallback)
     outage.down = True
     for user in ("one", "two"):
         await credits.deduct_credits(user, 1)
     outage.down = False
-    await fallback.replay(database)
+    await fallback.replay()
     assert (fallback.depth, fallback.journal.dead_letters) == (2, 0)
 
 
@@ -688,7 +703,7 @@ async def test_a_later_consent_in_the_database_stands_over_a_replayed_earlier_on
     await database.consents.upsert(
         "changed", terms_accepted=True, marketing_consent=False, terms_version="1", now=clock.now
     )
-    await fallback.replay(database)
+    await fallback.replay()
     stored = await database.consents.get("changed")
     assert stored is not None and (stored.marketing_consent, stored.updated_at) == (
         False,
@@ -705,7 +720,7 @@ async def test_a_service_that_never_started_replays_nothing_at_shutdown(
     outage.down = True
     await credits.deduct_credits("waiting", 1)
     outage.down = False
-    await fallback.close(database)  # its database was not ready: start() never ran
+    await fallback.close()  # its database was not ready: start() never ran
     assert fallback.depth == 1
     assert await database.credits.history("waiting", 10) == []
 

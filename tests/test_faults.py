@@ -297,7 +297,7 @@ class TestMemoryFallback:
                 return bool(fallback.depth == 0)
 
             await wait_for(drained)
-            await fallback.replay(app.state.container.guarded)  # a second replay changes nothing
+            await fallback.replay()  # a second replay changes nothing
             ledger = (await client.get(f"{user}/transactions")).json()
             assert [row["amount"] for row in ledger] == [-2] * 5 + [-1]
             assert (await client.get(user)).json()["available_credits"] == BUDGET - 11

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,8 @@ from sqlalchemy import func, select
 
 from app.config import StorageBackend
 from app.container import Container
-from app.domain.state import Merged, Round, UserState, verified
+from app.domain.carry import Carried
+from app.domain.state import Merged, UserState, verified
 from app.main import create_app
 from app.models import CreditTransactionRow, UserCreditsRow, table
 from app.repositories.base import StateRepository
@@ -228,25 +230,25 @@ async def test_no_acknowledged_deduction_is_lost_racing_a_hand_over(
 
 
 class Faulty:
-    """A store's state repository that loses a ledger row of every user it merges."""
+    """A store's state repository that loses the first ledger row of every user it
+    merges, and whose VERIFY finds so: every carried row must be held afterwards."""
 
     def __init__(self, inner: StateRepository) -> None:
         self._inner = inner
         self.user_ids = inner.user_ids
+        self.erasures = inner.erasures
+        self.merge_erasures = inner.merge_erasures
         self.read = inner.read
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
-        return await self._inner.merge(
-            [UserState(s.user_id, s.account, s.ledger[1:], s.consent) for s in states], round
-        )
-
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        """The lossy merge, then VERIFY by reading back, as the generic stores do."""
-        added = await self.merge(states, round)
-        held = await self.read([state.user_id for state in states])
-        return Merged(added, verified(states, held, in_round=round is not None))
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        lossy = [replace(one, credits=one.credits[1:]) for one in carried]
+        merged = await self._inner.merge(lossy)
+        expected = [
+            UserState(one.user_id, ledger=tuple(c.row for c in one.credits if c.row))
+            for one in carried
+        ]
+        held = await self.read([one.user_id for one in carried])
+        return Merged(merged.tally, verified(expected, held))
 
 
 @pytest.mark.parametrize(("start", "goal"), DIRECTIONS)
@@ -279,21 +281,16 @@ class Slow:
     def __init__(self, inner: StateRepository) -> None:
         self._inner = inner
         self.user_ids = inner.user_ids
+        self.erasures = inner.erasures
+        self.merge_erasures = inner.merge_erasures
         self.read = inner.read
         self.merging = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
         self.merging.set()
         await self.release.wait()
-        return await self._inner.merge(states, round)
-
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        self.merging.set()
-        await self.release.wait()
-        return await self._inner.merge_verified(states, round)
+        return await self._inner.merge(carried)
 
 
 async def test_a_second_change_during_a_hand_over_is_409_and_reads_go_on(

@@ -19,14 +19,13 @@ from app.domain.state import Merged, UserState
 from app.errors import StorageUnavailableError
 from app.repositories import pg_state
 from app.repositories.base import StagedBatch, StagedRows, StateRepository
-from app.repositories.memory import MemoryData, MemoryStateRepository
-from app.repositories.sql import state_repository
+from app.repositories.memory import MemoryData
 from app.storage import stream
 from app.storage.engine import create_engine
 from app.storage.guarded import GuardedState
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.storage.stream import InvalidStreamError, staged
-from tests.conftest import fresh_database
+from tests.conftest import database_state, fresh_database, memory_state
 from tests.support.relay import relayed
 
 AT = datetime(2026, 11, 30, 9, tzinfo=UTC)
@@ -46,7 +45,7 @@ async def repository(request: pytest.FixtureRequest, kind: str) -> AsyncIterator
     async with fresh_database(request, kind) as url:
         engine = create_engine(Settings(database_url=url))
         try:
-            yield state_repository(engine)
+            yield database_state(engine)
         finally:
             await engine.dispose()
 
@@ -54,7 +53,7 @@ async def repository(request: pytest.FixtureRequest, kind: str) -> AsyncIterator
 @pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateRepository]:
     if request.param == "memory":
-        yield MemoryStateRepository(MemoryData())
+        yield memory_state(MemoryData())
         return
     async with repository(request, request.param) as state:
         yield state
@@ -151,7 +150,10 @@ async def test_a_users_runs_land_in_stream_order_across_batches(store: StateRepo
     )
     assert report.verification.mismatches == 0
     ann, bob, cy = await store.read(["ann", "bob", "cy"])
-    assert ann.account is not None and ann.account.available == 3
+    # Her second run's change lands on top of what her first left (SPEC §7 rev. 3: the
+    # store holds a change the run lacks, her first -1); a run without changes of its
+    # own, as bob's, takes its account.
+    assert ann.account is not None and ann.account.available == 7
     assert [entry.amount for entry in ann.ledger] == [-1, -2]
     assert ann.consent is not None and ann.consent.marketing_consent
     assert bob.account is not None and bob.account.available == 2
@@ -251,7 +253,7 @@ async def test_the_database_lost_mid_import_is_unavailable_with_nothing_merged(
         engine = create_engine(Settings(database_url=through))
         policy = RetryPolicy(attempts=3, max_seconds=5, initial_backoff=0.01, max_backoff=0.05)
         state = GuardedState(
-            state_repository(engine),
+            database_state(engine),
             Guard(CircuitBreaker(failure_threshold=5, reset_timeout=1.0), policy),
         )
         try:
@@ -263,7 +265,7 @@ async def test_the_database_lost_mid_import_is_unavailable_with_nothing_merged(
         await relay.restore()
         direct = create_engine(Settings(database_url=url))
         try:
-            held = await state_repository(direct).read(["u0", "u11"])
+            held = await database_state(direct).read(["u0", "u11"])
         finally:
             await direct.dispose()
     assert held == [UserState("u0"), UserState("u11")]
@@ -273,7 +275,7 @@ class SlowFirstMerge:
     """The memory store, whose first merge takes a while."""
 
     def __init__(self) -> None:
-        self.inner = MemoryStateRepository(MemoryData())
+        self.inner = memory_state(MemoryData())
         self.merges = 0
 
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
@@ -297,7 +299,7 @@ class FailingOnce:
     """The memory store, whose first merge fails as a connection lost mid-merge."""
 
     def __init__(self) -> None:
-        self.inner = MemoryStateRepository(MemoryData())
+        self.inner = memory_state(MemoryData())
         self.failed = False
 
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:

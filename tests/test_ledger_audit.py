@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 
 from app.config import Settings
 from app.domain.audit import LedgerFigures, Sums, Verdict, verdict
+from app.domain.carry import carried_state
 from app.domain.privacy import Pseudonyms
 from app.ops.audit import AuditReport, audit_ledger
 from app.repositories.base import StateRepository
@@ -23,7 +24,7 @@ from app.repositories.sql import sql_stores, state_repository
 from app.repositories.sql_credits import accounts, ledger
 from app.services.credits import CreditService
 from app.storage.engine import create_engine, fast_connections
-from tests.conftest import RULES, STORES, fresh_database
+from tests.conftest import RETENTION, RULES, STORES, fresh_database
 from tests.support.clock import FakeClock
 
 BATCH = 7
@@ -60,7 +61,7 @@ def memory_store(clock: FakeClock) -> AuditedStore:
 
     return AuditedStore(
         CreditService(stores.credits, clock=clock),
-        MemoryStateRepository(data),
+        MemoryStateRepository(data, RULES, retention=RETENTION, pseudonyms=PSEUDONYMS),
         set_balance,
         set_row_amount,
     )
@@ -100,7 +101,7 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
         try:
             yield AuditedStore(
                 CreditService(stores.credits, clock=clock),
-                state_repository(engine),
+                state_repository(engine, RULES, retention=RETENTION, pseudonyms=PSEUDONYMS),
                 set_balance,
                 set_row_amount,
             )
@@ -140,7 +141,7 @@ async def every_kind_of_change(store: AuditedStore, clock: FakeClock) -> list[st
     source = memory_store(clock)
     await source.credits.deduct_credits("carried", 4)
     await source.credits.refund_credits("carried", 1)
-    await store.state.merge(await source.state.read(["carried"]))
+    await store.state.merge([carried_state(s) for s in await source.state.read(["carried"])])
     users.append("carried")
     return sorted(users)
 
@@ -193,7 +194,7 @@ class TestDrift:
         source = memory_store(clock)
         await source.credits.deduct_credits("partial", 5)
         (carried,) = await source.state.read(["partial"])
-        await store.state.merge([replace(carried, ledger=())])
+        await store.state.merge([carried_state(replace(carried, ledger=()))])
         assert (await store.audit(clock())).drifted == ["partial"]
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.domain.carry import carried_state
 from app.domain.state import UserState
 from app.errors import StorageFullError
 from app.repositories.memory import MemoryCacheRepository, MemoryData, MemoryStateRepository
-from tests.conftest import RULES, app_settings
+from tests.conftest import RETENTION, RULES, app_settings
 from tests.support.app_client import running
 
 CREDITS = "/api/v1/credits"
@@ -85,10 +86,13 @@ async def test_a_hand_over_into_memory_past_the_bound_fails_and_flips_nothing(
 
 async def test_a_merge_that_would_pass_the_bound_changes_nothing() -> None:
     data = MemoryData(max_users=2)
-    state = MemoryStateRepository(data)
+    state = MemoryStateRepository(data, RULES, retention=RETENTION)
     held = RULES.opened("ann", True, T0)
-    await state.merge([UserState("ann", held)])
-    incoming = [UserState(user, RULES.opened(user, True, T0)) for user in ("ann", "bob", "cyd")]
+    await state.merge([carried_state(UserState("ann", held))])
+    incoming = [
+        carried_state(UserState(user, RULES.opened(user, True, T0)))
+        for user in ("ann", "bob", "cyd")
+    ]
     with pytest.raises(StorageFullError):
         await state.merge(incoming)
     assert set(data.accounts) == {"ann"}

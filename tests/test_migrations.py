@@ -44,7 +44,8 @@ TABLES = {
     "user_consents",
     "query_cache",
     "storage_flag",
-    "handover_marks",
+    "consent_events",
+    "credit_erasures",
 }
 EMPTY_DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -330,6 +331,49 @@ class TestErasuresByTime:
         assert await erasures() == [("erased-1", 4)]
         await alembic(empty_engine, "upgrade", "head")
         assert await indexed()
+
+    async def test_0009_records_every_erasure_and_down_keeps_those_with_an_account(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "0008")
+        at = datetime(2026, 3, 1, tzinfo=UTC)
+        insert = text(
+            "INSERT INTO credit_erasures (pseudonym, is_guest, available_credits,"
+            " max_credits, last_reset_timestamp, erased_at)"
+            " VALUES (:pseudonym, :guest, :available, :maximum, :at, :at)"
+        )
+        async with empty_engine.begin() as connection:
+            await connection.execute(
+                insert,
+                {"pseudonym": "!erased:1", "guest": True, "available": 4, "maximum": 10, "at": at},
+            )
+
+        async def erasures() -> list[tuple[Any, ...]]:
+            async with empty_engine.connect() as connection:
+                rows = await connection.execute(
+                    text("SELECT pseudonym, available_credits FROM credit_erasures ORDER BY 1")
+                )
+                return [tuple(row) for row in rows]
+
+        await alembic(empty_engine, "upgrade", "head")
+        assert "handover_marks" not in await table_names(empty_engine)
+        async with empty_engine.begin() as connection:  # a user erased with a consent alone
+            await connection.execute(
+                insert,
+                {
+                    "pseudonym": "!erased:2",
+                    "guest": None,
+                    "available": None,
+                    "maximum": None,
+                    "at": at,
+                },
+            )
+        assert await erasures() == [("!erased:1", 4), ("!erased:2", None)]
+        await alembic(empty_engine, "downgrade", "0008")
+        assert "handover_marks" in await table_names(empty_engine)
+        assert await erasures() == [("!erased:1", 4)]  # the README says what is lost
+        await alembic(empty_engine, "upgrade", "head")
+        assert await erasures() == [("!erased:1", 4)]
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
-"""PostgresStateRepository merges as SqlStateRepository does (SPEC §7, MERGE): the same
-states merged into two fresh databases, one through each, leave the same users, ledger
-(rows, counts and order), claimed keys and consents, and count the same rows added."""
+"""PostgresStateRepository carries state in as SqlStateRepository does (SPEC §7, the one
+merge): the same states carried into two fresh databases, one through each, leave the
+same users, ledger (rows, counts and order), claimed keys, consents, history and erasures,
+and count the same."""
 
 from __future__ import annotations
 
@@ -14,23 +15,35 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.domain.carry import carried_state
 from app.domain.credits import Account
-from app.domain.state import LedgerRecord, Merged, Round, UserState
+from app.domain.privacy import Pseudonyms
+from app.domain.state import Erasure, LedgerRecord, Merged, Tally, UserState
 from app.repositories.base import StagedBatch, StagedRows
 from app.repositories.pg_state import PostgresStateRepository
-from app.repositories.sql_consents import consents
-from app.repositories.sql_credits import accounts, claimed_keys, ledger
-from app.repositories.sql_state import SqlStateRepository, marks
+from app.repositories.sql_consents import consent_events, consents
+from app.repositories.sql_credits import accounts, claimed_keys, erasures, ledger
+from app.repositories.sql_state import SqlStateRepository
 from app.schemas import UserConsent
 from app.storage.engine import create_engine
 from app.storage.guarded import GuardedState
 from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
-from tests.conftest import fresh_database
+from tests.conftest import RULES, fresh_database
 
 pytestmark = pytest.mark.postgres
+RETENTION = timedelta(days=90)
+PSEUDONYMS = Pseudonyms("a-key-of-at-least-thirty-two-characters")
 
 AT = datetime(2026, 11, 29, 12, tzinfo=UTC)
 LATER = AT + timedelta(hours=1)
+
+
+def sql_state(engine: AsyncEngine) -> SqlStateRepository:
+    return SqlStateRepository(engine, RULES, retention=RETENTION, pseudonyms=PSEUDONYMS)
+
+
+def pg_state(engine: AsyncEngine) -> PostgresStateRepository:
+    return PostgresStateRepository(engine, RULES, retention=RETENTION, pseudonyms=PSEUDONYMS)
 
 
 class Pair:
@@ -38,22 +51,23 @@ class Pair:
 
     def __init__(self, reference: AsyncEngine, subject: AsyncEngine) -> None:
         self.engines = (reference, subject)
-        self.reference = SqlStateRepository(reference)
-        self.subject = PostgresStateRepository(subject)
+        self.reference = sql_state(reference)
+        self.subject = pg_state(subject)
 
     async def seed(self, states: Sequence[UserState]) -> None:
         """The same held state in both, written by the reference."""
         for engine in self.engines:
-            await SqlStateRepository(engine).merge(states)
+            await sql_state(engine).merge([carried_state(state) for state in states])
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
-        """Merges into both; the rows added, which must agree."""
-        expected = await self.reference.merge(states, round)
-        assert await self.subject.merge(states, round) == expected
+    async def merge(self, states: Sequence[UserState]) -> Merged:
+        """Carries into both; what each did and found, which must agree."""
+        carried = [carried_state(state) for state in states]
+        expected = await self.reference.merge(carried)
+        assert await self.subject.merge(carried) == expected
         return expected
 
     async def merge_rows(self, states: Sequence[UserState]) -> Merged:
-        """Merges into both as an import's batch of them; what each found must agree."""
+        """Carries into both as an import's batch of them; what each did must agree."""
         batch, rows = staged(states)
         expected = await self.reference.merge_rows(batch, rows)
         assert await self.subject.merge_rows(batch, rows) == expected
@@ -65,13 +79,16 @@ class Pair:
 
 
 async def _tables(engine: AsyncEngine) -> dict[str, list[Any]]:
-    """Every row of the four tables, but the ledger's own ids, in a fixed order."""
+    """Every row of the user tables, but the tables' own ids, in a fixed order."""
     statements = {
         "accounts": select(accounts).order_by(accounts.c.user_id),
         "ledger": select(*(c for c in ledger.c if c.name != "id")).order_by(ledger.c.id),
         "keys": select(claimed_keys).order_by(*claimed_keys.primary_key.columns),
         "consents": select(consents).order_by(consents.c.user_id),
-        "marks": select(marks).order_by(*marks.primary_key.columns),
+        "events": select(*(c for c in consent_events.c if c.name != "id")).order_by(
+            consent_events.c.id
+        ),
+        "erasures": select(erasures).order_by(erasures.c.pseudonym),
     }
     async with engine.connect() as conn:
         return {
@@ -116,7 +133,7 @@ def staged(states: Sequence[UserState]) -> tuple[StagedBatch, StagedRows]:
     lines = len(accounts) + len(ledger) + len(consents)
     lock = len(accounts) < len(states)
     batch = StagedBatch(0, [state.user_id for state in states], lines, lock, follows=False)
-    return batch, (accounts, ledger, consents)
+    return batch, (accounts, ledger, consents, [], [])
 
 
 def row(
@@ -156,7 +173,7 @@ def incoming() -> list[UserState]:
                 row("ann", -1),
                 row("ann", -2, key="k1", description="shoes"),
                 row("ann", -1),
-                row("ann", 1, key="k1"),
+                row("ann", 1, key="k1r"),
             ),
             consent("ann", True, LATER),
         ),
@@ -174,26 +191,25 @@ USERS = ["ann", "bob", "cy", "dee", "nobody"]
 
 
 async def test_into_empty_stores_every_row_counted_and_in_the_same_order(pair: Pair) -> None:
-    assert await pair.merge(incoming()) == 7
+    assert (await pair.merge(incoming())).added == 7
     await pair.assert_same(USERS)
 
 
 async def test_a_second_merge_of_the_same_states_adds_nothing(pair: Pair) -> None:
     await pair.merge(incoming())
-    assert await pair.merge(incoming()) == 0
+    again = await pair.merge(incoming())
+    assert (again.added, again.mismatched) == (0, {})
     await pair.assert_same(USERS)
 
 
-async def test_into_held_state_only_the_lacking_copies_are_added_and_later_consents_win(
-    pair: Pair,
-) -> None:
+async def test_on_top_of_held_state_only_the_lacking_changes_are_applied(pair: Pair) -> None:
     await pair.seed(
         [
-            # One of ann's two equal rows, and a row only this store holds.
+            # One of ann's two equal rows, and a change only this store holds.
             UserState(
                 "ann",
                 account("ann", 9),
-                (row("ann", -1), row("ann", -5)),
+                (row("ann", -1), row("ann", -5, key="own")),
                 consent("ann", False, AT),
             ),
             # A consent later than the incoming one, which must stay.
@@ -201,13 +217,56 @@ async def test_into_held_state_only_the_lacking_copies_are_added_and_later_conse
             UserState("eve", account("eve", 3), (row("eve", -7, key="e"),)),
         ]
     )
-    assert await pair.merge(incoming()) == 6
+    merged = await pair.merge(incoming())
+    assert (merged.added, merged.mismatched) == (6, {})
     await pair.assert_same([*USERS, "eve"])
     subject = {state.user_id: state for state in await pair.subject.read(USERS)}
     assert subject["ann"].consent == consent("ann", True, LATER)
     assert subject["dee"].consent == consent("dee", True, LATER)
-    assert subject["ann"].account == account("ann", 6)
-    assert [r.amount for r in subject["ann"].ledger] == [-1, -5, -1, -2, 1]
+    # 9, then -2, -1 and +1 on top: the store's own deduction of 5 stands.
+    assert subject["ann"].account == account("ann", 7)
+    assert [r.amount for r in subject["ann"].ledger] == [-1, -5, -2, -1, 1]
+
+
+async def test_a_followers_carry_never_undoes_a_write_the_store_took_since(pair: Pair) -> None:
+    # Issue 26, finding 1, at the store: replica A's x=7 carried, then 4 spent on the
+    # database; replica B carries its own x=9.
+    await pair.merge([UserState("x", account("x", 7), (row("x", -3, key="a1"),))])
+    await pair.seed(
+        [UserState("x", account("x", 3), (row("x", -3, key="a1"), row("x", -4, key="a2")))]
+    )
+    merged = await pair.merge([UserState("x", account("x", 9), (row("x", -1, key="b1"),))])
+    assert merged.mismatched == {}
+    (x,) = await pair.subject.read(["x"])
+    assert x.account == account("x", 2)
+    assert sum(r.amount for r in x.ledger) == 2 - 10
+    await pair.assert_same(["x"])
+
+
+async def test_nothing_of_an_erased_user_made_before_the_erasure_is_carried(pair: Pair) -> None:
+    # Issue 26, finding 4, at the store.
+    await pair.merge([UserState("x", account("x", 7), (row("x", -3, key="a1"),))])
+    for engine in pair.engines:
+        await sql_state(engine).erase("x", PSEUDONYMS.of("x"), LATER)
+    merged = await pair.merge(
+        [UserState("x", account("x", 9), (row("x", -1, key="b1"),), consent("x", True, AT))]
+    )
+    assert merged.tally.erased == 1
+    assert await pair.subject.read(["x"]) == [
+        UserState("x", erasure=Erasure(PSEUDONYMS.of("x"), LATER, account(PSEUDONYMS.of("x"), 7)))
+    ]
+    await pair.assert_same(["x", PSEUDONYMS.of("x")])
+
+
+async def test_a_carried_erasure_erases_the_user_the_store_still_holds(pair: Pair) -> None:
+    await pair.merge([UserState("x", account("x", 7), (row("x", -3, key="a1"),))])
+    record = Erasure(PSEUDONYMS.of("x"), LATER, account(PSEUDONYMS.of("x"), 7))
+    assert await pair.reference.merge_erasures([record]) == 1
+    assert await pair.subject.merge_erasures([record]) == 1
+    assert await pair.subject.merge_erasures([record]) == 0  # held already
+    await pair.assert_same(["x", PSEUDONYMS.of("x")])
+    (x,) = await pair.subject.read(["x"])
+    assert (x.account, x.ledger, x.erasure) == (None, (), record)
 
 
 def accounted() -> list[UserState]:
@@ -219,7 +278,7 @@ def accounted() -> list[UserState]:
 async def test_an_import_batch_copied_into_empty_stores_is_what_the_merge_leaves(
     pair: Pair,
 ) -> None:
-    assert await pair.merge_rows(accounted()) == Merged(7)
+    assert await pair.merge_rows(accounted()) == Merged(Tally(applied=7, added=7))
     await pair.assert_same(USERS)
 
 
@@ -237,13 +296,18 @@ VALUES ('cy', 'c', '2026-11-28T12:00:00+00:00', 'refund')
         [UserState("cy", account("cy", 2))],
         [UserState("ann", consent=consent("ann", False, LATER + timedelta(hours=1)))],
         _HELD_KEY,
+        "erased",
     ],
-    ids=["ledger rows", "an account", "a later consent", "a claimed key"],
+    ids=["ledger rows", "an account", "a later consent", "a claimed key", "an erasure"],
 )
 async def test_an_import_batch_of_users_the_store_holds_something_of_is_merged(
     pair: Pair, held: list[UserState] | str
 ) -> None:
-    if isinstance(held, str):
+    if held == "erased":
+        record = Erasure(PSEUDONYMS.of("bob"), LATER)
+        for engine in pair.engines:
+            await sql_state(engine).merge_erasures([record])
+    elif isinstance(held, str):
         for engine in pair.engines:
             async with engine.begin() as conn:
                 await conn.exec_driver_sql(held)
@@ -252,45 +316,41 @@ async def test_an_import_batch_of_users_the_store_holds_something_of_is_merged(
     merged = await pair.merge_rows(accounted())
     assert merged.mismatched == {}
     await pair.assert_same(USERS)
-    assert await pair.merge_rows(accounted()) == Merged(0)
+    assert (await pair.merge_rows(accounted())).added == 0
 
 
-async def test_a_failed_merge_leaves_nothing_behind_not_even_staged_rows(pair: Pair) -> None:
+async def test_a_failed_merge_leaves_nothing_behind(pair: Pair) -> None:
     broken = [UserState("zed", account("zed", 1), (row("zed", 0),))]  # amount 0: refused
     with pytest.raises(asyncpg.CheckViolationError, match="amount_non_zero"):
-        await pair.subject.merge(broken)
-    assert await pair.merge(incoming()) == 7
+        await pair.subject.merge([carried_state(state) for state in broken])
+    assert (await pair.merge(incoming())).added == 7
     await pair.assert_same([*USERS, "zed"])
 
 
-async def test_user_ids_pages_the_same_users_with_an_account_or_a_consent(pair: Pair) -> None:
+async def test_user_ids_pages_the_same_users_with_an_account_a_consent_or_an_erasure(
+    pair: Pair,
+) -> None:
     await pair.merge([*incoming(), UserState("eve", consent=consent("eve", True, AT))])
+    for engine in pair.engines:
+        await sql_state(engine).merge_erasures([Erasure("!erased:00", AT)])
 
     async def pages(repository: SqlStateRepository | PostgresStateRepository) -> list[list[str]]:
         return [page async for page in repository.user_ids(2)]
 
     assert await pages(pair.subject) == await pages(pair.reference)
-    assert await pages(pair.subject) == [["ann", "bob"], ["cy", "dee"], ["eve"]]
+    assert sorted(user for page in await pages(pair.subject) for user in page) == [
+        "!erased:00",
+        "ann",
+        "bob",
+        "cy",
+        "dee",
+        "eve",
+    ]
 
 
-async def test_in_a_round_the_lowest_balance_any_replica_carried_wins(pair: Pair) -> None:
-    first, second = Round(7, "replica-a"), Round(7, "replica-b")
-    await pair.merge(incoming(), first)
-    await pair.merge(
-        [UserState("ann", account("ann", 2)), UserState("cy", account("cy", 9))], second
-    )
-    await pair.assert_same(USERS)
-    subject = {state.user_id: state for state in await pair.subject.read(USERS)}
-    assert subject["ann"].account == account("ann", 2)  # replica-b's, lower
-    assert subject["cy"].account == account("cy", 8, at=LATER)  # replica-a's stays
-    # A replica carrying again in the same round replaces its own mark, not the others'.
-    await pair.merge([UserState("ann", account("ann", 1))], first)
-    await pair.assert_same(USERS)
-
-
-# VERIFY inside the database (merge_verified) finds what reading back finds: a store made
-# to lose a row, bend a balance, a maximum and a tier, and drop a consent, by triggers
-# installed in both databases, is found wrong in the same users, in the same words.
+# VERIFY finds the same on both: a store made to lose a row, bend a balance, a maximum and
+# a tier, and drop a consent, by triggers installed in both databases, is found wrong in
+# the same users, in the same words.
 _LOSSY = [
     """
     CREATE FUNCTION lossy_ledger() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -334,6 +394,17 @@ _LOSSY = [
     """,
 ]
 
+_FOUND_LOSSY = {
+    "lossy": ["1 ledger row(s) missing: ledger sum -4, expected -6"],
+    "bent": [
+        "balance 5, expected 4",
+        "maximum 11, expected 10",
+        "tier registered, expected guest",
+    ],
+    "lower": ["balance 3, expected 4", "1 ledger row(s) missing: ledger sum 0, expected -1"],
+    "shy": ["consent differs"],
+}
+
 
 def lossy_incoming() -> list[UserState]:
     return [
@@ -349,54 +420,24 @@ def lossy_incoming() -> list[UserState]:
     ]
 
 
-@pytest.mark.parametrize("in_round", [False, True])
-async def test_verify_in_the_database_finds_what_reading_back_finds(
-    pair: Pair, in_round: bool
-) -> None:
+async def _lossy(pair: Pair) -> None:
     for engine in pair.engines:
         async with engine.begin() as conn:
             for statement in _LOSSY:
                 await conn.exec_driver_sql(statement)
-    round = Round(3, "replica-a") if in_round else None
-    states = lossy_incoming()
-    expected = await pair.reference.merge_verified(states, round)
-    found = await pair.subject.merge_verified(states, round)
-    assert found.mismatched == expected.mismatched
-    assert found.mismatched == {
-        "lossy": ["1 ledger row(s) missing: ledger sum -4, expected -6"],
-        "bent": [
-            "balance 5, expected 4",
-            "maximum 11, expected 10",
-            "tier registered, expected guest",
-        ],
-        "lower": [
-            *([] if in_round else ["balance 3, expected 4"]),
-            "1 ledger row(s) missing: ledger sum 0, expected -1",
-        ],
-        "shy": ["consent differs"],
-    }
-    # Merged again (the triggers bend what they bent once more), still the same found.
-    again = await pair.reference.merge_verified(states, round)
-    assert (await pair.subject.merge_verified(states, round)).mismatched == again.mismatched
-    assert set(again.mismatched) == set(found.mismatched)
+
+
+async def test_verify_finds_the_same_in_both(pair: Pair) -> None:
+    await _lossy(pair)
+    found = await pair.merge(lossy_incoming())
+    assert found.mismatched == _FOUND_LOSSY
+    await pair.merge(lossy_incoming())  # carried again: both still agree
 
 
 async def test_an_import_batch_copied_is_verified_as_reading_back_verifies(pair: Pair) -> None:
-    for engine in pair.engines:
-        async with engine.begin() as conn:
-            for statement in _LOSSY:
-                await conn.exec_driver_sql(statement)
+    await _lossy(pair)
     merged = await pair.merge_rows([s for s in lossy_incoming() if s.account is not None])
-    assert merged.mismatched == {
-        "lossy": ["1 ledger row(s) missing: ledger sum -4, expected -6"],
-        "bent": [
-            "balance 5, expected 4",
-            "maximum 11, expected 10",
-            "tier registered, expected guest",
-        ],
-        "lower": ["balance 3, expected 4", "1 ledger row(s) missing: ledger sum 0, expected -1"],
-        "shy": ["consent differs"],
-    }
+    assert merged.mismatched == _FOUND_LOSSY
 
 
 async def test_a_pooled_connection_closed_while_idle_is_a_fault_retried_on_another(
@@ -410,7 +451,7 @@ async def test_a_pooled_connection_closed_while_idle_is_a_fault_retried_on_anoth
                 await raw.driver_connection.close()
             policy = RetryPolicy(attempts=2, max_seconds=5, initial_backoff=0, max_backoff=0)
             breaker = CircuitBreaker(failure_threshold=5, reset_timeout=1.0)
-            state = GuardedState(PostgresStateRepository(engine), Guard(breaker, policy))
+            state = GuardedState(pg_state(engine), Guard(breaker, policy))
             assert await state.read(["ann"]) == [UserState("ann")]
         finally:
             await engine.dispose()

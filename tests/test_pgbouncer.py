@@ -20,11 +20,11 @@ import asyncpg
 import httpx
 import pytest
 
+from app.domain.carry import carried_state
 from app.errors import StorageUnavailableError
 from app.main import create_app
-from app.repositories.sql import state_repository
 from app.storage.engine import create_engine, transaction_setting
-from tests.conftest import app_settings, fresh_database, plain_dsn
+from tests.conftest import app_settings, database_state, fresh_database, plain_dsn
 from tests.support.app_client import client_for
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
@@ -135,13 +135,13 @@ class TestTheStatementTimeout:
         async with serving(bounced_url, db_statement_timeout_ms=300) as client:
             await client.get(f"{CREDITS}/moving")
         engine = create_engine(settings)
-        state = state_repository(engine, transaction_setting(settings))
+        state = database_state(engine, transaction_setting=transaction_setting(settings))
         try:
             [moving] = await state.read(["moving"])
             async with locked_account(postgres_server, bounced_url, "moving"):
                 async with asyncio.timeout(3):  # not the client's bound (the timeout + 5 s)
                     with pytest.raises(asyncpg.QueryCanceledError):
-                        await state.merge([moving])
+                        await state.merge([carried_state(moving)])
         finally:
             await engine.dispose()
 

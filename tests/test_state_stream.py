@@ -88,24 +88,75 @@ def without_ids(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
-async def test_an_export_names_every_account_row_and_consent_between_header_and_footer(
+async def test_an_export_names_every_account_row_key_consent_and_event_in_order(
     two_apps: tuple[httpx.AsyncClient, httpx.AsyncClient],
 ) -> None:
     seeded, _ = two_apps
     lines = await export(seeded)
     assert lines[0]["kind"] == "header"
-    assert (lines[0]["format"], lines[0]["store"]) == (1, "database")
-    assert lines[-1] == {"kind": "footer", "accounts": 3, "ledger_rows": 4, "consents": 2}
+    assert (lines[0]["format"], lines[0]["store"]) == (2, "database")
+    assert lines[-1] == {
+        "kind": "footer",
+        "accounts": 3,
+        "ledger_rows": 4,
+        "consents": 2,
+        "keys": 2,
+        "consent_events": 2,
+        "erasures": 0,
+    }
     kinds = [line["kind"] for line in lines[1:-1]]
     assert kinds == [
-        "account", "ledger", "ledger", "consent",  # ann
+        "account", "ledger", "ledger", "key", "key", "consent", "consent_event",  # ann
         "account", "ledger",  # bob
         "account", "ledger",  # cy
-        "consent",  # dee
+        "consent", "consent_event",  # dee
     ]  # fmt: skip
     ann_deduction = lines[2]
     assert (ann_deduction["amount"], ann_deduction["idempotency_key"]) == (-3, "k1")
     assert lines[3]["description"] == "sorry"
+    key = lines[4]
+    assert (key["idempotency_key"], key["operation"], len(key["request"])) == (
+        "k1",
+        "deduction",
+        64,
+    )
+
+
+def format_1(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same state as an export before revision 3 wrote it: no keys, history or
+    erasures, and a footer without their counts."""
+    kept = [line for line in lines if line["kind"] not in ("key", "consent_event", "erasure")]
+    kept[0] = {**kept[0], "format": 1}
+    kept[-1] = {name: kept[-1][name] for name in ("kind", "accounts", "ledger_rows", "consents")}
+    return kept
+
+
+async def test_a_format_1_stream_still_imports(
+    two_apps: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    seeded, empty = two_apps
+    old = format_1(await export(seeded))
+    response = await empty.post("/admin/state/import", content=body_of(old), headers=NDJSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["mismatches"] == 0
+    restored = await export(empty)
+    assert without_ids(format_1(restored)) == without_ids(old)
+    # The key a row carries is claimed, its request unknown: a repeat is still one.
+    repeated = await empty.post(
+        f"{CREDITS}/ann/deduct", json={"amount": 3}, headers={"Idempotency-Key": "k1"}
+    )
+    assert repeated.headers["idempotent-replayed"] == "true"
+
+
+async def test_a_format_1_stream_holding_format_2_lines_is_refused(
+    two_apps: tuple[httpx.AsyncClient, httpx.AsyncClient],
+) -> None:
+    seeded, empty = two_apps
+    lines = await export(seeded)
+    lines[0] = {**lines[0], "format": 1}
+    response = await empty.post("/admin/state/import", content=body_of(lines), headers=NDJSON)
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == {"line": 5}  # ann's key
 
 
 async def test_export_import_into_an_empty_database_export_again_gives_the_same(
@@ -164,6 +215,8 @@ def broken(lines: list[dict[str, Any]]) -> dict[str, tuple[bytes, int]]:
     last = len(body)
     wrong_footer = {**lines[-1], "ledger_rows": lines[-1]["ledger_rows"] + 1}
     negative = {**lines[1], "available_credits": -1}
+    pseudonym_account = {**lines[1], "user_id": "!erased:00"}
+    not_a_pseudonym = {"kind": "erasure", "pseudonym": "ann", "erased_at": lines[0]["exported_at"]}
     return {
         "truncated": (b"".join(body[:-1]), last - 1),
         "cut-mid-line": (b"".join(body)[:-10], last),
@@ -175,6 +228,14 @@ def broken(lines: list[dict[str, Any]]) -> dict[str, tuple[bytes, int]]:
             2,
         ),
         "unknown-kind": (b"".join([*body[:2], b'{"kind": "robot"}\n', *body[2:]]), 3),
+        "a-pseudonyms-account": (
+            b"".join([body[0], json.dumps(pseudonym_account).encode() + b"\n", *body[2:]]),
+            2,
+        ),
+        "an-erasure-of-no-pseudonym": (
+            b"".join([body[0], json.dumps(not_a_pseudonym).encode() + b"\n", *body[1:]]),
+            2,
+        ),
         "after-footer": (b"".join([*body, body[1]]), last + 1),
         "empty": (b"", 1),
     }
@@ -190,6 +251,8 @@ def broken(lines: list[dict[str, Any]]) -> dict[str, tuple[bytes, int]]:
         "no-header",
         "negative-balance",
         "unknown-kind",
+        "a-pseudonyms-account",
+        "an-erasure-of-no-pseudonym",
         "after-footer",
         "empty",
     ],
@@ -206,7 +269,15 @@ async def test_a_bad_stream_is_422_with_its_line_and_nothing_is_applied(
     assert error["details"] == {"line": line}
     assert f"line {line}:" in error["message"]
     footer = (await export(empty))[-1]
-    assert footer == {"kind": "footer", "accounts": 0, "ledger_rows": 0, "consents": 0}
+    assert footer == {
+        "kind": "footer",
+        "accounts": 0,
+        "ledger_rows": 0,
+        "consents": 0,
+        "keys": 0,
+        "consent_events": 0,
+        "erasures": 0,
+    }
 
 
 async def test_the_admin_token_guards_export_and_import(

@@ -69,6 +69,7 @@ def _storage_view(container: ContainerDep) -> dict[str, Any]:
         "comparison": container.shadow.view(),
         "repair_queue": container.shadow.repair_queue,
         "repair_overflow": container.shadow.repair_overflow,
+        "carried": container.carried.body(),
         "cache_backend": storage.cache_backend.value,
     }
 

@@ -20,3 +20,8 @@ class Pseudonyms:
     def of(self, user_id: str) -> str:
         digest = hmac.new(self._key, user_id.encode(), hashlib.sha256).hexdigest()
         return ERASED_PREFIX + digest
+
+
+def is_pseudonym(user_id: str) -> bool:
+    """Is this id an erased user's pseudonym (whose rows are books, not a user's)?"""
+    return user_id.startswith(ERASED_PREFIX)

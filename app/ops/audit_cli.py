@@ -11,13 +11,12 @@ from pydantic import ValidationError
 
 from app.clock import utc_now
 from app.config import Settings, settings_problems
-from app.container import retried_guard
+from app.container import database_state, retried_guard
 from app.errors import StorageUnavailableError
 from app.ops.audit import AuditReport, audit_ledger
 from app.ops.health import database_status
 from app.ops.state_cli import terminal_progress
-from app.repositories.sql import state_repository
-from app.storage.engine import create_engine, transaction_setting
+from app.storage.engine import create_engine
 from app.storage.guarded import GuardedState
 from app.storage.resilience import CircuitBreaker
 
@@ -60,7 +59,7 @@ async def _audit(settings: Settings) -> AuditReport:
             reset_timeout=settings.db_breaker_reset_seconds,
         )
         state = GuardedState(
-            state_repository(engine, transaction_setting(settings)),
+            database_state(settings, engine),
             retried_guard(breaker, settings),
         )
         progress = terminal_progress(unit="accounts")

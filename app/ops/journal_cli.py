@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from app.config import OutageFallback as OutageFallbackMode
-from app.config import Settings, settings_problems
+from app.config import Settings, StorageBackend, settings_problems
 from app.container import build_container
 from app.errors import StorageUnavailableError
 from app.storage.fallback import OutageFallback
@@ -48,12 +48,12 @@ async def _replay(journal: OutageJournal) -> int:
         fallback = OutageFallback(
             container.rules,
             journal,
+            container.states[StorageBackend.DATABASE],
             max_users=1,
             snapshot_max_users=1,
-            erasures=container.erasures,
         )
         dead_before = journal.dead_letters
-        await fallback.replay(container.guarded)
+        await fallback.replay()
     except StorageUnavailableError as error:
         print(f"cannot replay: {error.message}", file=sys.stderr)
         return 2
@@ -62,9 +62,9 @@ async def _replay(journal: OutageJournal) -> int:
         await container.close()
     report = {
         "journal": str(journal.path),
-        "replayed": fallback.replayed,
-        "clamped": fallback.clamped,
-        "erased": fallback.erased,
+        "replayed": fallback.counts.replayed,
+        "clamped": fallback.counts.clamped,
+        "erased": fallback.counts.erased,
         "dead_letters": journal.dead_letters,
         "new_dead_letters": journal.dead_letters - dead_before,
         "waiting": journal.depth,

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 from typing import BinaryIO, TextIO
 
 from app.config import Settings
-from app.container import credit_rules
+from app.container import credit_rules, database_state
 from app.errors import StorageUnavailableError
 from app.ops.health import database_status
 from app.ops.migrate import upgrade_schema
-from app.repositories.sql import state_repository
-from app.storage.engine import create_engine, transaction_setting
+from app.storage.engine import create_engine
 from app.storage.stream import InvalidStreamError, export_lines, staged
 
 READ_BYTES = 1024 * 1024
@@ -63,7 +62,7 @@ async def export_state(out: BinaryIO) -> int:
             return 1
         progress = terminal_progress()
         rows = 0
-        state = state_repository(engine, transaction_setting(settings))
+        state = database_state(settings, engine)
         lines = export_lines(state, credit_rules(settings), "database")
         async for chunk in lines:
             out.write(chunk)
@@ -95,7 +94,7 @@ async def _import(source: BinaryIO) -> int:
     try:
         if settings.run_migrations_on_startup:
             await upgrade_schema(settings, engine)
-        state = state_repository(engine, transaction_setting(settings))
+        state = database_state(settings, engine)
         async with staged(_chunks(source), state) as stream:
             progress = terminal_progress(stream.lines)
             report = await stream.merge(progress=progress)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
 from app.domain.audit import LedgerFigures
-from app.domain.credits import Account, Attempt, Operation
-from app.domain.state import LedgerRecord, Merged, Round, UserState, verified
+from app.domain.carry import Carried, carried_state
+from app.domain.credits import Account, Attempt, Claim, Operation
+from app.domain.privacy import Pseudonyms, is_pseudonym
+from app.domain.state import Erasure, KeyRecord, LedgerRecord, Merged, UserState
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 
 
@@ -98,28 +100,41 @@ class CacheRepository(Protocol):
 
 
 class StateRepository(Protocol):
-    """A store's users as a whole, to move them to another store (app/domain/state.py)."""
+    """A store's users as a whole, to carry them into another store by the one merge
+    (app/domain/carry.py), and to erase one (SPEC §10)."""
 
     def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
-        """Every user with an account or a consent, in batches, ordered by user_id."""
+        """Every user with an account or a consent, and every erased user's pseudonym, in
+        batches, ordered by user_id."""
+        ...
+
+    def erasures(self, batch_size: int) -> AsyncIterator[list[Erasure]]:
+        """Every erasure record, in batches."""
         ...
 
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
-        """The state of each named user, one consistent read; users the store does not
-        hold come back empty."""
+        """The state of each named user, one consistent read, with the store's record of
+        their erasure (a pseudonym: its rows and its own record); users the store does
+        not hold come back empty."""
         ...
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
-        """MERGE the states in, as one unit of work; counts the ledger rows added. In a
-        `round`, LOWEST WINS among the replicas that carried a user (a memory store,
-        one process's own, has no other replica to weigh and ignores it)."""
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        """The one merge of each user carried (`carry`), as one unit of work that holds
+        them, then VERIFY of what the store holds afterwards against the plans."""
+        ...
+
+    async def merge_erasures(self, erasures: Sequence[Erasure]) -> int:
+        """Records each erasure the store lacks (the later of two stands); a user the store
+        still holds under a newly recorded pseudonym is erased as of that record. Counts
+        the users erased."""
         ...
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         """SPEC §10, as one unit of work: the user's consent, history, keys and account
-        removed, the account kept under `pseudonym` (ERASED RESUMES), the ledger rows
-        moved to `pseudonym` with descriptions and keys cleared. Counts the rows moved;
-        None when the store holds nothing of the user."""
+        removed, the erasure recorded under `pseudonym` with the account (ERASED
+        RESUMES), the ledger rows moved to `pseudonym` with descriptions and keys cleared.
+        Counts the rows moved; None when the store holds nothing of the user, whose
+        erasure is recorded all the same (an earlier record keeps its account)."""
         ...
 
     async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
@@ -127,27 +142,24 @@ class StateRepository(Protocol):
         first by user_id after `after` (None: from the first); one consistent read."""
         ...
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        """`merge`, then VERIFY of the states against what the store holds afterwards
-        (in a `round`, a lower balance may stand); the rows added and the differences
-        found, by user, as app/domain/state.py's `differences` words them."""
-        ...
-
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
-        """`merge_verified` of a batch of an import, given as its rows (Row)."""
+        """`merge` of a batch of an import, given as its rows (Row)."""
         ...
 
+
+# Users read at a time while looking for those a carried erasure names.
+ERASE_SCAN_BATCH = 1000
 
 # An import's rows as staged, in stream order:
 # an account (user_id, is_guest, available_credits, max_credits, last_reset),
 # a ledger row (user_id, kind, amount, timestamp, description, idempotency_key),
 # a consent (user_id, terms_accepted, marketing_consent, timestamp, updated_at,
-#            terms_version).
+#            terms_version),
+# a claimed key (user_id, idempotency_key, created_at, operation, request),
+# a consent event (user_id, terms_accepted, marketing_consent, terms_version, recorded_at).
 Row = tuple[Any, ...]
-# A batch's accounts, ledger rows and consents.
-StagedRows = tuple[list[Row], list[Row], list[Row]]
+# A batch's accounts, ledger rows, consents, keys and consent events.
+StagedRows = tuple[list[Row], list[Row], list[Row], list[Row], list[Row]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +169,15 @@ class StagedBatch:
     number: int
     user_ids: list[str]
     lines: int
-    # A user of the batch carries no account: the accounts are locked before the merge
-    # (an account's INSERT locks those it replaces by itself).
+    # A user of the batch carries no account.
     lock: bool
     # It names a user the batch before names: merged after that one.
     follows: bool
+    # The stream carries every claimed key (format 2); else keys are claimed from rows.
+    keys: bool = True
+    # The erasures the stream carries, by pseudonym: a user of the batch erased there was
+    # exported as it came back after its erasure.
+    erasures: Mapping[str, datetime] = field(default_factory=dict)
 
 
 class Erasures(Protocol):
@@ -182,21 +198,81 @@ class Erasures(Protocol):
 
 def states_of(batch: StagedBatch, rows: StagedRows) -> list[UserState]:
     """A batch of an import as its users, in the batch's order."""
-    accounts, ledger, consents = rows
+    accounts, ledger, consents, keys, events = rows
     account_of = {row[0]: Account(*row) for row in accounts}
     ledger_of: dict[str, list[LedgerRecord]] = {}
     for row in ledger:
         ledger_of.setdefault(row[0], []).append(LedgerRecord(*row))
     consent_of = {row[0]: _consent(row) for row in consents}
+    keys_of: dict[str, list[KeyRecord]] = {}
+    for user_id, key, created_at, operation, request in keys:
+        keys_of.setdefault(user_id, []).append(
+            KeyRecord(user_id, key, created_at, Claim(operation, request))
+        )
+    events_of: dict[str, list[ConsentEvent]] = {}
+    for user_id, terms_accepted, marketing, version, recorded_at in events:
+        events_of.setdefault(user_id, []).append(
+            ConsentEvent(
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing,
+                terms_version=version,
+                recorded_at=recorded_at,
+            )
+        )
     return [
         UserState(
             user_id,
             account_of.get(user_id),
             tuple(ledger_of.get(user_id, ())),
             consent_of.get(user_id),
+            tuple(keys_of.get(user_id, ())),
+            tuple(events_of.get(user_id, ())),
         )
         for user_id in batch.user_ids
     ]
+
+
+def carried_batch(
+    batch: StagedBatch, rows: StagedRows, pseudonyms: Pseudonyms | None
+) -> list[Carried]:
+    """A batch of an import as what it carries of its users (`merge_rows`), each with
+    the erasure the stream carries of it."""
+    carried = [carried_state(state, keys=batch.keys) for state in states_of(batch, rows)]
+    if not batch.erasures or pseudonyms is None:
+        return carried
+    return [
+        replace(one, erased_at=batch.erasures.get(pseudonyms.of(one.user_id))) for one in carried
+    ]
+
+
+def pseudonym_of(pseudonyms: Pseudonyms | None, user_ids: Sequence[str]) -> dict[str, str]:
+    """The pseudonym each user's erasure is recorded under, by user (a pseudonym's own);
+    none without ERASURE_KEY, but for pseudonyms."""
+    found = {}
+    for user_id in user_ids:
+        if is_pseudonym(user_id):
+            found[user_id] = user_id
+        elif pseudonyms is not None:
+            found[user_id] = pseudonyms.of(user_id)
+    return found
+
+
+async def erase_held(
+    state: StateRepository, pseudonyms: Pseudonyms | None, recorded: dict[str, Erasure]
+) -> int:
+    """`merge_erasures`' last step: the users the store still holds under newly recorded
+    pseudonyms (`recorded`, by pseudonym) erased as of their records, found by working
+    out every held user's pseudonym. Counts them."""
+    if not recorded or pseudonyms is None:
+        return 0
+    erased = 0
+    async for user_ids in state.user_ids(ERASE_SCAN_BATCH):
+        for user_id in user_ids:
+            record = None if is_pseudonym(user_id) else recorded.get(pseudonyms.of(user_id))
+            if record is not None:
+                await state.erase(user_id, record.pseudonym, record.erased_at)
+                erased += 1
+    return erased
 
 
 def _consent(row: Row) -> UserConsent:
@@ -209,16 +285,6 @@ def _consent(row: Row) -> UserConsent:
         updated_at=updated_at,
         terms_version=version,
     )
-
-
-async def read_back_verified(
-    repository: StateRepository, states: Sequence[UserState], round: Round | None
-) -> Merged:
-    """`merge_verified` as a store does it that cannot verify in place: merge, read the
-    users back, compare with app/domain/state.py's `differences`."""
-    added = await repository.merge(states, round)
-    held = await repository.read([state.user_id for state in states])
-    return Merged(added, verified(states, held, in_round=round is not None))
 
 
 @dataclass(frozen=True)

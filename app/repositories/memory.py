@@ -15,28 +15,17 @@ import itertools
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from app.clock import Clock, utc_now
 from app.domain.audit import LedgerFigures, figures
+from app.domain.carry import Carried, Plan, carry_all, outcome
 from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
-from app.domain.privacy import Pseudonyms
-from app.domain.state import (
-    LedgerRecord,
-    Merged,
-    Round,
-    UserState,
-    later_consent,
-    missing_rows,
-)
+from app.domain.privacy import Pseudonyms, is_pseudonym
+from app.domain.state import Erasure, KeyRecord, LedgerRecord, Merged, UserState, later_erasure
 from app.errors import StorageFullError
-from app.repositories.base import (
-    StagedBatch,
-    StagedRows,
-    Stores,
-    read_back_verified,
-    states_of,
-)
+from app.repositories.base import StagedBatch, StagedRows, Stores, carried_batch, erase_held
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits, event_of
 
 DEFAULT_MAX_USERS = 100_000
@@ -49,12 +38,15 @@ class MemoryData:
 
     accounts: dict[str, Account] = field(default_factory=dict)
     ledger: defaultdict[str, list[LedgerRecord]] = field(default_factory=lambda: defaultdict(list))
-    keys: dict[tuple[str, str], tuple[datetime, Claim]] = field(default_factory=dict)
+    # Claimed keys by user, then by key: when, and what the first use asked for.
+    keys: defaultdict[str, dict[str, tuple[datetime, Claim]]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
     consents: dict[str, UserConsent] = field(default_factory=dict)
     consent_events: defaultdict[str, list[ConsentEvent]] = field(
         default_factory=lambda: defaultdict(list)
     )
-    erasures: dict[str, Account] = field(default_factory=dict)  # by pseudonym (SPEC §10)
+    erasures: dict[str, Erasure] = field(default_factory=dict)  # by pseudonym (SPEC §10)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     max_users: int = DEFAULT_MAX_USERS
     held: set[str] = field(default_factory=set)  # users with an account or a consent
@@ -65,6 +57,12 @@ class MemoryData:
         new = {user_id for user_id in user_ids if user_id not in self.held}
         if new and len(self.held) + len(new) > self.max_users:
             raise StorageFullError(self.max_users)
+
+    def forget(self, user_id: str) -> None:
+        """Nothing of the user kept (the outage fallback's store, on an erasure)."""
+        for held in (self.accounts, self.ledger, self.keys, self.consents, self.consent_events):
+            held.pop(user_id, None)
+        self.held.discard(user_id)
 
     def adopt(self, user_id: str, account: Account | None, consent: UserConsent | None) -> None:
         """Hold a user as another store last held it, unless held here already (the
@@ -94,13 +92,14 @@ class MemoryCreditRepository:
         data = self._data
         if user_id not in data.held:
             data.room_for((user_id,))
-        key = None if attempt.key is None else (user_id, attempt.key)
-        held = None if key is None else data.keys.get(key)
+        key = attempt.key
+        held = None if key is None or user_id not in data.keys else data.keys[user_id].get(key)
         claimed = None if held is None else held[1]
         account = data.accounts.get(user_id)
         erased = None
         if account is None and self._pseudonyms is not None and data.erasures:
-            erased = data.erasures.get(self._pseudonyms.of(user_id))
+            erasure = data.erasures.get(self._pseudonyms.of(user_id))
+            erased = None if erasure is None else erasure.account
         outcome = self._rules.apply(
             account, user_id, operation, attempt.at, claimed=claimed, erased=erased
         )
@@ -120,7 +119,7 @@ class MemoryCreditRepository:
                 )
             )
         if key is not None and claimed is None and isinstance(operation, Deduct | Refund):
-            data.keys[key] = (attempt.at, Claim.of(operation))
+            data.keys[user_id][key] = (attempt.at, Claim.of(operation))
         return self._rules.view(outcome.account)
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
@@ -134,7 +133,8 @@ class MemoryCreditRepository:
             kept = [row for row in rows if row.timestamp >= cutoff]
             deleted += len(rows) - len(kept)
             data.ledger[user_id] = kept
-        data.keys = {key: held for key, held in data.keys.items() if held[0] >= cutoff}
+        for user_id, claimed in list(data.keys.items()):
+            data.keys[user_id] = {key: held for key, held in claimed.items() if held[0] >= cutoff}
         return deleted
 
 
@@ -187,6 +187,7 @@ class MemoryConsentRepository:
         return consent
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
+        # Kept in the order recorded (a carried event by its instant among them).
         return list(reversed(self._data.consent_events.get(user_id, ())))
 
     def _recorded(self, consent: UserConsent) -> None:
@@ -240,28 +241,61 @@ class MemoryCacheRepository:
 
 
 class MemoryStateRepository:
-    """The memory store's users as a whole (see StateRepository). A read or a merge runs
-    with no await inside, so it sees and leaves the state as one."""
+    """The memory store's users as a whole (see StateRepository). A read, a merge or an
+    erasure runs with no await inside, so it sees and leaves the state as one.
+    `pseudonyms`: erasure configured (ERASURE_KEY); `retention`: the ledger's
+    (TRANSACTION_RETENTION_DAYS), for the merge's HORIZON."""
 
-    def __init__(self, data: MemoryData) -> None:
+    def __init__(
+        self,
+        data: MemoryData,
+        rules: CreditRules,
+        *,
+        retention: timedelta,
+        pseudonyms: Pseudonyms | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
         self._data = data
+        self._rules = rules
+        self._retention = retention
+        self._pseudonyms = pseudonyms
+        self._clock = clock
 
     async def user_ids(self, batch_size: int) -> AsyncIterator[list[str]]:
-        users = sorted(self._data.accounts.keys() | self._data.consents.keys())
+        data = self._data
+        users = sorted(data.accounts.keys() | data.consents.keys() | data.erasures.keys())
         for start in range(0, len(users), batch_size):
             yield users[start : start + batch_size]
 
+    async def erasures(self, batch_size: int) -> AsyncIterator[list[Erasure]]:
+        records = list(self._data.erasures.values())
+        for start in range(0, len(records), batch_size):
+            yield records[start : start + batch_size]
+
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
+        return [self._state(user_id) for user_id in user_ids]
+
+    def _state(self, user_id: str) -> UserState:
         data = self._data
-        return [
-            UserState(
-                user_id,
-                data.accounts.get(user_id),
-                tuple(data.ledger.get(user_id, ())),
-                data.consents.get(user_id),
-            )
-            for user_id in user_ids
-        ]
+        claimed = data.keys.get(user_id, {})
+        keys = tuple(KeyRecord(user_id, key, at, claim) for key, (at, claim) in claimed.items())
+        return UserState(
+            user_id,
+            data.accounts.get(user_id),
+            tuple(data.ledger.get(user_id, ())),
+            data.consents.get(user_id),
+            keys,
+            tuple(data.consent_events.get(user_id, ())),
+            self._erasure_of(user_id),
+        )
+
+    def _erasure_of(self, user_id: str) -> Erasure | None:
+        erasures = self._data.erasures
+        if is_pseudonym(user_id):
+            return erasures.get(user_id)
+        if self._pseudonyms is None or not erasures:
+            return None
+        return erasures.get(self._pseudonyms.of(user_id))
 
     async def ledger_figures(self, after: str | None, limit: int) -> list[LedgerFigures]:
         data = self._data
@@ -270,60 +304,79 @@ class MemoryStateRepository:
         )
         return [figures(data.accounts[user_id], data.ledger.get(user_id, ())) for user_id in page]
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        users = [one.user_id for one in carried]
+        horizon = self._clock() - self._retention
+        plans = carry_all(await self.read(users), carried, self._rules, horizon)
         data = self._data
         data.room_for(
-            state.user_id
-            for state in states
-            if state.account is not None or state.consent is not None
+            plan.user_id
+            for plan in plans
+            if plan.expected.account is not None or plan.expected.consent is not None
         )
-        added_rows = 0
-        for state in states:
-            user_id = state.user_id
-            if state.account is not None:
-                data.accounts[user_id] = state.account
-                data.held.add(user_id)
-            held = data.ledger[user_id]
-            added = missing_rows(state.ledger, held)
-            if added:
-                held.extend(replace(row, id=next(data.ids)) for row in added)
-                held.sort(key=lambda row: (row.timestamp, row.id))
-            for row in state.ledger:
-                claim = row.claim()
-                if claim is not None and row.idempotency_key is not None:
-                    data.keys.setdefault((user_id, row.idempotency_key), (row.timestamp, claim))
-            added_rows += len(added)
-            consent = later_consent(state.consent, data.consents.get(user_id))
-            if consent is not None:
-                data.consents[user_id] = consent
-                data.held.add(user_id)
-        return added_rows
+        for plan in plans:
+            self._write(plan)
+        return outcome(plans, await self.read(users))
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        return await read_back_verified(self, states, round)
+    def _write(self, plan: Plan) -> None:
+        data = self._data
+        user_id = plan.user_id
+        if plan.account is not None:
+            data.accounts[user_id] = plan.account
+            data.held.add(user_id)
+        if plan.rows:
+            held = data.ledger[user_id]
+            held.extend(replace(row, id=next(data.ids)) for row in plan.rows)
+            held.sort(key=lambda row: (row.timestamp, row.id))
+        if plan.keys:
+            claimed = data.keys[user_id]
+            for record in plan.keys:
+                claimed.setdefault(record.key, (record.created_at, record.claim))
+        if plan.consent is not None:
+            data.consents[user_id] = plan.consent
+            data.held.add(user_id)
+        if plan.events:
+            events = data.consent_events[user_id]
+            events.extend(plan.events)
+            events.sort(key=lambda event: event.recorded_at)
 
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
-        return await self.merge_verified(states_of(batch, rows))
+        return await self.merge(carried_batch(batch, rows, self._pseudonyms))
+
+    async def merge_erasures(self, erasures: Sequence[Erasure]) -> int:
+        data = self._data
+        new = {}
+        for record in erasures:
+            if later_erasure(record, data.erasures.get(record.pseudonym)) is not None:
+                data.erasures[record.pseudonym] = record
+                new[record.pseudonym] = record
+        return await erase_held(self, self._pseudonyms, new)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
+        return self._erase(user_id, pseudonym, now)
+
+    def _erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         data = self._data
         rows = data.ledger.pop(user_id, [])
         account = data.accounts.pop(user_id, None)
         consent = data.consents.pop(user_id, None)
         events = data.consent_events.pop(user_id, None)
         if account is None and consent is None and not rows and not events:
+            recorded = data.erasures.get(pseudonym)  # recorded all the same, as in SQL
+            if recorded is None:
+                data.erasures[pseudonym] = Erasure(pseudonym, now)
+            elif recorded.erased_at < now:
+                data.erasures[pseudonym] = replace(recorded, erased_at=now)
             return None
         data.held.discard(user_id)
-        if account is not None:
-            data.erasures[pseudonym] = replace(account, user_id=pseudonym)
-        kept = data.ledger[pseudonym]
-        kept.extend(
+        kept = None if account is None else replace(account, user_id=pseudonym)
+        data.erasures[pseudonym] = Erasure(pseudonym, now, kept)
+        books = data.ledger[pseudonym]
+        books.extend(
             replace(row, user_id=pseudonym, description=None, idempotency_key=None) for row in rows
         )
-        kept.sort(key=lambda row: (row.timestamp, row.id))
-        data.keys = {key: held for key, held in data.keys.items() if key[0] != user_id}
+        books.sort(key=lambda row: (row.timestamp, row.id))
+        data.keys.pop(user_id, None)
         return len(rows)
 
 

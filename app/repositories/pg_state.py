@@ -1,27 +1,22 @@
-"""PostgreSQL's users as a whole, on asyncpg, set-based (SPEC §7).
+"""PostgreSQL's users as a whole, on asyncpg (SPEC §7).
 
-SqlStateRepository merges through SQLAlchemy: a statement per table and a row of
-parameters per row, executed one by one. Here a merge copies the incoming users into
-temporary staging tables (asyncpg's binary COPY, `copy_records_to_table`) and applies
-MERGE with one INSERT … SELECT per table, in one transaction: the same rules, a handful of
-round trips whatever the batch's size. `merge_verified` then VERIFYs in the same
-transaction, set-based against the staging tables (_VERIFY), so that only the differences
-come back, not every user read back. Reads are the same statements as
-SqlStateRepository's, on asyncpg, whose rows cost a fraction of SQLAlchemy's.
+The same reads and the same one merge (app/domain/carry.py) as SqlStateRepository's, on
+asyncpg, whose rows cost a fraction of SQLAlchemy's, writing a batch's plans a table at a
+time (COPY for the rows it adds). A merge holds its users: the accounts it changes FOR
+UPDATE, and every user by a transaction-scoped advisory lock, taken in one order, so that
+two merges of the same users wait for each other, not deadlock, and one never decides on
+what the other is writing.
 
-An import's batch (`merge_rows`) of users the store holds nothing of is copied straight
-into the tables (COPY) and verified by reading back each user's account, ledger count and
-sum, and consent; any other batch is copied from its rows into the staging tables and
-merged by the same statements as a hand-over. Neither is ever made into users.
+An import's batch (`merge_rows`) of users the store holds nothing of, and has no erasure
+of, is copied straight into the tables (COPY) and verified by reading back each user's
+account, ledger count and sum, and consent: what the one merge would write for them
+(FIRST CARRY), at the raw COPY's cost. Any other batch is merged as a hand-over's.
 
-The staging tables are made once per connection (ON COMMIT DELETE ROWS: they come back
-empty to every merge, and a merge rolled back leaves nothing in them either). The users
-a statement names are matched by `user_id = ANY(ARRAY(SELECT …))`: an array the planner
-cannot see when planning, so that it reads along the user_id indexes whatever the tables'
-statistics say. Given the array itself, it priced its elements against statistics that,
-after a large import into an empty database, still describe small tables, and scanned them
-whole for every batch until autovacuum analysed them; a join with `unnest(array)` was
-planned as a hash join over the whole table.
+The users a statement names are matched by `user_id = ANY(ARRAY(SELECT …))`: an array the
+planner cannot see when planning, so that it reads along the user_id indexes whatever the
+tables' statistics say. Given the array itself, it priced its elements against statistics
+that, after a large import into an empty database, still describe small tables, and
+scanned them whole for every batch until autovacuum analysed them.
 """
 
 from __future__ import annotations
@@ -29,196 +24,151 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from operator import itemgetter
 from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.clock import Clock, utc_now
 from app.domain.audit import LedgerFigures
-from app.domain.credits import KEYED_KINDS, Account
-from app.domain.state import LedgerRecord, Merged, Round, UserState, verified
-from app.repositories.base import Row, StagedBatch, StagedRows, states_of
+from app.domain.carry import Carried, Plan, carry_all, outcome
+from app.domain.credits import KEYED_KINDS, Account, Claim, CreditRules
+from app.domain.privacy import Pseudonyms, is_pseudonym
+from app.domain.state import (
+    Erasure,
+    KeyRecord,
+    LedgerRecord,
+    Merged,
+    Tally,
+    UserState,
+    verified,
+)
+from app.repositories.base import (
+    StagedBatch,
+    StagedRows,
+    carried_batch,
+    erase_held,
+    pseudonym_of,
+    states_of,
+)
 from app.repositories.sql_audit import ledger_figures
-from app.repositories.sql_state import erase
-from app.schemas import UserConsent
+from app.repositories.sql_state import MERGE_ATTEMPTS, MergeRaced, erase
+from app.schemas import ConsentEvent, UserConsent
 
 # Planned for the users at hand, every time: a plan kept from when the tables were small
 # (a prepared statement's generic plan) scans them whole once they are large.
 _CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
-# One simple-protocol message; IF NOT EXISTS because the connection comes from the pool
-# and may have made them for an earlier merge.
-_STAGING = f"""
-{_CUSTOM_PLANS};
-CREATE TEMPORARY TABLE IF NOT EXISTS state_accounts (
-    user_id text NOT NULL,
-    is_guest boolean NOT NULL,
-    available_credits integer NOT NULL,
-    max_credits integer NOT NULL,
-    last_reset_timestamp timestamptz NOT NULL
-) ON COMMIT DELETE ROWS;
-CREATE TEMPORARY TABLE IF NOT EXISTS state_ledger (
-    position integer NOT NULL,
-    user_id text NOT NULL,
-    transaction_type text NOT NULL,
-    amount integer NOT NULL,
-    timestamp timestamptz NOT NULL,
-    description text,
-    idempotency_key text
-) ON COMMIT DELETE ROWS;
-CREATE TEMPORARY TABLE IF NOT EXISTS state_consents (
-    user_id text NOT NULL,
-    terms_accepted boolean NOT NULL,
-    marketing_consent boolean NOT NULL,
-    timestamp timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL,
-    terms_version text
-) ON COMMIT DELETE ROWS;
+# Every user a merge names, held until it commits, in one order (the module docstring).
+_HOLD = """
+SELECT pg_advisory_xact_lock(h)
+  FROM (SELECT DISTINCT hashtextextended(u, 0) AS h FROM unnest($1::text[]) AS u ORDER BY 1) s
 """
 
-# As SqlStateRepository: the accounts the merge may replace are held until it commits, in
-# one order, so that two merges of the same users wait for each other, not deadlock.
-_LOCK = """
-SELECT user_id
+# The next page of users with an account or a consent, or an erasure's pseudonym: the
+# first `limit` of the union after `after` are among the first `limit` of each table,
+# each read along its index.
+_PAGE = """
+SELECT user_id FROM (
+    (SELECT user_id FROM user_credits WHERE user_id > $1 ORDER BY user_id LIMIT $2)
+    UNION
+    (SELECT user_id FROM user_consents WHERE user_id > $1 ORDER BY user_id LIMIT $2)
+    UNION
+    (SELECT pseudonym FROM credit_erasures WHERE pseudonym > $1 ORDER BY pseudonym LIMIT $2)
+) AS known
+ ORDER BY user_id
+ LIMIT $2
+"""
+
+_ERASURE_COLUMNS = [
+    "pseudonym",
+    "erased_at",
+    "is_guest",
+    "available_credits",
+    "max_credits",
+    "last_reset_timestamp",
+]
+_ERASURES_PAGE = """
+SELECT pseudonym, erased_at, is_guest, available_credits, max_credits, last_reset_timestamp
+  FROM credit_erasures
+ WHERE pseudonym > $1
+ ORDER BY pseudonym
+ LIMIT $2
+"""
+
+_READ_ACCOUNTS = """
+SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp
   FROM user_credits
  WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
- ORDER BY user_id
-   FOR UPDATE
 """
 
-# The account's creation is not carried; its last reset is the earliest known instant.
-_REPLACE_ACCOUNTS = """
+# As _READ_ACCOUNTS, held until the merge commits, in one order.
+_LOCK_ACCOUNTS = _READ_ACCOUNTS + " ORDER BY user_id FOR UPDATE"
+
+_READ_LEDGER = """
+SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key, id
+  FROM credit_transactions
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+ ORDER BY id
+"""
+
+_READ_KEYS = """
+SELECT user_id, idempotency_key, created_at, operation, request
+  FROM credit_idempotency_keys
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+ ORDER BY created_at, idempotency_key
+"""
+
+_READ_CONSENTS = """
+SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
+  FROM user_consents
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+"""
+
+_READ_EVENTS = """
+SELECT user_id, terms_accepted, marketing_consent, terms_version, recorded_at
+  FROM consent_events
+ WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+ ORDER BY recorded_at, id
+"""
+
+_READ_ERASURES = """
+SELECT pseudonym, erased_at, is_guest, available_credits, max_credits, last_reset_timestamp
+  FROM credit_erasures
+ WHERE pseudonym = ANY(ARRAY(SELECT unnest($1::text[])))
+"""
+
+# A plan's writes (app/repositories/sql_state.py's `_write`, a batch at a time): an
+# account the store held, updated; one it did not, inserted unless it appeared meanwhile
+# (then the merge decides again).
+_UPDATE_ACCOUNT = """
+UPDATE user_credits
+   SET is_guest = $2, available_credits = $3, max_credits = $4,
+       last_reset_timestamp = $5, updated_at = $5
+ WHERE user_id = $1
+"""
+_INSERT_ACCOUNTS = """
 INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
                           last_reset_timestamp, created_at, updated_at)
-SELECT user_id, is_guest, available_credits, max_credits,
-       last_reset_timestamp, last_reset_timestamp, last_reset_timestamp
-  FROM {source}
- ORDER BY user_id
-ON CONFLICT (user_id) DO UPDATE
-   SET is_guest = excluded.is_guest,
-       available_credits = excluded.available_credits,
-       max_credits = excluded.max_credits,
-       last_reset_timestamp = excluded.last_reset_timestamp,
-       updated_at = excluded.updated_at
+SELECT u, g, a, m, r, r, r
+  FROM unnest($1::text[], $2::boolean[], $3::integer[], $4::integer[], $5::timestamptz[])
+       AS t(u, g, a, m, r)
+ ORDER BY u
+ON CONFLICT (user_id) DO NOTHING
+RETURNING user_id
 """
-_ACCOUNTS = _REPLACE_ACCOUNTS.format(source="state_accounts")
-
-# LOWEST WINS (a round): this replica's accounts marked for the round, then each user's
-# account of the lowest balance any replica marked (of equal balances, the first replica's
-# by name, so that every replica's merge picks the same).
-_MARK = """
-INSERT INTO handover_marks (round, user_id, replica, is_guest, available_credits,
-                            max_credits, last_reset_timestamp)
-SELECT $1::integer, user_id, $2::text, is_guest, available_credits, max_credits,
-       last_reset_timestamp
-  FROM state_accounts
-ON CONFLICT (round, user_id, replica) DO UPDATE
-   SET is_guest = excluded.is_guest,
-       available_credits = excluded.available_credits,
-       max_credits = excluded.max_credits,
-       last_reset_timestamp = excluded.last_reset_timestamp
-"""
-_LOWEST_ACCOUNTS = _REPLACE_ACCOUNTS.format(
-    source="""(
-    SELECT DISTINCT ON (user_id) user_id, is_guest, available_credits, max_credits,
-           last_reset_timestamp
-      FROM handover_marks
-     WHERE round = $1 AND user_id = ANY(ARRAY(SELECT user_id FROM state_accounts))
-     ORDER BY user_id, available_credits, replica
-) AS lowest"""
-)
-
-# A ledger row's identity (app/domain/state.py): the staged users' held copies of each
-# row, and the join of an incoming row `i` with its held copies `h`; the same in MERGE
-# and in VERIFY.
-_HELD_COPIES = """\
-    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
-           count(*) AS copies
-      FROM credit_transactions
-     WHERE user_id = ANY(ARRAY(SELECT DISTINCT user_id FROM state_ledger))
-     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
-"""
-_SAME_ROW = """\
-    ON h.user_id = i.user_id
-   AND h.transaction_type = i.transaction_type
-   AND h.amount = i.amount
-   AND h.timestamp = i.timestamp
-   AND h.description IS NOT DISTINCT FROM i.description
-   AND h.idempotency_key IS NOT DISTINCT FROM i.idempotency_key
-"""
-
-
-def _with_ledger_identity(statement: str) -> str:
-    return statement.replace("{held_copies}", _HELD_COPIES).replace("{same_row}", _SAME_ROW)
-
-
-# MERGE's ledger rule, counted: the n-th incoming copy of a row is added when the store
-# holds fewer than n. Added in the order missing_rows gives (a row's copies together, at
-# its first appearance), so the ids come out as SqlStateRepository's would.
-_LEDGER = _with_ledger_identity("""
-WITH incoming AS (
-    SELECT s.*,
-           row_number() OVER same AS copy,
-           min(position) OVER same AS first
-      FROM state_ledger s
-    WINDOW same AS (PARTITION BY user_id, transaction_type, amount, timestamp,
-                                 description, idempotency_key ORDER BY position)
-), held AS (
-{held_copies})
-INSERT INTO credit_transactions (user_id, transaction_type, amount, timestamp, description,
-                                 idempotency_key)
-SELECT i.user_id, i.transaction_type, i.amount, i.timestamp, i.description, i.idempotency_key
-  FROM incoming i
-  LEFT JOIN held h
-{same_row} WHERE i.copy > coalesce(h.copies, 0)
- ORDER BY i.first, i.copy
-""")
-
-# Whether the store holds a ledger row of any staged user (asked once their accounts are
-# locked). When it holds none, every incoming row is lacking: they are copied into the
-# ledger as they come (COPY, in the order `missing_rows` gives them, as _LEDGER's), not
-# compared by _LEDGER; COPY also inserts in batches, at half an INSERT … SELECT's cost
-# per row. Asked a user at a time along the user_id index: an EXISTS over the
-# whole table was planned as a scan of it, in the hope of an early row.
-_HOLDS_LEDGER = """
-SELECT EXISTS (
-    SELECT 1
-      FROM (SELECT DISTINCT user_id FROM state_ledger) AS staged
-     CROSS JOIN LATERAL (
-           SELECT 1 FROM credit_transactions held WHERE held.user_id = staged.user_id LIMIT 1
-     ) AS one
-)
-"""
-_LEDGER_COLUMNS = [
-    "user_id",
-    "transaction_type",
-    "amount",
-    "timestamp",
-    "description",
-    "idempotency_key",
-]
-
-# Every key an incoming deduction or refund row carries is claimed, at the time of its
-# last row, with its operation and no request known (LedgerRecord.claim).
-_KEYS = """
-INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation)
-SELECT DISTINCT ON (user_id, idempotency_key) user_id, idempotency_key, timestamp,
-       transaction_type
-  FROM state_ledger
- WHERE idempotency_key IS NOT NULL AND transaction_type IN ('deduction', 'refund')
- ORDER BY user_id, idempotency_key, position DESC
+_CLAIM_KEYS = """
+INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation, request)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
 ON CONFLICT DO NOTHING
 """
-
-# Of two consents the later `updated_at` wins; the held one stays on a tie.
-_CONSENTS = """
+# LATER CONSENT, whatever was written since the plan's read.
+_WRITE_CONSENT = """
 INSERT INTO user_consents AS held (user_id, terms_accepted, marketing_consent, timestamp,
                                    updated_at, terms_version)
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
-  FROM state_consents
- ORDER BY user_id
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (user_id) DO UPDATE
    SET terms_accepted = excluded.terms_accepted,
        marketing_consent = excluded.marketing_consent,
@@ -227,16 +177,37 @@ ON CONFLICT (user_id) DO UPDATE
        terms_version = excluded.terms_version
  WHERE held.updated_at < excluded.updated_at
 """
+_RECORD_ERASURE = """
+INSERT INTO credit_erasures (pseudonym, erased_at, is_guest, available_credits, max_credits,
+                             last_reset_timestamp)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (pseudonym) DO UPDATE
+   SET erased_at = excluded.erased_at,
+       is_guest = excluded.is_guest,
+       available_credits = excluded.available_credits,
+       max_credits = excluded.max_credits,
+       last_reset_timestamp = excluded.last_reset_timestamp
+ WHERE credit_erasures.erased_at < excluded.erased_at
+RETURNING pseudonym
+"""
 
+_LEDGER_COLUMNS = [
+    "user_id",
+    "transaction_type",
+    "amount",
+    "timestamp",
+    "description",
+    "idempotency_key",
+]
+_EVENT_COLUMNS = ["user_id", "terms_accepted", "marketing_consent", "terms_version", "recorded_at"]
 
 # An import's batch of users the store holds nothing of (a restore, above all) is copied
-# straight into the tables, as the raw COPY would, not through the staging tables and the
-# merge's INSERT … SELECTs, which cost twice as much per row. Whether the store held
-# something of them is left to the tables' keys (an account, a claimed key or a consent
-# already held fails its COPY as a unique violation) and, for ledger rows, which have
-# none, to the copy's VERIFY (_COPIED_HELD: more rows than came); either way the copy is
-# undone and the batch merged as any other. Each table's rows go in key order, as the
-# merge's do, so that two merges of the same users wait for each other, not deadlock.
+# straight into the tables, as the raw COPY would. Whether the store held something of
+# them is left to the tables' keys (an account, a claimed key or a consent already held
+# fails its COPY as a unique violation) and, for ledger rows and events, which have none,
+# to the copy's VERIFY (_COPIED_HELD: more rows than came); either way the copy is undone
+# and the batch merged as any other. Each table's rows go in key order, as the merge's
+# do, so that two merges of the same users wait for each other, not deadlock.
 _ACCOUNT_COLUMNS = [
     "user_id",
     "is_guest",
@@ -246,7 +217,7 @@ _ACCOUNT_COLUMNS = [
     "created_at",
     "updated_at",
 ]
-_KEY_COLUMNS = ["user_id", "idempotency_key", "created_at", "operation"]
+_KEY_COLUMNS = ["user_id", "idempotency_key", "created_at", "operation", "request"]
 _CONSENT_COLUMNS = [
     "user_id",
     "terms_accepted",
@@ -256,10 +227,19 @@ _CONSENT_COLUMNS = [
     "terms_version",
 ]
 
+# Whether the store recorded the erasure of any of the batch's users ($1: their
+# pseudonyms): then the batch is merged, which carries nothing of theirs made before it.
+_ANY_ERASED = """
+SELECT EXISTS (
+    SELECT 1 FROM credit_erasures WHERE pseudonym = ANY(ARRAY(SELECT unnest($1::text[])))
+)
+"""
+
 # VERIFY of a copied batch: what its users ($1) hold now, set-based, a row each (account,
-# ledger count and sum, consent's `updated_at` for the users of $2). When the store held
-# none of them it holds them exactly as they came, unless something was lost or changed
-# on the way (_copied_differing); SPEC §7 verifies the ledger by its sum.
+# ledger count and sum, consent's `updated_at` for the users of $2, history and claimed
+# key counts). When
+# the store held none of them it holds them exactly as they came, unless something was
+# lost or changed on the way (_copied_differing); SPEC §7 verifies the ledger by its sum.
 _COPIED_HELD = """
 WITH named AS (
     SELECT unnest($1::text[]) AS user_id
@@ -276,117 +256,49 @@ WITH named AS (
     SELECT user_id, updated_at
       FROM user_consents
      WHERE user_id = ANY(ARRAY(SELECT unnest($2::text[])))
+), held_events AS (
+    SELECT user_id, count(*) AS events
+      FROM consent_events
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
+     GROUP BY user_id
+), held_keys AS (
+    SELECT user_id, count(*) AS keys
+      FROM credit_idempotency_keys
+     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
+     GROUP BY user_id
 )
 SELECT n.user_id, a.is_guest, a.available_credits, a.max_credits,
-       coalesce(l.rows, 0), coalesce(l.total, 0), c.updated_at
+       coalesce(l.rows, 0), coalesce(l.total, 0), c.updated_at, coalesce(e.events, 0),
+       coalesce(k.keys, 0)
   FROM named n
   LEFT JOIN held_accounts a ON a.user_id = n.user_id
   LEFT JOIN held_ledgers l ON l.user_id = n.user_id
   LEFT JOIN held_consents c ON c.user_id = n.user_id
-"""
-
-# VERIFY (app/domain/state.py's `differences`, set-based), after the merge in the same
-# transaction, of the staged users against what the tables hold now: one row per
-# difference found, `ordinal` ordering a user's rows as `differences` lists them, each
-# worded as `differences` words it. $1: in a round, where a lower balance may stand.
-_VERIFY = _with_ledger_identity("""
-WITH held_accounts AS (
-    SELECT user_id, is_guest, available_credits, max_credits
-      FROM user_credits
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM state_accounts))
-), accounts AS (
-    SELECT s.user_id, h.user_id IS NULL AS missing,
-           h.user_id IS NOT NULL
-           AND NOT ($1::boolean AND h.available_credits < s.available_credits) AS compared,
-           s.available_credits AS available, h.available_credits AS held_available,
-           s.max_credits AS maximum, h.max_credits AS held_maximum,
-           s.is_guest, h.is_guest AS held_is_guest
-      FROM state_accounts s
-      LEFT JOIN held_accounts h ON h.user_id = s.user_id
-), incoming_rows AS (
-    SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key,
-           count(*) AS copies
-      FROM state_ledger
-     GROUP BY user_id, transaction_type, amount, timestamp, description, idempotency_key
-), held_rows AS (
-{held_copies}), ledgers AS (
-    SELECT i.user_id,
-           sum(greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent,
-           sum(i.amount * i.copies) AS expected,
-           sum(i.amount * greatest(i.copies - coalesce(h.copies, 0), 0)) AS absent_sum
-      FROM incoming_rows i
-      LEFT JOIN held_rows h
-{same_row}     GROUP BY i.user_id
-), held_consents AS (
-    SELECT user_id, updated_at
-      FROM user_consents
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM state_consents))
-)
-SELECT user_id, 1 AS ordinal, 'account missing' AS difference
-  FROM accounts WHERE missing
-UNION ALL
-SELECT user_id, 2, format('balance %s, expected %s', held_available, available)
-  FROM accounts WHERE compared AND held_available <> available
-UNION ALL
-SELECT user_id, 3, format('maximum %s, expected %s', held_maximum, maximum)
-  FROM accounts WHERE compared AND held_maximum <> maximum
-UNION ALL
-SELECT user_id, 4, format('tier %s, expected %s',
-                          CASE WHEN held_is_guest THEN 'guest' ELSE 'registered' END,
-                          CASE WHEN is_guest THEN 'guest' ELSE 'registered' END)
-  FROM accounts WHERE compared AND held_is_guest <> is_guest
-UNION ALL
-SELECT user_id, 5, format('%s ledger row(s) missing: ledger sum %s, expected %s',
-                          absent, expected - absent_sum, expected)
-  FROM ledgers WHERE absent > 0
-UNION ALL
-SELECT s.user_id, 6, 'consent differs'
-  FROM state_consents s
-  LEFT JOIN held_consents h ON h.user_id = s.user_id
- WHERE h.user_id IS NULL OR h.updated_at < s.updated_at
- ORDER BY user_id, ordinal
-""")
-
-# The next page of users with an account or a consent: the first `limit` of the union
-# after `after` are among the first `limit` of each table, each read along its index.
-_PAGE = """
-SELECT user_id FROM (
-    (SELECT user_id FROM user_credits WHERE user_id > $1 ORDER BY user_id LIMIT $2)
-    UNION
-    (SELECT user_id FROM user_consents WHERE user_id > $1 ORDER BY user_id LIMIT $2)
-) AS known
- ORDER BY user_id
- LIMIT $2
-"""
-
-_READ_ACCOUNTS = """
-SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp
-  FROM user_credits
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
-"""
-
-_READ_LEDGER = """
-SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key, id
-  FROM credit_transactions
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
- ORDER BY id
-"""
-
-_READ_CONSENTS = """
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
-  FROM user_consents
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
+  LEFT JOIN held_events e ON e.user_id = n.user_id
+  LEFT JOIN held_keys k ON k.user_id = n.user_id
 """
 
 
 class PostgresStateRepository:
     """Users of a PostgreSQL store (see StateRepository and the module docstring), with
     SqlStateRepository's guarantees: a read sees one snapshot (REPEATABLE READ), a merge
-    is one transaction holding the accounts it replaces locked. A merge names each user
-    once, as SqlStateRepository's."""
+    is one transaction holding its users."""
 
-    def __init__(self, engine: AsyncEngine, transaction_setting: str | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        rules: CreditRules,
+        *,
+        retention: timedelta,
+        pseudonyms: Pseudonyms | None = None,
+        transaction_setting: str | None = None,
+        clock: Clock = utc_now,
+    ) -> None:
         self._engine = engine
+        self._rules = rules
+        self._retention = retention
+        self._pseudonyms = pseudonyms
+        self._clock = clock
         # Behind a transaction pooler, the statement timeout (app/storage/pooler.py).
         self._setting = transaction_setting
 
@@ -401,26 +313,42 @@ class PostgresStateRepository:
                 return
             after = users[-1]
 
+    async def erasures(self, batch_size: int) -> AsyncIterator[list[Erasure]]:
+        after = ""
+        while True:
+            async with self._transaction(readonly=True) as driver:
+                records = [
+                    _erasure(row) for row in await driver.fetch(_ERASURES_PAGE, after, batch_size)
+                ]
+            if records:
+                yield records
+            if len(records) < batch_size:
+                return
+            after = records[-1].pseudonym
+
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
         async with self._transaction(isolation="repeatable_read", readonly=True) as driver:
-            return await _read(driver, list(user_ids))
+            return await _read(driver, list(user_ids), self._pseudonyms)
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
-        if not states:
-            return 0
-        async with self._transaction() as driver:
-            return await _merge(driver, states, round)
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        if not carried:
+            return Merged()
+        for attempt in range(MERGE_ATTEMPTS):
+            try:
+                async with self._transaction() as driver:
+                    return await self._merge(driver, carried)
+            except MergeRaced:
+                if attempt == MERGE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        """`merge`, and VERIFY by the database in the same transaction (_VERIFY): only the
-        differences come back, not the users."""
-        if not states:
-            return Merged(0)
+    async def merge_erasures(self, erasures: Sequence[Erasure]) -> int:
+        new: dict[str, Erasure] = {}
         async with self._transaction() as driver:
-            added = await _merge(driver, states, round)
-            return Merged(added, await _verified(driver, round is not None))
+            for record in erasures:
+                if await driver.fetchval(_RECORD_ERASURE, *_erasure_row(record)) is not None:
+                    new[record.pseudonym] = record
+        return await erase_held(self, self._pseudonyms, new)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await erase(self._engine, user_id, pseudonym, now)
@@ -431,18 +359,25 @@ class PostgresStateRepository:
 
     async def merge_rows(self, batch: StagedBatch, rows: StagedRows) -> Merged:
         """The rows copied straight into the tables when the store holds nothing of their
-        users (_copied), else into the staging tables, merged and verified there as
-        `merge_verified` merges users."""
-        async with self._transaction() as driver:
-            # Only a batch whose every user comes with its account: the accounts' keys
-            # then stand for every user in it.
-            if not batch.lock and (copied := await _copied(driver, batch, rows)) is not None:
+        users (_copied), else merged as `merge` merges users."""
+        # Only a batch whose every user comes with its account: the accounts' keys then
+        # stand for every user in it.
+        if not batch.lock:
+            async with self._transaction() as driver:
+                copied = await _copied(driver, batch, rows, self._pseudonyms)
+            if copied is not None:
                 return copied
-            accounts, ledger, consents = rows
-            positioned = [(position, *row) for position, row in enumerate(ledger)]
-            locking = batch.user_ids if batch.lock else None
-            added = await _merge_rows(driver, accounts, positioned, consents, locking, None)
-            return Merged(added, await _verified(driver, False))
+        return await self.merge(carried_batch(batch, rows, self._pseudonyms))
+
+    async def _merge(self, driver: asyncpg.Connection, carried: Sequence[Carried]) -> Merged:
+        users = [one.user_id for one in carried]
+        await driver.execute(_HOLD, users)
+        held = await _read(driver, users, self._pseudonyms, lock=True)
+        horizon = self._clock() - self._retention
+        plans = carry_all(held, carried, self._rules, horizon)
+        held_accounts = {state.user_id for state in held if state.account is not None}
+        await _write(driver, plans, held_accounts)
+        return outcome(plans, await _read(driver, users, self._pseudonyms))
 
     @asynccontextmanager
     async def _transaction(self, **options: Any) -> AsyncIterator[asyncpg.Connection]:
@@ -462,82 +397,78 @@ class PostgresStateRepository:
                 yield driver
 
 
-async def _merge(
-    driver: asyncpg.Connection, states: Sequence[UserState], round: Round | None
-) -> int:
-    """MERGE of the states."""
-    accounts = [_account(state) for state in states if state.account is not None]
-    ledger = [
-        (
-            position,
-            row.user_id,
-            row.kind,
-            row.amount,
-            row.timestamp,
-            row.description,
-            row.idempotency_key,
-        )
-        for position, row in enumerate(row for state in states for row in state.ledger)
-    ]
-    consents = [_consent(state) for state in states if state.consent is not None]
-    locking = None
-    if any(state.account is None for state in states):
-        locking = [state.user_id for state in states]
-    return await _merge_rows(driver, accounts, ledger, consents, locking, round)
-
-
-async def _merge_rows(
+async def _read(
     driver: asyncpg.Connection,
-    accounts: list[Row],
-    ledger: list[Row],
-    consents: list[Row],
-    locking: list[str] | None,
-    round: Round | None,
-) -> int:
-    """MERGE of the users whose rows are given as the staging tables hold them, copied in
-    (COPY); `locking`: the users to lock first, when some of them carry no account (else
-    the accounts' INSERT locks every account named, in the same order)."""
-    await driver.execute(_STAGING)
-    if locking is not None:
-        await driver.execute(_LOCK, locking)
-    added = 0
-    if accounts:
-        await driver.copy_records_to_table("state_accounts", records=accounts)
-        if round is None:
-            await driver.execute(_ACCOUNTS)
-        else:
-            await driver.execute(_MARK, round.number, round.replica)
-            await driver.execute(_LOWEST_ACCOUNTS, round.number)
-    if ledger:
-        await driver.copy_records_to_table("state_ledger", records=ledger)
-        if await driver.fetchval(_HOLDS_LEDGER):
-            added = _rows(await driver.execute(_LEDGER))
-        else:
-            rows = _copies_together([row[1:] for row in ledger])
-            await driver.copy_records_to_table(
-                "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+    named: list[str],
+    pseudonyms: Pseudonyms | None,
+    *,
+    lock: bool = False,
+) -> list[UserState]:
+    """Each named user as the store holds them, one statement a table (`lock`: the
+    accounts held until the transaction ends)."""
+    await driver.execute(_CUSTOM_PLANS)
+    accounts = {
+        row[0]: Account(*row)
+        for row in await driver.fetch(_LOCK_ACCOUNTS if lock else _READ_ACCOUNTS, named)
+    }
+    ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
+    for row in await driver.fetch(_READ_LEDGER, named):
+        ledger[row[0]].append(LedgerRecord(*row))
+    keys: dict[str, list[KeyRecord]] = {user_id: [] for user_id in named}
+    for user_id, key, created_at, operation, request in await driver.fetch(_READ_KEYS, named):
+        keys[user_id].append(KeyRecord(user_id, key, created_at, Claim(operation, request)))
+    consents = {
+        row[0]: UserConsent.model_validate(dict(row))
+        for row in await driver.fetch(_READ_CONSENTS, named)
+    }
+    events: dict[str, list[ConsentEvent]] = {user_id: [] for user_id in named}
+    for row in await driver.fetch(_READ_EVENTS, named):
+        events[row[0]].append(
+            ConsentEvent(
+                terms_accepted=row[1],
+                marketing_consent=row[2],
+                terms_version=row[3],
+                recorded_at=row[4],
             )
-            added = len(rows)
-        await driver.execute(_KEYS)
-    if consents:
-        await driver.copy_records_to_table("state_consents", records=consents)
-        await driver.execute(_CONSENTS)
-    return added
+        )
+    recorded_as = pseudonym_of(pseudonyms, named)
+    recorded = {}
+    if recorded_as:
+        recorded = {
+            row[0]: _erasure(row)
+            for row in await driver.fetch(_READ_ERASURES, list(recorded_as.values()))
+        }
+    return [
+        UserState(
+            user_id,
+            accounts.get(user_id),
+            tuple(ledger[user_id]),
+            consents.get(user_id),
+            tuple(keys[user_id]),
+            tuple(events[user_id]),
+            recorded.get(recorded_as.get(user_id, "")),
+        )
+        for user_id in named
+    ]
 
 
 async def _copied(
-    driver: asyncpg.Connection, batch: StagedBatch, staged: StagedRows
+    driver: asyncpg.Connection,
+    batch: StagedBatch,
+    staged: StagedRows,
+    pseudonyms: Pseudonyms | None,
 ) -> Merged | None:
     """COPY of a batch whose users the store holds nothing of, verified; None, with
-    nothing copied, when it holds something of them."""
-    accounts, ledger, consents = staged
-    # Every key a deduction or refund row carries, claimed at the time of its last row.
-    claims = {
-        (row[0], row[5]): (row[0], row[5], row[3], row[1])
-        for row in ledger
-        if row[5] is not None and row[1] in KEYED_KINDS
-    }
-    rows = _copies_together(ledger)
+    nothing copied, when it holds something of them or erased one of them."""
+    accounts, ledger, consents, keys, events = staged
+    recorded_as = [
+        pseudonym
+        for user_id, pseudonym in pseudonym_of(pseudonyms, batch.user_ids).items()
+        if not is_pseudonym(user_id)
+    ]
+    if recorded_as and await driver.fetchval(_ANY_ERASED, recorded_as):
+        return None
+    claims = _claims(ledger, keys, from_rows=not batch.keys)
     copy = driver.transaction()  # a savepoint: what the store held undoes only the copy
     await copy.start()
     try:
@@ -546,17 +477,21 @@ async def _copied(
             records=sorted((*row, row[4], row[4]) for row in accounts),
             columns=_ACCOUNT_COLUMNS,
         )
-        if rows:
+        if ledger:
             await driver.copy_records_to_table(
-                "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+                "credit_transactions", records=ledger, columns=_LEDGER_COLUMNS
             )
         if claims:
             await driver.copy_records_to_table(
-                "credit_idempotency_keys", records=sorted(claims.values()), columns=_KEY_COLUMNS
+                "credit_idempotency_keys", records=claims, columns=_KEY_COLUMNS
             )
         if consents:
             await driver.copy_records_to_table(
                 "user_consents", records=sorted(consents), columns=_CONSENT_COLUMNS
+            )
+        if events:
+            await driver.copy_records_to_table(
+                "consent_events", records=events, columns=_EVENT_COLUMNS
             )
         held = await driver.fetch(
             _COPIED_HELD, [row[0] for row in accounts], [row[0] for row in consents]
@@ -564,23 +499,128 @@ async def _copied(
     except asyncpg.UniqueViolationError:
         await copy.rollback()
         return None
-    differing = _copied_differing(staged, held)
+    differing = _copied_differing(staged, claims, held)
     if any(differing.values()):
         await copy.rollback()
         return None
     await copy.commit()
+    merged = _copy_merged(len(ledger))
     if not differing:
-        return Merged(len(rows))
+        return merged
     incoming = [state for state in states_of(batch, staged) if state.user_id in differing]
-    kept = await _read(driver, [state.user_id for state in incoming])
-    return Merged(len(rows), verified(incoming, kept))
+    kept = await _read(driver, [state.user_id for state in incoming], pseudonyms)
+    return Merged(merged.tally, verified(incoming, kept))
 
 
-def _copied_differing(staged: StagedRows, held: list[asyncpg.Record]) -> dict[str, bool]:
+async def _write(driver: asyncpg.Connection, plans: Sequence[Plan], held: set[str]) -> None:
+    """The batch's plans written as they are, a table at a time."""
+    updated = [
+        (plan.user_id, *_account_values(plan.account))
+        for plan in plans
+        if plan.account is not None and plan.user_id in held
+    ]
+    if updated:
+        await driver.executemany(_UPDATE_ACCOUNT, updated)
+    created = [plan.account for plan in plans if plan.account and plan.user_id not in held]
+    if created:
+        columns = list(zip(*((a.user_id, *_account_values(a)) for a in created), strict=True))
+        inserted = await driver.fetch(_INSERT_ACCOUNTS, *map(list, columns))
+        if len(inserted) < len(created):
+            raise MergeRaced("an account appeared while the merge decided")
+    rows = [
+        (row.user_id, row.kind, row.amount, row.timestamp, row.description, row.idempotency_key)
+        for plan in plans
+        for row in plan.rows
+    ]
+    if rows:
+        await driver.copy_records_to_table(
+            "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
+        )
+    keys = [
+        (k.user_id, k.key, k.created_at, k.claim.operation, k.claim.request)
+        for plan in plans
+        for k in plan.keys
+    ]
+    if keys:
+        await driver.execute(_CLAIM_KEYS, *map(list, zip(*keys, strict=True)))
+    consents = [_consent_values(plan.consent) for plan in plans if plan.consent is not None]
+    if consents:
+        await driver.executemany(_WRITE_CONSENT, consents)
+    events = [
+        (
+            plan.user_id,
+            event.terms_accepted,
+            event.marketing_consent,
+            event.terms_version,
+            event.recorded_at,
+        )
+        for plan in plans
+        for event in plan.events
+    ]
+    if events:
+        await driver.copy_records_to_table("consent_events", records=events, columns=_EVENT_COLUMNS)
+
+
+def _account_values(account: Account) -> tuple[Any, ...]:
+    return account.is_guest, account.available, account.maximum, account.last_reset
+
+
+def _consent_values(consent: UserConsent) -> tuple[Any, ...]:
+    return (
+        consent.user_id,
+        consent.terms_accepted,
+        consent.marketing_consent,
+        consent.timestamp,
+        consent.updated_at,
+        consent.terms_version,
+    )
+
+
+def _erasure(row: Any) -> Erasure:
+    pseudonym, erased_at, is_guest, available, maximum, last_reset = row
+    account = None
+    if maximum is not None:
+        account = Account(pseudonym, is_guest, available, maximum, last_reset)
+    return Erasure(pseudonym, erased_at, account)
+
+
+def _erasure_row(record: Erasure) -> tuple[Any, ...]:
+    account = record.account
+    if account is None:
+        return record.pseudonym, record.erased_at, None, None, None, None
+    return record.pseudonym, record.erased_at, *_account_values(account)
+
+
+def _claims(ledger: list[Any], keys: list[Any], *, from_rows: bool) -> list[tuple[Any, ...]]:
+    """The keys a copied batch claims, in key order: those carried with their requests,
+    and, `from_rows` (claims that do not travel), every key a deduction or refund row
+    carries (the one merge's KEYS), at the time of its last row, its request unknown."""
+    claims = {}
+    if from_rows:
+        claims = {
+            (row[0], row[5]): (row[0], row[5], row[3], row[1], None)
+            for row in ledger
+            if row[5] is not None and row[1] in KEYED_KINDS
+        }
+    claims.update({(row[0], row[1]): tuple(row) for row in keys})
+    return sorted(claims.values(), key=itemgetter(0, 1))
+
+
+def _copy_merged(rows: int) -> Merged:
+    """What a copy did, as the one merge counts it (FIRST CARRY): every row applied."""
+    return Merged(Tally(applied=rows, added=rows))
+
+
+def _copied_differing(
+    staged: StagedRows, claims: list[tuple[Any, ...]], held: list[asyncpg.Record]
+) -> dict[str, bool]:
     """The users a copy left differing from their rows (_COPIED_HELD), each with whether
-    the store holds more ledger rows of it than came: then it held some before."""
-    accounts, ledger, consents = staged
+    the store holds more ledger rows, events or keys of it than came: then it held some
+    before."""
+    accounts, ledger, consents, _, events = staged
     rows_of = Counter(map(itemgetter(0), ledger))
+    events_of = Counter(map(itemgetter(0), events))
+    keys_of = Counter(map(itemgetter(0), claims))
     total_of: dict[str, int] = {}
     for row in ledger:
         total_of[row[0]] = total_of.get(row[0], 0) + row[2]
@@ -592,70 +632,13 @@ def _copied_differing(staged: StagedRows, held: list[asyncpg.Record]) -> dict[st
     differing: dict[str, bool] = {}
     for row in held:
         user_id, stands = row[0], row[6]
-        if row[1:6] != expected[user_id]:
-            differing[user_id] = row[4] > expected[user_id][3]
+        more = (
+            row[4] > expected[user_id][3]
+            or row[7] > events_of[user_id]
+            or row[8] > keys_of[user_id]
+        )
+        if row[1:6] != expected[user_id] or more:
+            differing[user_id] = more
         elif user_id in consented and (stands is None or stands < consented[user_id]):
             differing[user_id] = False
     return differing
-
-
-async def _read(driver: asyncpg.Connection, named: list[str]) -> list[UserState]:
-    await driver.execute(_CUSTOM_PLANS)
-    accounts = {row[0]: Account(*row) for row in await driver.fetch(_READ_ACCOUNTS, named)}
-    ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
-    for row in await driver.fetch(_READ_LEDGER, named):
-        ledger[row[0]].append(LedgerRecord(*row))
-    consents = {
-        row[0]: UserConsent.model_validate(dict(row))
-        for row in await driver.fetch(_READ_CONSENTS, named)
-    }
-    return [
-        UserState(user_id, accounts.get(user_id), tuple(ledger[user_id]), consents.get(user_id))
-        for user_id in named
-    ]
-
-
-def _copies_together(rows: list[Row]) -> list[Row]:
-    """The rows, each row's copies together at its first appearance: the order in which
-    `missing_rows` gives the rows a store lacks when it holds none of them."""
-    copies = Counter(rows)  # in first appearance order
-    if len(copies) == len(rows):
-        return rows
-    return [row for row, count in copies.items() for _ in range(count)]
-
-
-async def _verified(driver: asyncpg.Connection, in_round: bool) -> dict[str, list[str]]:
-    mismatched: dict[str, list[str]] = {}
-    for user_id, _, difference in await driver.fetch(_VERIFY, in_round):
-        mismatched.setdefault(user_id, []).append(difference)
-    return mismatched
-
-
-def _account(state: UserState) -> tuple[Any, ...]:
-    account = state.account
-    assert account is not None
-    return (
-        account.user_id,
-        account.is_guest,
-        account.available,
-        account.maximum,
-        account.last_reset,
-    )
-
-
-def _consent(state: UserState) -> tuple[Any, ...]:
-    consent = state.consent
-    assert consent is not None
-    return (
-        consent.user_id,
-        consent.terms_accepted,
-        consent.marketing_consent,
-        consent.timestamp,
-        consent.updated_at,
-        consent.terms_version,
-    )
-
-
-def _rows(status: str) -> int:
-    """The row count of a command's status tag (`INSERT 0 12`)."""
-    return int(status.rsplit(" ", 1)[1])

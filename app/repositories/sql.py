@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.domain.credits import CreditRules
@@ -41,11 +43,22 @@ def sql_stores(
 
 
 def state_repository(
-    engine: AsyncEngine, transaction_setting: str | None = None
+    engine: AsyncEngine,
+    rules: CreditRules,
+    *,
+    retention: timedelta,
+    pseudonyms: Pseudonyms | None = None,
+    transaction_setting: str | None = None,
 ) -> StateRepository:
-    """The database's users as a whole: set-based on asyncpg for PostgreSQL (its imports
-    and hand-overs move millions of rows), through SQLAlchemy on SQLite.
+    """The database's users as a whole: on asyncpg for PostgreSQL (its imports and
+    hand-overs move millions of rows), through SQLAlchemy on SQLite.
     `transaction_setting`: app/storage/engine.py's, for PostgreSQL's own transactions."""
     if engine.dialect.name == "postgresql":
-        return PostgresStateRepository(engine, transaction_setting)
-    return SqlStateRepository(engine)
+        return PostgresStateRepository(
+            engine,
+            rules,
+            retention=retention,
+            pseudonyms=pseudonyms,
+            transaction_setting=transaction_setting,
+        )
+    return SqlStateRepository(engine, rules, retention=retention, pseudonyms=pseudonyms)

@@ -87,7 +87,8 @@ class SqlConsentRepository:
             result = await conn.execute(
                 select(*_EVENT_COLUMNS)
                 .where(consent_events.c.user_id == user_id)
-                .order_by(consent_events.c.id.desc())
+                # Newest first; a carried event takes its place by when it was recorded.
+                .order_by(consent_events.c.recorded_at.desc(), consent_events.c.id.desc())
             )
             return [ConsentEvent.model_validate(row._mapping) for row in result]
 

@@ -138,7 +138,8 @@ class SqlCreditRepository:
         return deleted
 
     async def _erased(self, conn: AsyncConnection, user_id: str) -> Account | None:
-        """ERASED RESUMES: the account the id had when it was erased, if it was."""
+        """ERASED RESUMES: the account the id had when it was erased, if it was erased
+        with one (a user erased with a consent alone had none)."""
         if self._pseudonyms is None:
             return None
         pseudonym = self._pseudonyms.of(user_id)
@@ -150,7 +151,7 @@ class SqlCreditRepository:
                     erasures.c.available_credits,
                     erasures.c.max_credits,
                     erasures.c.last_reset_timestamp,
-                ).where(erasures.c.pseudonym == pseudonym)
+                ).where(erasures.c.pseudonym == pseudonym, erasures.c.max_credits.is_not(None))
             )
         ).first()
         return None if row is None else Account(*row)

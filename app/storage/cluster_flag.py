@@ -3,7 +3,8 @@ database that every replica polls, taken over STORAGE_BACKEND at start-up.
 
 A change made on one replica is stored with the next version once that replica has handed
 its state over; every other replica, seeing the newer version, makes the same change and
-hands over its own memory state in the same round (app/domain/state.py, LOWEST WINS).
+hands over its own memory state: its changes, carried by the one merge
+(app/domain/carry.py), land on top of what the first replicas' writes left.
 """
 
 from __future__ import annotations
@@ -11,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.clock import utc_now
 from app.config import StorageBackend
-from app.domain.state import Round
-from app.models import HandoverMarkRow, StorageFlagRow, table
+from app.models import StorageFlagRow, table
 from app.repositories.sql_base import insert, transaction
 
 logger = logging.getLogger(__name__)
 flags = table(StorageFlagRow)
-marks = table(HandoverMarkRow)
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ class FlagStore:
         )
 
     async def save(self, flag: StoredFlag) -> None:
-        """Stores the flag, and forgets the marks of rounds before the previous one."""
+        """Stores the flag."""
         async with transaction(self._engine) as conn:
             values = {
                 "backend": flag.backend.value,
@@ -71,22 +69,20 @@ class FlagStore:
             await conn.execute(
                 statement.on_conflict_do_update(index_elements=[flags.c.id], set_=values)
             )
-            await conn.execute(delete(marks).where(marks.c.round < flag.version - 1))
 
 
 class ClusterFlag:
-    """This replica's view of the stored flag: the version it follows, the round of the
+    """This replica's view of the stored flag: the version it follows, the version of the
     next change, and the poll that follows other replicas' changes."""
 
     def __init__(self, store: FlagStore, *, poll_seconds: float) -> None:
         self.store = store
-        self.replica = uuid.uuid4().hex[:16]
         self.version = 0
         self._poll_seconds = poll_seconds
         self._polling: asyncio.Task[None] | None = None
 
-    async def next_round(self) -> Round | None:
-        """The round of a change made here; None when the database cannot tell (the
+    async def next_version(self) -> int | None:
+        """The version of a change made here; None when the database cannot tell (the
         change then stays this replica's own)."""
         try:
             async with asyncio.timeout(self._poll_seconds):
@@ -94,7 +90,7 @@ class ClusterFlag:
         except Exception as error:
             logger.warning("the stored storage flag is out of reach (%s): not shared", error)
             return None
-        return Round((stored.version if stored else 0) + 1, self.replica)
+        return (stored.version if stored else 0) + 1
 
     async def share(self, flag: StoredFlag) -> None:
         """Stores a change this replica made, for the others to follow."""
@@ -118,20 +114,23 @@ class ClusterFlag:
         """Polls the stored flag; `apply` gets each newer one."""
         self._polling = asyncio.get_running_loop().create_task(self._poll(apply))
 
+    async def catch_up(self, apply: Callable[[StoredFlag], Awaitable[None]]) -> bool:
+        """Applies the stored flag when it is newer than the one followed (`apply` raises
+        to leave it for the next poll); True when it did."""
+        stored = await self.stored()
+        if stored is None or stored.version <= self.version:
+            return False
+        await apply(stored)
+        self.version = stored.version
+        return True
+
     async def _poll(self, apply: Callable[[StoredFlag], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(self._poll_seconds)
-            stored = await self.stored()
-            if stored is None or stored.version <= self.version:
-                continue
             try:
-                await apply(stored)
+                await self.catch_up(apply)
             except Exception as error:  # the next poll tries again
-                logger.warning(
-                    "following storage flag version %d failed: %s", stored.version, error
-                )
-                continue
-            self.version = stored.version
+                logger.warning("following the stored storage flag failed: %s", error)
 
     async def stop(self) -> None:
         if self._polling is not None:

@@ -1,16 +1,23 @@
-"""The in-memory fallback (DB_OUTAGE_FALLBACK=memory), its journal and the replay (SPEC §9).
+"""The in-memory fallback (DB_OUTAGE_FALLBACK=memory): serving while the database cannot,
+and recovering in order once it can (SPEC §9).
 
 While the database cannot serve, credit and consent calls are served by an in-memory
 store of their own, which starts each user from what this process last saw of them in
 the database (app/storage/last_known.py). Each change made there is written to the
-outage journal (app/storage/journal.py) before it is acknowledged, and replayed into
-the database in order once it answers again: at once after any call that reached it,
-and every `retry_seconds` while changes wait, those a killed process left included.
+outage journal (app/storage/journal.py) before it is acknowledged, and carried into the
+database by the one merge once it answers again (app/storage/replay.py): at once after
+any call that reached it, and every `retry_seconds` while changes wait, those a killed
+process left included.
 
-A credit change carries its attempt (app/domain/credits.py), so it is applied once
-however often a replay is interrupted. A deduction that no longer fits the database's
-balance is clamped to what is left and logged. A change the database refuses for good
-becomes a dead letter with its reason, and the changes behind it go on.
+Recovery before service: a user with changes waiting in the journal is served as during
+the outage, by the fallback store, journaled behind them, until the replay has carried
+them; the database serves them again only then. When the journal is empty and the
+database answers, the outage is over and the fallback store is dropped: the next outage
+starts again from what the database last showed.
+
+A retry of a client's key the database applied before the outage (this process saw it) is
+answered as a replay; a client-keyed deduction the fallback store cannot cover is 503, not
+402, since the database may have applied that key through another replica.
 
 With erasure configured, the fallback asks every `erasure_poll_seconds` for the users
 erased since (by any process) and drops them from the snapshot: an outage then serves
@@ -21,23 +28,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TypeVar, assert_never
 
 from app.clock import utc_now
-from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read, Reset
+from app.domain.credits import Attempt, Claim, CreditRules, Deduct, Operation, Read, Refund
+from app.domain.state import UserState
 from app.errors import (
     IdempotencyKeyReusedError,
     InsufficientCreditsError,
     StorageFullError,
     StorageUnavailableError,
 )
-from app.models import IDEMPOTENCY_KEY_LENGTH
-from app.repositories.base import ConsentRepository, Erasures, Stores
+from app.repositories.base import ConsentRepository, Erasures, StateRepository, Stores
 from app.repositories.memory import MemoryData, memory_stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.storage.journal import (
@@ -50,7 +56,7 @@ from app.storage.journal import (
     decode,
 )
 from app.storage.last_known import LastKnown
-from app.storage.resilience import sqlstate
+from app.storage.replay import REPLAY_BATCH, Replay, ReplayFigures, ReplayPaused, replay
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +65,8 @@ DEFAULT_MAX_CHANGES = 100_000
 # An erasure's instant is taken before it commits, and on the erasing host's clock: each
 # round asks again for this far back, so that one committed late is not missed.
 ERASURES_LATE_BY = timedelta(minutes=5)
-REPLAY_BATCH = 500
+# How soon a client told that its user's changes are being replayed may try again.
+WAITING_RETRY_SECONDS = 1
 
 
 class OutageFallback:
@@ -69,6 +76,7 @@ class OutageFallback:
         self,
         rules: CreditRules,
         journal: OutageJournal,
+        database: StateRepository,
         *,
         max_users: int,
         max_changes: int = DEFAULT_MAX_CHANGES,
@@ -78,6 +86,7 @@ class OutageFallback:
         erasure_poll_seconds: float = 2.0,
     ) -> None:
         self._rules = rules
+        self._database = database
         self._erasures = erasures
         self._erasure_poll_seconds = erasure_poll_seconds
         self._erasures_after = utc_now()  # none made before can be in the snapshot
@@ -89,10 +98,9 @@ class OutageFallback:
         self._data, self.memory = self._fresh()
         self._max_changes = max_changes
         self._retry_seconds = retry_seconds
-        self.clamped = 0
-        self.replayed = 0
-        self.erased = 0  # changes dropped on replay: their user was erased after them
+        self.counts = ReplayFigures()
         self.unknown_accounts = 0  # accounts served with a full budget, never seen before
+        self._waiting: Counter[str] = Counter()  # journaled changes by user, not yet replayed
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
         self._retrying: asyncio.Task[None] | None = None
@@ -114,26 +122,48 @@ class OutageFallback:
         """For /health/ready (SPEC §9)."""
         return {
             "journal_depth": self.journal.depth,
+            "users_waiting": len(self._waiting),
             "dead_letters": self.journal.dead_letters,
-            "replayed": self.replayed,
-            "clamped": self.clamped,
-            "erased": self.erased,
+            "replayed": self.counts.replayed,
+            "clamped": self.counts.clamped,
+            "erased": self.counts.erased,
             "unknown_accounts": self.unknown_accounts,
             "snapshot_users": len(self.last_known),
             "snapshot_erased": self.snapshot_erased,
         }
 
-    async def start(self, database: Stores) -> None:
+    async def start(self) -> None:
         """At start-up: the fallback store as the journal leaves it, a replay of what an
         earlier process left, and a retry every `retry_seconds` while changes wait."""
         async with self._lock:
             await self._rebuild()
-        self.replay_soon(database)
-        self._retrying = asyncio.create_task(self._keep_replaying(database))
+        self.replay_soon()
+        self._retrying = asyncio.create_task(self._keep_replaying())
         if self._erasures is not None:
             self._watching = asyncio.create_task(self._keep_forgetting_erased())
 
-    # Serving while the database cannot.
+    # Serving while the database cannot, and the users it cannot serve yet.
+
+    def waits(self, user_id: str) -> bool:
+        """Recovery before service: has the user changes waiting to be replayed?"""
+        return bool(self._waiting) and user_id in self._waiting
+
+    def waiting(self) -> StorageUnavailableError:
+        """What a call for a user with changes waiting is answered (503) when the fallback
+        cannot serve it. The replay is the periodic retry's, or follows the next call the
+        database answers."""
+        return StorageUnavailableError(
+            "changes made during an outage wait to be replayed for this user",
+            retry_after=WAITING_RETRY_SECONDS,
+        )
+
+    def database_answered(self) -> None:
+        """The database served a call: the outage is over once nothing waits, and the
+        fallback store goes with it; else the replay goes on."""
+        if self.journal.depth:
+            self.replay_soon()
+        elif self._data.held:
+            self._data, self.memory = self._fresh()
 
     async def credits(
         self,
@@ -151,9 +181,34 @@ class OutageFallback:
             if isinstance(operation, Read):
                 return await self.memory.credits.apply(user_id, operation, attempt)
             self._refuse_if_full(unavailable)
-            credits = await self.memory.credits.apply(user_id, operation, attempt)
-        await self._journaled(CreditChange(user_id, operation, attempt), unavailable)
+            if self._applied_before(user_id, operation, attempt):
+                return await self.memory.credits.apply(user_id, Read(), Attempt(attempt.at))
+            try:
+                credits = await self.memory.credits.apply(user_id, operation, attempt)
+            except InsufficientCreditsError as short:
+                if attempt.key is not None and not attempt.own_key:
+                    raise StorageUnavailableError(
+                        "the database is unavailable and may have applied this key already",
+                        retry_after=unavailable.retry_after,
+                    ) from short
+                raise
+        if not attempt.replayed:
+            await self._journaled(CreditChange(user_id, operation, attempt), unavailable)
         return credits
+
+    def _applied_before(self, user_id: str, operation: Operation, attempt: Attempt) -> bool:
+        """Did the database apply this client key before the outage, as this process saw?
+        Raises IdempotencyKeyReusedError for a key it applied for another request."""
+        if attempt.key is None or not isinstance(operation, Deduct | Refund):
+            return False
+        seen = self.last_known.of(user_id)
+        claim = None if seen is None or seen.keys is None else seen.keys.get(attempt.key)
+        if claim is None:
+            return False
+        if not claim.admits(operation):
+            raise IdempotencyKeyReusedError(claim.operation)
+        attempt.decided(True)
+        return True
 
     def consent(self, user_id: str, unavailable: StorageUnavailableError) -> UserConsent | None:
         """The consent as the fallback knows it; StorageUnavailableError (503) when it
@@ -188,6 +243,11 @@ class OutageFallback:
             await self._journaled(change, unavailable)
         return result
 
+    def forget(self, user_id: str) -> None:
+        """The user was erased (SPEC §10): nothing of them is kept here."""
+        self.last_known.forget(user_id)
+        self._data.forget(user_id)
+
     def _adopt(self, user_id: str) -> None:
         seen = self.last_known.of(user_id)
         if seen is not None:
@@ -204,6 +264,7 @@ class OutageFallback:
         """On disk before the caller acknowledges it. A change the journal could not keep
         is undone (the fallback store rebuilt from the journal) and refused."""
         generation = self._generation
+        self._waiting[served.user_id] += 1
         try:
             await self.journal.append(served)
         except JournalError as error:
@@ -224,86 +285,63 @@ class OutageFallback:
         """The fallback store as the journal has it: each waiting change served again,
         from what this process last saw of its user."""
         self._data, self.memory = self._fresh()
+        self._waiting = Counter()
         self._generation += 1
-        async for _, served in self._waiting():
-            if isinstance(served, str):
-                continue
+        async for served in self._journaled_changes():
+            self._waiting[served.user_id] += 1
             self._adopt(served.user_id)
             # The fallback store only approximates: a change it refuses now (a deduction
             # past a budget it started afresh) is the replay's to settle with the database.
             with contextlib.suppress(Exception):
-                if isinstance(served, CreditChange):
-                    await _credit_into(self.memory, served)
-                else:
-                    await _consent_into(self.memory, served)
+                await _into(self.memory, served)
 
-    # Replay.
-
-    def replay_soon(self, database: Stores) -> None:
-        """Start a replay in the background unless one runs or nothing waits."""
-        if self.journal.depth and (self._replay_task is None or self._replay_task.done()):
-            self._replay_task = asyncio.create_task(self._replay_logged(database))
-
-    async def replay(self, database: Stores) -> None:
-        """Apply the journal to the database in order, each change once; stops, keeping
-        the rest, if the database fails again. When nothing waits the fallback store
-        starts afresh: the snapshot, refreshed by the replay, holds what it knew."""
-        erasures: dict[str, datetime | None] = {}  # by user, asked once per replay
-        async with self._lock, contextlib.aclosing(self._waiting()) as waiting:
-            async for seq, served in waiting:
-                if isinstance(served, str):
-                    await self._dead_letter(seq, served)
-                    continue
-                try:
-                    erased = await self._erased_after(served, erasures)
-                    if not erased:
-                        await self._replay_one(served, database)
-                except StorageUnavailableError:
-                    logger.warning("journal replay paused: %d change(s) wait", self.depth)
-                    return
-                except Exception as refused:  # not transient
-                    if _database_fault(refused):
-                        logger.error(
-                            "journal replay paused, %d change(s) wait: the database cannot "
-                            "take changes (%s)",
-                            self.depth,
-                            _reason(refused),
-                        )
-                        return
-                    await self._dead_letter(seq, _reason(refused))  # refused for good
-                    continue
-                await self.journal.done(seq)
-                if erased:
-                    self.erased += 1
-                    # No user id: the user asked to be forgotten.
-                    logger.info("journaled change %d dropped: its user was erased after it", seq)
-                else:
-                    self.replayed += 1
-            if self.journal.depth == 0:
-                self._data, self.memory = self._fresh()
-                logger.info("outage journal replayed into the database")
-
-    async def _waiting(self) -> AsyncGenerator[tuple[int, Served | str], None]:
-        """The journal's records in order, each decoded, or why it cannot be."""
+    async def _journaled_changes(self) -> AsyncGenerator[Served, None]:
+        """The journal's readable records, in order."""
         after = 0
         while batch := await self.journal.head(after, REPLAY_BATCH):
             for seq, text in batch:
                 after = seq
-                try:
-                    yield seq, decode(text)
-                except (ValueError, KeyError, TypeError) as unreadable:
-                    yield seq, f"unreadable record: {unreadable!r}"
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    yield decode(text)
 
-    async def _replay_logged(self, database: Stores) -> None:
+    # Replay.
+
+    def replay_soon(self) -> None:
+        """Start a replay in the background unless one runs or nothing waits."""
+        if self.journal.depth and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.create_task(self._replay_logged())
+
+    async def replay(self) -> None:
+        """Carry the journal into the database (app/storage/replay.py); stops, keeping
+        the rest, if the database cannot take it now. When nothing waits the fallback
+        store starts afresh: the snapshot, refreshed by the replay, holds what it knew."""
+        async with self._lock:
+            run = Replay(self.journal, self._database, self.counts, self._waiting, self._landed)
+            try:
+                await replay(run)
+            except ReplayPaused as paused:
+                logger.warning("journal replay paused, %d change(s) wait: %s", self.depth, paused)
+            if self.journal.depth == 0:
+                self._data, self.memory = self._fresh()
+                logger.info("outage journal replayed into the database")
+
+    def _landed(self, state: UserState) -> None:
+        """What the database holds of a user after the replay: the next outage starts
+        from it."""
+        if state.account is not None:
+            self.last_known.saw_credits(self._rules.view(state.account))
+        self.last_known.saw_consent(state.user_id, state.consent)
+
+    async def _replay_logged(self) -> None:
         try:
-            await self.replay(database)
+            await self.replay()
         except Exception:  # a background task: logged, and the next trigger tries again
             logger.exception("outage journal replay failed")
 
-    async def _keep_replaying(self, database: Stores) -> None:
+    async def _keep_replaying(self) -> None:
         while True:
             await asyncio.sleep(self._retry_seconds)
-            self.replay_soon(database)
+            self.replay_soon()
 
     # Erasures made elsewhere.
 
@@ -338,78 +376,7 @@ class OutageFallback:
             except Exception:  # the database away: the next round asks for these too
                 logger.debug("erasures not asked for this round", exc_info=True)
 
-    async def _dead_letter(self, seq: int, reason: str) -> None:
-        logger.error("journaled change %d moved to the dead letters: %s", seq, reason)
-        await self.journal.dead(seq, reason)
-
-    async def _erased_after(self, served: Served, erasures: dict[str, datetime | None]) -> bool:
-        """Was the change's user erased at or after it was made? Then it is dropped: an
-        erased user comes back only by a change made after the erasure (SPEC §10). Another
-        replica may have erased them while this one served from its journal. Erasure
-        without ERASURE_KEY is not configured: nothing to ask."""
-        if self._erasures is None:
-            return False
-        user_id = served.user_id
-        if user_id not in erasures:
-            erasures[user_id] = await self._erasures.erased_at(user_id)
-        erased_at = erasures[user_id]
-        made = served.attempt.at if isinstance(served, CreditChange) else served.now
-        return erased_at is not None and made <= erased_at
-
-    async def _replay_one(self, served: Served, database: Stores) -> None:
-        """One change into the database; what it answers refreshes the snapshot."""
-        if isinstance(served, CreditChange):
-            if isinstance(served.change, Reset) and await self._reset_shown(served, database):
-                return
-            try:
-                self.last_known.saw_credits(await _credit_into(database, served))
-            except InsufficientCreditsError as short:
-                await self._clamp(served, short, database)
-            return
-        held = await database.consents.get(served.user_id)
-        if held is not None and (held.updated_at > served.now or _applied(held, served)):
-            # A later change stands (made in the database since, by another replica or a
-            # client after the outage), or this one was replayed before by a process that
-            # died before marking it done, and its history event is written already.
-            self.last_known.saw_consent(served.user_id, held)
-            return
-        consent = await _consent_into(database, served)
-        self.last_known.saw_consent(served.user_id, consent)
-
-    async def _reset_shown(self, served: CreditChange, database: Stores) -> bool:
-        """Does the account show this reset, or a later one? A reset has no key to find it
-        by: an account reset at its instant was reset by it, replayed before by a process
-        that died before marking it done; one reset later needs no earlier refill. Read at
-        that instant, as the reset would, so that a refill due then is made as the reset
-        would have made it (the same row); the reset then changes nothing more."""
-        at = served.attempt.at
-        credits = await database.credits.apply(served.user_id, Read(), Attempt(at))
-        self.last_known.saw_credits(credits)
-        return credits.last_reset_timestamp >= at
-
-    async def _clamp(
-        self, served: CreditChange, short: InsufficientCreditsError, database: Stores
-    ) -> None:
-        self.clamped += 1
-        logger.warning(
-            "replayed deduction of %d for %s clamped to the %d credit(s) left",
-            short.required,
-            served.user_id,
-            short.available,
-        )
-        if short.available > 0 and isinstance(served.change, Deduct):
-            clamped = replace(
-                served.change,
-                amount=short.available,
-                description=f"clamped from {short.required}: replayed after an outage",
-            )
-            attempt = Attempt(
-                served.attempt.at, _derived_key("clamped", served.attempt.key), sent=True
-            )
-            credits = await database.credits.apply(served.user_id, clamped, attempt)
-            self.last_known.saw_credits(credits)
-
-    async def close(self, database: Stores) -> None:
+    async def close(self) -> None:
         """At shutdown: one last replay attempt; what still waits stays in the journal
         for the next start."""
         started = self._retrying is not None
@@ -423,7 +390,7 @@ class OutageFallback:
                 await self._replay_task
         if started:  # a service that never started (its database not ready) replays nothing
             with contextlib.suppress(Exception):
-                await self.replay(database)
+                await self.replay()
         if self.depth:
             logger.warning(
                 "%d change(s) made during the outage wait in %s for the next start",
@@ -433,16 +400,13 @@ class OutageFallback:
         await self.journal.close()
 
 
-async def _credit_into(stores: Stores, served: CreditChange) -> UserCredits:
-    return await stores.credits.apply(served.user_id, served.change, served.attempt)
-
-
-async def _consent_into(
-    stores: Stores, served: ConsentRecorded | MarketingChanged
-) -> UserConsent | None:
+async def _into(stores: Stores, served: Served) -> None:
+    """A journaled change served again by the fallback store."""
     match served:
+        case CreditChange(user_id, change, attempt):
+            await stores.credits.apply(user_id, change, attempt)
         case ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now):
-            return await stores.consents.upsert(
+            await stores.consents.upsert(
                 user_id,
                 terms_accepted=terms_accepted,
                 marketing_consent=marketing_consent,
@@ -450,21 +414,9 @@ async def _consent_into(
                 now=now,
             )
         case MarketingChanged(user_id, marketing_consent, now):
-            return await stores.consents.set_marketing(user_id, marketing_consent, now=now)
+            await stores.consents.set_marketing(user_id, marketing_consent, now=now)
         case _:
             assert_never(served)
-
-
-def _applied(held: UserConsent, served: ConsentRecorded | MarketingChanged) -> bool:
-    """Does the database's consent show this change, made at its instant?"""
-    if held.updated_at != served.now or held.marketing_consent != served.marketing_consent:
-        return False
-    if isinstance(served, MarketingChanged):
-        return True
-    return (held.terms_accepted, held.terms_version) == (
-        served.terms_accepted,
-        served.terms_version,
-    )
 
 
 @contextlib.contextmanager
@@ -480,32 +432,9 @@ def _unavailable_when_full(unavailable: StorageUnavailableError) -> Iterator[Non
         ) from full
 
 
-# SQLSTATE classes of a database that cannot take changes at all, whatever the change:
-# syntax or access rule (a table or column missing, a grant revoked), system, internal.
-_DATABASE_FAULTS = ("42", "58", "XX")
-
-
-def _database_fault(refused: Exception) -> bool:
-    """The database, not the change, is at fault: the replay waits for it to be mended
-    rather than move every change aside."""
-    state = sqlstate(refused)
-    return state is not None and state[:2] in _DATABASE_FAULTS
-
-
-def _reason(refused: Exception) -> str:
-    if isinstance(refused, IdempotencyKeyReusedError):
-        return "its idempotency key was first used for another request, which stands"
-    return f"{type(refused).__name__}: {refused}"
-
-
-def _derived_key(prefix: str, key: str | None) -> str:
-    """A key of its own for a change derived from another, of any length within the column."""
-    digest = hashlib.sha256((key or "").encode()).hexdigest()
-    return f"{prefix}:{digest}"[:IDEMPOTENCY_KEY_LENGTH]
-
-
 class FallbackCredits:
-    """A CreditRepository: the database, or the fallback store while it cannot serve."""
+    """A CreditRepository: the database, or the fallback store while it cannot serve, or
+    while the user's changes wait to be replayed."""
 
     def __init__(self, database: Stores, fallback: OutageFallback) -> None:
         self._database = database
@@ -513,17 +442,25 @@ class FallbackCredits:
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         fallback = self._fallback
+        if fallback.waits(user_id):
+            return await fallback.credits(user_id, operation, attempt, fallback.waiting())
         try:
             credits = await self._database.credits.apply(user_id, operation, attempt)
         except StorageUnavailableError as unavailable:
             return await fallback.credits(user_id, operation, attempt, unavailable)
-        fallback.last_known.saw_credits(credits)
-        fallback.replay_soon(self._database)
+        key = attempt.key
+        if key is not None and not attempt.own_key and isinstance(operation, Deduct | Refund):
+            fallback.last_known.saw_key(credits, key, Claim.of(operation))
+        else:
+            fallback.last_known.saw_credits(credits)
+        fallback.database_answered()
         return credits
 
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         """The database's only: the fallback store holds the outage's rows and none from
         before, and a part of the ledger would be a wrong answer (503 instead)."""
+        if self._fallback.waits(user_id):
+            raise self._fallback.waiting()
         return await self._database.credits.history(user_id, limit)
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
@@ -532,18 +469,22 @@ class FallbackCredits:
 
 
 class FallbackConsents:
-    """A ConsentRepository: the database, or the fallback store while it cannot serve.
-    A consent the fallback does not know is 503, never a refusal (SPEC §9)."""
+    """A ConsentRepository: the database, or the fallback store while it cannot serve, or
+    while the user's changes wait to be replayed. A consent the fallback does not know is
+    503, never a refusal (SPEC §9)."""
 
     def __init__(self, database: Stores, fallback: OutageFallback) -> None:
         self._database = database
         self._fallback = fallback
 
     async def get(self, user_id: str) -> UserConsent | None:
+        fallback = self._fallback
+        if fallback.waits(user_id):
+            return fallback.consent(user_id, fallback.waiting())
         try:
             consent = await self._database.consents.get(user_id)
         except StorageUnavailableError as unavailable:
-            return self._fallback.consent(user_id, unavailable)
+            return fallback.consent(user_id, unavailable)
         self._seen(user_id, consent)
         return consent
 
@@ -565,36 +506,61 @@ class FallbackConsents:
                 now=now,
             )
 
+        change = ConsentRecorded(user_id, terms_accepted, marketing_consent, terms_version, now)
+        fallback = self._fallback
+        if fallback.waits(user_id):
+            return await fallback.record(user_id, upsert, lambda _: change, fallback.waiting())
         try:
             consent = await upsert(self._database.consents)
         except StorageUnavailableError as unavailable:
-            change = ConsentRecorded(user_id, terms_accepted, marketing_consent, terms_version, now)
-            return await self._fallback.record(user_id, upsert, lambda _: change, unavailable)
+            return await fallback.record(user_id, upsert, lambda _: change, unavailable)
         self._seen(user_id, consent)
         return consent
 
     async def set_marketing(
         self, user_id: str, marketing_consent: bool, *, now: datetime
     ) -> UserConsent | None:
+        fallback = self._fallback
+        if fallback.waits(user_id):
+            return await self._in_fallback(user_id, marketing_consent, now, fallback.waiting())
         try:
             consent = await self._database.consents.set_marketing(
                 user_id, marketing_consent, now=now
             )
         except StorageUnavailableError as unavailable:
-            if self._fallback.consent(user_id, unavailable) is None:
-                return None  # known to have none: 404, as the database would answer
-            return await self._fallback.record(
-                user_id,
-                lambda consents: consents.set_marketing(user_id, marketing_consent, now=now),
-                lambda _: MarketingChanged(user_id, marketing_consent, now),
-                unavailable,
-            )
+            return await self._in_fallback(user_id, marketing_consent, now, unavailable)
         self._seen(user_id, consent)
         return consent
+
+    async def _in_fallback(
+        self,
+        user_id: str,
+        marketing_consent: bool,
+        now: datetime,
+        unavailable: StorageUnavailableError,
+    ) -> UserConsent | None:
+        fallback = self._fallback
+        if fallback.consent(user_id, unavailable) is None:
+            return None  # known to have none: 404, as the database would answer
+
+        def served(changed: UserConsent | None) -> Served | None:
+            if changed is None:
+                return None
+            terms, version = changed.terms_accepted, changed.terms_version
+            return MarketingChanged(user_id, marketing_consent, now, terms, version)
+
+        return await fallback.record(
+            user_id,
+            lambda consents: consents.set_marketing(user_id, marketing_consent, now=now),
+            served,
+            unavailable,
+        )
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         """The database's only: the fallback store knows no history from before the
         outage, and a part of it would be a wrong answer (503 instead)."""
+        if self._fallback.waits(user_id):
+            raise self._fallback.waiting()
         return await self._database.consents.history(user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
@@ -606,18 +572,21 @@ class FallbackConsents:
     async def admission(
         self, user_id: str, *, now: datetime
     ) -> tuple[UserConsent | None, UserCredits | None]:
+        fallback = self._fallback
+        if fallback.waits(user_id):
+            return fallback.consent(user_id, fallback.waiting()), None
         try:
             consent, credits = await self._database.consents.admission(user_id, now=now)
         except StorageUnavailableError as unavailable:
-            return self._fallback.consent(user_id, unavailable), None
+            return fallback.consent(user_id, unavailable), None
         self._seen(user_id, consent)
         if credits is not None:
-            self._fallback.last_known.saw_credits(credits)
+            fallback.last_known.saw_credits(credits)
         return consent, credits
 
     def _seen(self, user_id: str, consent: UserConsent | None) -> None:
         self._fallback.last_known.saw_consent(user_id, consent)
-        self._fallback.replay_soon(self._database)
+        self._fallback.database_answered()
 
 
 def with_fallback(database: Stores, fallback: OutageFallback) -> Stores:

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 
 from app.cache.local_tier import EntryReader
 from app.domain.audit import LedgerFigures
+from app.domain.carry import Carried
 from app.domain.credits import Attempt, Operation
-from app.domain.state import Merged, Round, UserState
+from app.domain.state import Erasure, Merged, UserState
 from app.repositories.base import (
     CacheRepository,
     ConsentRepository,
@@ -150,8 +151,8 @@ class GuardedErasures:
 
 
 class GuardedState:
-    """A StateRepository behind the guard: a merge may be retried, since merging the same
-    states again changes nothing (app/domain/state.py)."""
+    """A StateRepository behind the guard: a merge may be retried, since carrying the same
+    state again changes nothing (app/domain/carry.py, BY IDENTITY)."""
 
     def __init__(self, inner: StateRepository, guard: Guard) -> None:
         self._inner = inner
@@ -161,16 +162,18 @@ class GuardedState:
         async for user_ids in self._inner.user_ids(batch_size):
             yield user_ids
 
+    async def erasures(self, batch_size: int) -> AsyncIterator[list[Erasure]]:
+        async for records in self._inner.erasures(batch_size):
+            yield records
+
     async def read(self, user_ids: Sequence[str]) -> list[UserState]:
         return await self._guard.run(self._inner.read, user_ids)
 
-    async def merge(self, states: Sequence[UserState], round: Round | None = None) -> int:
-        return await self._guard.run(self._inner.merge, states, round)
+    async def merge(self, carried: Sequence[Carried]) -> Merged:
+        return await self._guard.run(self._inner.merge, carried)
 
-    async def merge_verified(
-        self, states: Sequence[UserState], round: Round | None = None
-    ) -> Merged:
-        return await self._guard.run(self._inner.merge_verified, states, round)
+    async def merge_erasures(self, erasures: Sequence[Erasure]) -> int:
+        return await self._guard.run(self._inner.merge_erasures, erasures)
 
     async def erase(self, user_id: str, pseudonym: str, now: datetime) -> int | None:
         return await self._guard.run(self._inner.erase, user_id, pseudonym, now)

@@ -1,6 +1,9 @@
-"""The hand-over (SPEC §7): the old primary's users copied into the new one, verified,
-and only then the flag flipped, with no acknowledged write lost.
+"""The hand-over (SPEC §7): the old primary's users carried into the new one by the one
+merge (app/domain/carry.py), verified, and only then the flag flipped, with no
+acknowledged write lost.
 
+0. Every erasure the old primary recorded is carried first, so that nothing of an erased
+   user is carried after it.
 1. With writes flowing, every user is copied and verified batch by batch, while the
    write gate notes each user a write touches.
 2. Still with writes flowing, the users touched meanwhile are copied again, so that
@@ -19,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.domain.state import Round, UserState, Verification
+from app.domain.carry import carried_state
+from app.domain.state import Merged, Tally, UserState, Verification
 from app.errors import AppError
 from app.repositories.base import StateRepository
 from app.storage.routing import Touched, WriteGate
@@ -38,28 +42,34 @@ class HandoverReport:
 
     accounts: set[str] = field(default_factory=set)
     ledger_rows: dict[str, int] = field(default_factory=dict)  # by user, as last copied
-    ledger_rows_added: int = 0
     consents: set[str] = field(default_factory=set)
+    erasures: int = 0  # erasure records carried
+    erased_users: int = 0  # users the target held that a carried erasure erased there
+    tally: Tally = field(default_factory=Tally)
     verification: Verification = field(default_factory=Verification)
-    round: Round | None = None
     seconds: float = 0.0
     held_seconds: float = 0.0
 
-    def carried(self, states: Sequence[UserState], added_rows: int) -> None:
+    def carried(self, states: Sequence[UserState], merged: Merged) -> None:
         for state in states:
             if state.account is not None:
                 self.accounts.add(state.user_id)
             if state.consent is not None:
                 self.consents.add(state.user_id)
             self.ledger_rows[state.user_id] = len(state.ledger)
-        self.ledger_rows_added += added_rows
+        self.merged(merged)
+
+    def merged(self, merged: Merged) -> None:
+        self.tally.add(merged.tally)
 
     def body(self) -> dict[str, Any]:
         report: dict[str, Any] = {
             "accounts": len(self.accounts),
             "ledger_rows": sum(self.ledger_rows.values()),
-            "ledger_rows_added": self.ledger_rows_added,
             "consents": len(self.consents),
+            **self.tally.body(),
+            "erasures": self.erasures,
+            "users_erased": self.erased_users,
             "mismatches": self.verification.mismatches,
             "seconds": round(self.seconds, 3),
             "writes_held_seconds": round(self.held_seconds, 3),
@@ -110,13 +120,12 @@ async def hand_over(
     target: StateRepository,
     gate: WriteGate,
     flip: Callable[[], None],
-    round: Round | None = None,
 ) -> HandoverReport:
-    """Copies every user of `source` into `target`, verified, then calls `flip` while
-    writes are held. Raises HandoverFailedError, without flipping, on any mismatch.
-    `round`: a cluster-wide change, in which other replicas carry their users too."""
+    """Copies every erasure and user of `source` into `target`, verified, then calls `flip`
+    while writes are held. Raises HandoverFailedError, without flipping, on any mismatch."""
     started = time.perf_counter()
-    report = HandoverReport(round=round)
+    report = HandoverReport()
+    await copy_erasures(source, target, report)
     with gate.watching() as touched:
         async for user_ids in source.user_ids(BATCH_SIZE):
             await _copy_batch(source, target, user_ids, report)
@@ -142,13 +151,22 @@ async def _catch_up(
     return bool(user_ids)
 
 
+async def copy_erasures(
+    source: StateRepository, target: StateRepository, report: HandoverReport
+) -> None:
+    """Every erasure `source` recorded, into `target` (SPEC §10)."""
+    async for records in source.erasures(BATCH_SIZE):
+        report.erased_users += await target.merge_erasures(records)
+        report.erasures += len(records)
+
+
 async def copy_states(
     states: Sequence[UserState], target: StateRepository, report: HandoverReport
 ) -> None:
-    """Merges the states into `target` and verifies them there."""
-    merged = await target.merge_verified(states, report.round)
+    """Carries the states into `target` by the one merge, verified there."""
+    merged = await target.merge([carried_state(state) for state in states])
     report.verification.record((state.user_id for state in states), merged.mismatched)
-    report.carried(states, merged.added)
+    report.carried(states, merged)
 
 
 async def _copy_batch(

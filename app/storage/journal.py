@@ -26,7 +26,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -58,9 +58,15 @@ class ConsentRecorded:
 
 @dataclass(frozen=True)
 class MarketingChanged:
+    """A change of the marketing choice alone; `terms_accepted` and `terms_version`: the
+    consent it changed, as the fallback knew it, for the history event it was
+    acknowledged with (None in records journaled before they were kept)."""
+
     user_id: str
     marketing_consent: bool
     now: datetime
+    terms_accepted: bool | None = None
+    terms_version: str | None = None
 
 
 Served = CreditChange | ConsentRecorded | MarketingChanged
@@ -183,10 +189,11 @@ class OutageJournal:
         """Up to `limit` records after sequence number `after`, oldest first."""
         return await self._run(self._head, after, limit)
 
-    async def done(self, seq: int) -> None:
-        """The record was applied: drop it."""
-        await self._run(self._done, seq)
-        self.depth -= 1
+    async def done(self, seqs: Sequence[int]) -> None:
+        """The records were applied: drop them."""
+        if seqs:
+            await self._run(self._done, list(seqs))
+            self.depth -= len(seqs)
 
     async def dead(self, seq: int, reason: str) -> None:
         """The database refuses the record for good: keep it aside, with why."""
@@ -286,8 +293,10 @@ class OutageJournal:
         ).fetchall()
         return rows
 
-    def _done(self, seq: int) -> None:
-        self._marks.execute("DELETE FROM changes WHERE seq = ?", (seq,))
+    def _done(self, seqs: list[int]) -> None:
+        with self._marks:
+            self._marks.execute("BEGIN IMMEDIATE")
+            self._marks.executemany("DELETE FROM changes WHERE seq = ?", [(seq,) for seq in seqs])
 
     def _dead(self, seq: int, reason: str, at: str) -> None:
         with self._marks:

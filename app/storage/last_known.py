@@ -13,11 +13,14 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from app.domain.credits import Account
+from app.domain.credits import Account, Claim
 from app.schemas import UserConsent, UserCredits
 
 DEFAULT_MAX_USERS = 100_000
 PSEUDONYMS_PER_TURN = 1000
+# Keys a client sent that the database applied, the latest kept for each user: a retry
+# during an outage is then answered as a replay (SPEC §9).
+KEYS_PER_USER = 16
 
 
 @dataclass(slots=True)
@@ -29,6 +32,7 @@ class Seen:
     consent: UserConsent | None = None
     consent_known: bool = False
     pseudonym: str | None = None  # an erasure's, worked out once when first needed
+    keys: dict[str, Claim] | None = None  # client keys the database applied, oldest first
 
     @property
     def account(self) -> Account | None:
@@ -59,6 +63,17 @@ class LastKnown:
 
     def saw_credits(self, credits: UserCredits) -> None:
         self._seen(credits.user_id).credits = credits
+
+    def saw_key(self, credits: UserCredits, key: str, claim: Claim) -> None:
+        """The database applied a change under a client's key, and answered `credits`."""
+        seen = self._seen(credits.user_id)
+        seen.credits = credits
+        keys = seen.keys
+        if keys is None:
+            keys = seen.keys = {}
+        keys[key] = claim
+        if len(keys) > KEYS_PER_USER:
+            del keys[next(iter(keys))]
 
     def saw_consent(self, user_id: str, consent: UserConsent | None) -> None:
         seen = self._seen(user_id)

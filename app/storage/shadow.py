@@ -2,9 +2,11 @@
 the same attempt; a sample of answers compared; a user the shadow failed or answered
 differently for is repaired in the background from the primary.
 
-The client only ever gets the primary's answer. A repair copies the user's whole state
-from the primary with the hand-over's merge, so it also mends a shadow that drifted for
-reasons no write explains (a row changed underneath the service). The queue holds at most
+The client only ever gets the primary's answer. A repair carries the user's state from
+the primary by the one merge (app/domain/carry.py): what the shadow lacks is added, a
+shadow write that landed since the repair's read stands, nothing of a user erased since
+comes back, and a shadow that drifted for reasons no write explains (a row changed
+underneath the service) takes the primary's account (SAME HISTORY). The queue holds at most
 `repair_max` users: past it a user is counted (`repair_overflow`) instead of queued, and
 the shadow needs seeding again (README, runbook).
 """
@@ -21,7 +23,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from app.config import StorageBackend
-from app.domain.state import differences
+from app.domain.carry import carried_state
+from app.domain.state import Tally, differences
 from app.errors import InsufficientCreditsError
 from app.repositories.base import StateRepository, Stores
 from app.storage.provider import StorageProvider
@@ -46,9 +49,11 @@ class Shadow:
         *,
         compare_rate: float,
         repair_max: int,
+        carried: Tally,
     ) -> None:
         self._provider = provider
         self._states = states
+        self._carried = carried  # what the repairs' merges did, counted with the others
         self._compare_rate = compare_rate
         self._repair_max = repair_max
         self.repair_overflow = 0
@@ -122,7 +127,8 @@ class Shadow:
         for user_ids in _batches(sorted(self._repairs), REPAIR_BATCH):
             try:
                 states = await source.read(user_ids)
-                await target.merge(states)
+                merged = await target.merge([carried_state(state) for state in states])
+                self._carried.add(merged.tally)
                 held = {state.user_id: state for state in await target.read(user_ids)}
             except Exception as error:  # the shadow still down: try again later
                 logger.warning("shadow repair failed (%s); will retry", error)

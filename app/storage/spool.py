@@ -21,7 +21,7 @@ from app.repositories.base import Row, StagedRows
 # Held in memory up to this size, then on disk: a large import never sits in memory.
 SPOOL_IN_MEMORY_BYTES = 8 * 1024 * 1024
 
-_Chunk = tuple[int, list[Row], list[Row], list[Row]]
+_Chunk = tuple[int, list[Row], list[Row], list[Row], list[Row], list[Row]]
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(_Chunk)
 _LENGTH = 4  # bytes of a chunk's length, before it
@@ -36,11 +36,10 @@ class Spool:
         # A chunk read back ahead of its batch: the first of the next batch.
         self._ahead: _Chunk | None = None
 
-    def write(
-        self, batch: int, accounts: list[Row], ledger: list[Row], consents: list[Row]
-    ) -> None:
-        """A chunk of the batch's rows, after the chunks of batches before it."""
-        chunk = _ENCODER.encode((batch, accounts, ledger, consents))
+    def write(self, batch: int, *rows: list[Row]) -> None:
+        """A chunk of the batch's rows (StagedRows' lists), after the chunks of batches
+        before it."""
+        chunk = _ENCODER.encode((batch, *rows))
         self._file.write(len(chunk).to_bytes(_LENGTH, "big"))
         self._file.write(chunk)
 
@@ -50,7 +49,7 @@ class Spool:
         if not self._reading:
             self._file.seek(0)
             self._reading = True
-        found: StagedRows = ([], [], [])
+        found: StagedRows = ([], [], [], [], [])
         while (chunk := self._ahead or self._read()) is not None:
             self._ahead = None
             if chunk[0] != number:
