@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint mutants clean
+.PHONY: run test lint mutants model-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)  ## The whole suite: memory, SQLite and a throwaway PostgreSQL th
 
 mutants: $(STAMP)  ## Named mutations of the credit code and SQL; every one must fail the tests
 	$(BIN)/python -m tests.mutants
+
+model-check: $(STAMP)  ## The system state machine, longer than the suite runs it (both databases)
+	MODEL_EXAMPLES=$${MODEL_EXAMPLES:-200} SYSTEM_STEPS=$${SYSTEM_STEPS:-40} \
+		$(BIN)/pytest -p no:cacheprovider tests/test_system_model.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app tests
