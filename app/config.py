@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     memory_cache_max_entries: int = Field(10_000, ge=1)
     # Changes an outage may hold for replay; past it writes are 503 like the database's.
     outage_outbox_max_changes: int = Field(100_000, ge=1)
+    # How often the replay retries while changes wait; unset: DB_BREAKER_RESET_SECONDS. Any
+    # call the database answers starts a replay too.
+    outage_replay_retry_seconds: float | None = Field(None, gt=0)
     # Where the fallback journals each change before acknowledging it (SPEC §9); a second
     # process given the same path takes the next free slot beside it.
     outage_journal_path: Path = Path("./outage-journal.db")

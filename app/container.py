@@ -468,7 +468,7 @@ def build_container(
             max_users=settings.memory_store_max_users,
             max_changes=settings.outage_outbox_max_changes,
             snapshot_max_users=settings.fallback_snapshot_max_users,
-            retry_seconds=settings.db_breaker_reset_seconds,
+            retry_seconds=settings.outage_replay_retry_seconds or settings.db_breaker_reset_seconds,
             erasures=erasures,
             erasure_poll_seconds=settings.erasure_poll_seconds,
         )

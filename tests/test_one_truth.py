@@ -358,6 +358,21 @@ async def test_9_an_erasure_on_memory_is_recorded_for_every_later_hand_over(
     assert container_of(a_app).carried.erased == 1  # a's change, dropped
 
 
+async def test_8_an_import_carrying_an_erasure_erases_the_user_held(cluster: Cluster) -> None:
+    _, a = await cluster.start("database")
+    _, b = await cluster.start("memory")
+    await deduct(a, "y", 2)
+    await deduct(b, "y", 1)  # in b's memory, which a's erasure cannot reach
+    assert (await a.delete(f"{USERS}/y")).status_code == 200
+    export = (await a.get("/admin/state/export", headers=ADMIN)).content
+    imported = await b.post("/admin/state/import", content=export, headers=NDJSON)
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["users_erased"] == 1
+    await held_nothing_of(b, "y")
+    again = await b.delete(f"{USERS}/y")
+    assert again.json() == {"erased": True, "ledger_rows_pseudonymised": 0}
+
+
 async def test_a_retried_erasure_after_a_lost_answer_is_200_and_an_unknown_id_404(
     cluster: Cluster,
 ) -> None:

@@ -9,8 +9,13 @@ started again during one, and export and import. Its reference model is the list
 every change a client was told was made (an acknowledged deduction or refund, a consent,
 an erasure), with the store it was made in.
 
-After recovery (the outage over, every journal replayed, every replica on the database,
-carrying what its memory held), it checks what the contract promises:
+After each answer it checks what a client of one replica sees: while nothing another
+replica or store did can have reached a user, the replica answers the balance its own
+last answer and its changes since make (an outage and its end included: the fallback
+starts from what the database last showed, and the database serves the user again only
+once the outage's changes are in it). After recovery (the outage over, every journal
+replayed, every replica on the database, carrying what its memory held), it checks what
+the contract promises:
 
 - every acknowledged change is in the books exactly once, under its key: a deduction at
   its amount, or clamped to what was left, and then counted (`clamped`); a refund at what
@@ -46,7 +51,13 @@ import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from app.main import create_app
 from tests.conftest import DATABASES, app_settings, fresh_database
@@ -56,7 +67,7 @@ from tests.support.outage import DatabaseOutage, downable_database
 T = TypeVar("T")
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 SYSTEM_SETTINGS = settings(
-    max_examples=int(os.environ.get("MODEL_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("MODEL_EXAMPLES", "20")),
     stateful_step_count=int(os.environ.get("SYSTEM_STEPS", "25")),
     deadline=None,
     derandomize=CI,  # the same sequences on every CI run and every mutant
@@ -74,6 +85,7 @@ CREDITS = "/api/v1/credits"
 CONSENTS = "/api/v1/consents"
 OPENING = 10  # GUEST_MAX_CREDITS: every user here is a guest
 REPLICAS = st.sampled_from(["a", "b"])
+BACKENDS = st.sampled_from(["memory", "database"])
 USERS = st.sampled_from(["ann", "bob"])
 SETTINGS: dict[str, Any] = {
     "erasure_key": "erasure-key-for-the-system-model-0123",
@@ -84,6 +96,7 @@ SETTINGS: dict[str, Any] = {
     "db_retry_max_seconds": 0.2,
     "db_breaker_failure_threshold": 1,
     "db_breaker_reset_seconds": 0.05,
+    "outage_replay_retry_seconds": 3600,  # replays follow the database's answers, or recovery
     "db_connect_timeout": 1,
     "shadow_compare_rate": 1.0,
 }
@@ -125,15 +138,25 @@ class SystemMachine(RuleBasedStateMachine):
         self.changes: dict[str, Change] = {}  # acknowledged, by key
         self.unsure: set[str] = set()  # keys whose call was not answered (may have landed)
         self.erased_at: dict[str, int] = {}  # the sequence of each user's last erasure
+        self.seen_applied: dict[str, set[str]] = {}  # keys a replica saw its database apply
+        self.journaled: dict[str, set[str]] = {}  # keys a replica's outage journal holds
         self.consents: dict[str, tuple[int, bool]] = {}  # last acknowledged, per user
         self.known: dict[str, set[str]] = {}  # per store ("a", "b": memory; "db"), its keys
         self.outage = False
         self.stopped: set[str] = set()
+        # (replica, user): the balance the replica last answered, while nothing else can
+        # have changed what it serves of the user.
+        self.views: dict[tuple[str, str], int] = {}
         self.stack = AsyncExitStack()
         self.url, self.database = self.run(self._database())
         scratch = Path(tempfile.mkdtemp(prefix="system-"))
         self.replicas = {name: Replica(name, scratch / f"journal-{name}.db") for name in ("a", "b")}
-        for replica in self.replicas.values():
+
+    @initialize(backends=st.tuples(BACKENDS, BACKENDS))
+    def start(self, backends: tuple[str, str]) -> None:
+        """Each replica on the store it is configured with (no flag is stored yet)."""
+        for replica, backend in zip(self.replicas.values(), backends, strict=True):
+            replica.backend = backend
             self.run(self._start(replica))
 
     # Plumbing.
@@ -213,18 +236,52 @@ class SystemMachine(RuleBasedStateMachine):
 
         response, before = self.run(call())
         assert response.status_code in (200, 402, 503), response.text
+        view = self.views.get((name, user))
+        if before is not None:
+            self._saw(name, user, before)
+        if response.status_code == 402 and view is not None:
+            assert view < amount, f"{name} refused {amount} of {user}'s {view}"
         if response.status_code == 503:
             self.unsure.add(key)
+            self._forget(user)
         if response.status_code != 200:
             return
         after = response.json()["available_credits"]
         moved = -amount if operation == "deduct" else after - (before or 0)
+        if view is not None and operation == "deduct":
+            assert after == view - amount, (
+                f"{name} answered {after} for {user}, not {view}-{amount}"
+            )
         kind = "deduction" if operation == "deduct" else "refund"
         self.changes[key] = Change(user, key, moved, amount, kind, self.tick())
-        self.known.setdefault(self.store_of(name), set()).add(key)
+        if self.outage and self.store_of(name) == "db":  # in the replica's journal only
+            self.journaled.setdefault(name, set()).add(key)
+        else:
+            self.known.setdefault(self.store_of(name), set()).add(key)
+        self._forget(user, but=name)
+        self.views[(name, user)] = after
+        if not self.outage and self.replicas[name].backend == "database":
+            self.seen_applied.setdefault(name, set()).add(key)
 
-    def _keys_here(self, name: str, user: str) -> list[Change]:
-        here = self.known.get(self.store_of(name), set())
+    def _saw(self, name: str, user: str, balance: int) -> None:
+        """A balance the replica answered for the user: its last, where nothing else can
+        have reached the user since."""
+        view = self.views.get((name, user))
+        if view is not None:
+            assert balance == view, f"{name} shows {user} at {balance}, having said {view}"
+        self.views[(name, user)] = balance
+
+    def _forget(self, user: str | None = None, *, but: str | None = None) -> None:
+        """What replicas last said of a user (None: of anyone) may have changed under them,
+        but for replica `but`'s."""
+        for name, seen in list(self.views):
+            if name != but and (user is None or seen == user):
+                del self.views[(name, seen)]
+
+    def _keys_here(self, store: str, user: str, name: str | None = None) -> list[Change]:
+        """The changes of the user whose keys the store holds (with a replica's `name`: or
+        its journal, not replayed yet, which only that replica serves from)."""
+        here = self.known.get(store, set()) | self.journaled.get(name or "", set())
         since = self.erased_at.get(user, 0)
         return [
             change
@@ -232,12 +289,17 @@ class SystemMachine(RuleBasedStateMachine):
             if key in here and change.user == user and change.sequence > since
         ]
 
-    @precondition(lambda self: not self.outage and not self.stopped)
+    @precondition(lambda self: not self.stopped)
     @rule(name=REPLICAS, user=USERS, data=st.data())
     def repeat_or_reuse(self, name: str, user: str, data: st.DataObject) -> None:
         """A key the replica's store holds, sent again: the same request is a replay, any
-        other is refused (REUSED KEY)."""
-        held = self._keys_here(name, user)
+        other is refused (REUSED KEY). During an outage, a key the replica saw the database
+        apply before it: a replay too, or 503, never 402 and never charged again."""
+        if self.outage:
+            seen = self.seen_applied.get(name, set())
+            held = [c for c in self._keys_here("db", user) if c.key in seen]
+        else:
+            held = self._keys_here(self.store_of(name), user, name)
         if not held:
             return
         change = data.draw(st.sampled_from(held))
@@ -251,11 +313,14 @@ class SystemMachine(RuleBasedStateMachine):
                 headers={"Idempotency-Key": change.key},
             )
         )
-        if same:
-            assert response.status_code == 200, response.text
-            assert response.headers.get("Idempotent-Replayed") == "true"
-        else:
+        if self.outage and response.status_code == 503:
+            return
+        if not same:
             assert response.status_code == 422, response.text
+            return
+        assert response.status_code == 200, response.text
+        assert response.headers.get("Idempotent-Replayed") == "true"
+        self._saw(name, user, response.json()["available_credits"])
 
     # Rules: consents and erasures.
 
@@ -275,6 +340,7 @@ class SystemMachine(RuleBasedStateMachine):
         assert response.status_code in (200, 404, 409, 503), response.text
         if response.status_code == 200:
             self.erased_at[user] = self.tick()
+            self._forget(user)
 
     # Rules: moving state.
 
@@ -292,6 +358,8 @@ class SystemMachine(RuleBasedStateMachine):
         assert response.status_code in (200, 409, 503), response.text
         if response.status_code == 200:
             self._moved(replica, goal, None, carry)
+            # Its own views hold where the database's state came to its memory.
+            self._forget(but=name if carry and goal == "memory" else None)
 
     @precondition(lambda self: not self.outage and not self.stopped)
     @rule(name=REPLICAS)
@@ -304,6 +372,7 @@ class SystemMachine(RuleBasedStateMachine):
             storage = app.state.container.storage
             goal = storage.backend.value
             self._moved(replica, goal, storage.shadow and storage.shadow.value, True)
+            self._forget()
 
     def _moved(self, replica: Replica, goal: str, shadow: str | None, carry: bool) -> None:
         source = self.store_of(replica.name)
@@ -324,6 +393,7 @@ class SystemMachine(RuleBasedStateMachine):
         assert response.status_code in (200, 409, 503), response.text
         if response.status_code == 200:
             replica.shadow = "database"
+            self._forget(but=name)
 
     @precondition(lambda self: not self.outage and not self.stopped)
     @rule(name=REPLICAS)
@@ -331,6 +401,7 @@ class SystemMachine(RuleBasedStateMachine):
         app = self.replicas[name].app
         assert app is not None
         self.run(app.state.container.shadow.repair_now())
+        self._forget(but=name)
 
     @precondition(lambda self: not self.outage and not self.stopped)
     @rule(name=REPLICAS)
@@ -369,6 +440,9 @@ class SystemMachine(RuleBasedStateMachine):
         self.run(replica.stack.aclose())
         replica.app = replica.client = None
         self.stopped.add(name)
+        for seen in list(self.views):  # what it knew of the database went with it
+            if seen[0] == name:
+                del self.views[seen]
 
     @precondition(lambda self: self.outage)
     @rule()
@@ -382,9 +456,8 @@ class SystemMachine(RuleBasedStateMachine):
         for name in sorted(self.stopped):  # started again: it replays what it journaled
             await self._start(self.replicas[name])
         self.stopped.clear()
-        for name in self.replicas:
+        for name in self.replicas:  # the replays follow the database's next answers
             await self._ready(name)
-            await self._replayed(name)
 
     async def _ready(self, name: str) -> None:
         """As an operator waits before moving state: /health/ready sees the database."""
@@ -411,6 +484,9 @@ class SystemMachine(RuleBasedStateMachine):
     async def _recover(self) -> None:
         if self.outage:
             await self._back()
+        for name in self.replicas:
+            await self._replayed(name)
+            self.known.setdefault("db", set()).update(self.journaled.pop(name, set()))
         for name, replica in self.replicas.items():
             client = self.client(name)
             if replica.shadow is not None:
