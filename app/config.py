@@ -161,8 +161,6 @@ class Settings(BaseSettings):
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)
-    # A request's head (request line and headers) must arrive within this (app/http_protocol.py).
-    request_header_timeout_seconds: float = Field(10, gt=0)
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
     # GET /metrics and the counting behind it; off only to measure what they cost.

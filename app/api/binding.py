@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Request, Response, params
+from fastapi import Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -138,11 +138,15 @@ class Binder:
         return values
 
 
+# The classes of what FastAPI's documented parameter functions return, as an endpoint's
+# Annotated metadata holds them: read from the functions, so that only names the
+# `fastapi` package documents are imported (tests/test_library_surface.py).
 _SOURCES: dict[type[FieldInfo], str] = {
-    params.Path: "path",
-    params.Query: "query",
-    params.Header: "header",
+    type(Path()): "path",
+    type(Query()): "query",
+    type(Header()): "header",
 }
+_DEPENDENCY = type(Depends())
 
 
 def _parameter(endpoint: Callable[..., Any], name: str, hint: Any, default: Any) -> _Parameter:
@@ -150,7 +154,7 @@ def _parameter(endpoint: Callable[..., Any], name: str, hint: Any, default: Any)
     annotation, metadata = hint, []
     if typing.get_origin(hint) is Annotated:
         annotation, *metadata = typing.get_args(hint)
-    if any(isinstance(each, params.Depends) for each in [*metadata, default]):
+    if any(isinstance(each, _DEPENDENCY) for each in [*metadata, default]):
         raise TypeError(f"{where}: a dependency is not bound; take it from the request")
     if isinstance(default, FieldInfo):
         raise TypeError(f"{where}: declare the parameter with Annotated, not a default")
