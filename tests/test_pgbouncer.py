@@ -20,14 +20,18 @@ import asyncpg
 import httpx
 import pytest
 
+from app.config import Settings
+from app.container import build_container
 from app.errors import StorageUnavailableError
 from app.main import create_app
 from app.repositories.sql import state_repository
+from app.services.credits import CreditService
 from app.storage.engine import create_engine, transaction_setting
 from tests.conftest import app_settings, fresh_database, plain_dsn
 from tests.support.app_client import client_for
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
+from tests.support.relay import relayed
 
 pytestmark = [pytest.mark.postgres, pytest.mark.pgbouncer]
 PGBOUNCER_TIER = True
@@ -158,6 +162,28 @@ class TestPreparedStatements:
         assert await _on_each_server_connection(bounced_url, count) == [0] * 5
 
 
+class TestRoundTrips:
+    @pytest.mark.parametrize(
+        ("timeout_ms", "expected"),
+        [(0, 2), (10_000, 4)],
+        ids=["timeout-on-the-role", "timeout-per-transaction"],
+    )
+    async def test_a_steady_deduction_costs_two_round_trips_with_the_timeout_on_the_role(
+        self, bounced_url: str, timeout_ms: int, expected: int
+    ) -> None:
+        # Parsed anew, then bound and run (asyncpg parses unnamed statements again in the
+        # second); with the timeout set per transaction, BEGIN and COMMIT around it.
+        async with relayed(bounced_url) as (url, relay):
+            settings = app_settings("pgbouncer", url, db_statement_timeout_ms=timeout_ms)
+            async with credits_of(settings) as credits:
+                for _ in range(3):
+                    await credits.deduct_credits("steady", 1)
+                before = relay.round_trips
+                account = await credits.deduct_credits("steady", 1)
+                assert relay.round_trips - before == expected
+        assert account.available_credits == 6
+
+
 class TestMovingState:
     async def test_hand_overs_each_way_and_an_export_imported_again_keep_every_credit(
         self, bounced_url: str
@@ -206,6 +232,16 @@ class TestRetention:
         finally:
             await direct.close()
         assert held == 0
+
+
+@asynccontextmanager
+async def credits_of(settings: Settings) -> AsyncIterator[CreditService]:
+    """The credit service as the application builds it, without its routes."""
+    container = build_container(settings)
+    try:
+        yield container.credit_service()
+    finally:
+        await container.close()
 
 
 async def _on_each_server_connection(url: str, sql: str, connections: int = 5) -> list[Any]:

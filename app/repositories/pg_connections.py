@@ -10,8 +10,9 @@ the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW), and a
 that finds none free is not kept waiting: `fetch` answers None and the caller takes the
 general path. asyncpg's own pool has no such "take one if free", and waits instead.
 
-Behind a transaction pooler (`prepared=False`, app/storage/pooler.py) nothing is
-prepared: asyncpg parses each statement anew, in the round trips that run it; and with a
+Behind a transaction pooler (app/storage/pooler.py) that keeps no prepared statements
+(`prepared=False`) nothing is prepared: asyncpg parses each statement anew, in the two
+round trips that run it (one with a prepared statement); and with a
 `transaction_setting` (the statement timeout, which cannot be a session setting there)
 each statement runs in a transaction begun by that setting, two more round trips.
 
@@ -118,30 +119,12 @@ class FastConnections:
         return rows
 
     async def _run(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
-        if not self._prepared:
-            return await self._unprepared(held.driver, sql, args)
-        statement = held.statements.get(sql)
-        if statement is None:
-            statement = held.statements[sql] = await held.driver.prepare(sql)
-        rows: list[asyncpg.Record]
-        try:
-            rows = await statement.fetch(*args)
-        except asyncpg.InvalidCachedStatementError:
-            # A migration changed what the statement reads: prepare it anew, once.
-            statement = held.statements[sql] = await held.driver.prepare(sql)
-            rows = await statement.fetch(*args)
-        return rows
-
-    async def _unprepared(
-        self, driver: asyncpg.Connection, sql: str, args: tuple[Any, ...]
-    ) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record]
         if self._begin is None:
-            rows = await driver.fetch(sql, *args)
-            return rows
+            return await self._fetch(held, sql, args)
+        driver = held.driver
         await driver.execute(self._begin)
         try:
-            rows = await driver.fetch(sql, *args)
+            rows = await self._fetch(held, sql, args)
         except asyncpg.PostgresError:
             # After the server's refusal the connection is sound once rolled back; one
             # the rollback fails on stays in its transaction, and is dropped (_is_sound).
@@ -149,6 +132,22 @@ class FastConnections:
                 await driver.execute("ROLLBACK")
             raise
         await driver.execute("COMMIT")
+        return rows
+
+    async def _fetch(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record]
+        if not self._prepared:
+            rows = await held.driver.fetch(sql, *args)
+            return rows
+        statement = held.statements.get(sql)
+        if statement is None:
+            statement = held.statements[sql] = await held.driver.prepare(sql)
+        try:
+            rows = await statement.fetch(*args)
+        except asyncpg.InvalidCachedStatementError:
+            # A migration changed what the statement reads: prepare it anew, once.
+            statement = held.statements[sql] = await held.driver.prepare(sql)
+            rows = await statement.fetch(*args)
         return rows
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """A TCP relay in front of the database, whose traffic a test can stop in the two ways
 a database goes away: `hold` (a host gone silent: packets lost, no reset, no answer)
-and `cut` (connections reset, new ones refused), each undone by `release` / `restore`."""
+and `cut` (connections reset, new ones refused), each undone by `release` / `restore`;
+and whose round trips it can count on the wire (`round_trips`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class Relay:
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self.port = 0
+        # Each time a client sends after the server spoke last on its connection (its
+        # first message included): the round trips it waited for, however many
+        # protocol messages each carried.
+        self.round_trips = 0
 
     def hold(self) -> None:
         """From now on whatever is sent, either way, is lost, until `release`."""
@@ -56,16 +61,26 @@ class Relay:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pump = asyncio.create_task(self._pump(source, sink))
+        last = ["server"]  # who sent last on this connection
+        for source, sink, side in ((reader, up_writer, "client"), (up_reader, writer, "server")):
+            pump = asyncio.create_task(self._pump(source, sink, side, last))
             self._pumps.add(pump)
             pump.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        side: str,
+        last: list[str],
+    ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await source.read(65536):
                 if not self._flowing:
                     continue
+                if side == "client" and last[0] == "server":
+                    self.round_trips += 1
+                last[0] = side
                 sink.write(data)
                 await sink.drain()
         sink.close()
