@@ -1,4 +1,4 @@
-"""The fast path's own asyncpg connections: a handful, taken without waiting.
+"""The fast path's own asyncpg connections: a handful, handed from call to call.
 
 A fast-path statement's own Python costs about as much as the server's work for it, so
 each Python layer shows in the throughput (README, "How it is built"). These
@@ -6,9 +6,14 @@ connections are asyncpg's, opened with `asyncpg.connect` and used through its
 documented API alone: prepared statements made once per connection
 (`Connection.prepare`), no client-side timer per statement (`command_timeout=None`,
 which asyncpg's own bound would arm and cancel for every statement). They count within
-the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW), and a call
-that finds none free is not kept waiting: `fetch` answers None and the caller takes the
-general path. asyncpg's own pool has no such "take one if free", and waits instead.
+the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW). A call that
+finds none free waits its turn, first come first served, and is handed the next one
+released, up to `wait_seconds` (DB_POOL_TIMEOUT); only then does `fetch` answer None, and
+the caller takes the general path. Sending such calls to the general path at once cost
+more than the wait: its transaction of several round trips, on the same event loop,
+cut the throughput as soon as calls outnumbered the connections (bench `pgbouncer`,
+direct, c=32 against c=8; bench/README.md), while a turn on the fast path comes within a
+statement's time. asyncpg's own pool would wait too, but costs a checkout per call.
 
 Behind a transaction pooler (app/storage/pooler.py) that keeps no prepared statements
 (`prepared=False`) nothing is prepared: asyncpg parses each statement anew, in the two
@@ -24,6 +29,7 @@ looks at the connections in use every quarter of that time and terminates the la
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -62,10 +68,12 @@ class FastConnections:
         size: int,
         recycle_seconds: float,
         answer_timeout: float | None,
+        wait_seconds: float,
         prepared: bool = True,
         transaction_setting: str | None = None,
     ) -> None:
         self._connect = connect
+        self._wait_seconds = wait_seconds
         self._prepared = prepared
         # One simple-protocol message: BEGIN and the setting in one round trip.
         self._begin = None if transaction_setting is None else f"BEGIN; {transaction_setting}"
@@ -73,6 +81,8 @@ class FastConnections:
         self._recycle = recycle_seconds if recycle_seconds > 0 else float("inf")  # -1: never
         self._answer_timeout = answer_timeout
         self._idle: list[_Held] = []
+        self._waiting: collections.deque[asyncio.Future[_Held | None]] = collections.deque()
+        self._closed = False
         self._open: set[_Held] = set()
         self._opening = 0
         self._watch: asyncio.Task[None] | None = None
@@ -87,15 +97,11 @@ class FastConnections:
         }
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record] | None:
-        """The statement's rows; None, sending nothing, when no connection is free."""
-        held = self._idle.pop() if self._idle else None
-        while held is not None and held.driver.is_closed():  # the server went away meanwhile
-            self._drop(held)
-            held = self._idle.pop() if self._idle else None
+        """The statement's rows; None, sending nothing, when no connection came free
+        within `wait_seconds`."""
+        held = await self._taken()
         if held is None:
-            if len(self._open) + self._opening >= self.size:
-                return None
-            held = await self._opened()
+            return None
         held.busy_since = time.monotonic()
         try:
             rows = await self._run(held, sql, args)
@@ -107,16 +113,61 @@ class FastConnections:
                     f"the database did not answer within {self._answer_timeout:g} s"
                 ) from error
             if _is_sound(held.driver, error):
-                self._idle.append(held)
+                self._release(held)
             else:
                 self._drop(held)
             raise
         held.busy_since = 0.0
         if time.monotonic() - held.opened_at < self._recycle:
-            self._idle.append(held)
+            self._release(held)
         else:
             self._drop(held)
         return rows
+
+    async def _taken(self) -> _Held | None:
+        """An idle connection, a new one within the budget, or the first one released
+        while this call waits its turn (first come, first served); None after
+        `wait_seconds` without one."""
+        while self._idle:
+            held = self._idle.pop()
+            if not held.driver.is_closed():  # else the server went away meanwhile
+                return held
+            self._drop(held)
+        if len(self._open) + self._opening < self.size:
+            return await self._opened()
+        turn: asyncio.Future[_Held | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            async with asyncio.timeout(self._wait_seconds):
+                given = await turn
+        except BaseException as error:  # the wait ran out, or the call was cancelled
+            if turn.done() and not turn.cancelled():  # given its turn meanwhile: pass it on
+                given = turn.result()
+                if given is None:
+                    self._pass_on(None)
+                else:
+                    self._release(given)
+            if isinstance(error, TimeoutError):
+                return None
+            raise
+        if given is None:  # room in the budget, unless the connections are closing
+            return None if self._closed else await self._opened()
+        return given
+
+    def _release(self, held: _Held) -> None:
+        """`held` to the first call waiting, else to the idle ones."""
+        if not self._pass_on(held):
+            self._idle.append(held)
+
+    def _pass_on(self, held: _Held | None) -> bool:
+        """Hands `held` (None: room in the budget for a new one) to the first call still
+        waiting; False when none is."""
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(held)
+                return True
+        return False
 
     async def _run(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
         if self._begin is None:
@@ -151,7 +202,11 @@ class FastConnections:
         return rows
 
     async def close(self) -> None:
-        """Closes every connection (before the engine is disposed)."""
+        """Closes every connection (before the engine is disposed); a call still waiting
+        for one is declined."""
+        self._closed = True
+        while self._pass_on(None):
+            pass
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -177,6 +232,7 @@ class FastConnections:
     def _drop(self, held: _Held) -> None:
         self._open.discard(held)
         held.driver.terminate()
+        self._pass_on(None)  # a waiting call may open one in its place
 
     async def _watching(self) -> None:
         assert self._answer_timeout is not None

@@ -64,6 +64,7 @@ def fast_connections(engine: AsyncEngine, settings: Settings) -> FastConnections
         size=size,
         recycle_seconds=settings.db_pool_recycle,
         answer_timeout=answer_timeout(settings),
+        wait_seconds=settings.db_pool_timeout,
         prepared=settings.db_prepared_statements,
         transaction_setting=transaction_setting(settings),
     )
