@@ -24,6 +24,7 @@ from app.config import Settings
 from app.container import build_container
 from app.errors import StorageUnavailableError
 from app.main import create_app
+from app.repositories.pg_statements import DEDUCT_OWN_KEY
 from app.repositories.sql import state_repository
 from app.services.credits import CreditService
 from app.storage.engine import create_engine, transaction_setting
@@ -165,14 +166,14 @@ class TestPreparedStatements:
 class TestRoundTrips:
     @pytest.mark.parametrize(
         ("timeout_ms", "expected"),
-        [(0, 2), (10_000, 4)],
+        [(0, 1), (10_000, 3)],
         ids=["timeout-on-the-role", "timeout-per-transaction"],
     )
-    async def test_a_steady_deduction_costs_two_round_trips_with_the_timeout_on_the_role(
+    async def test_a_steady_deduction_is_one_round_trip_with_the_timeout_on_the_role(
         self, bounced_url: str, timeout_ms: int, expected: int
     ) -> None:
-        # Parsed anew, then bound and run (asyncpg parses unnamed statements again in the
-        # second); with the timeout set per transaction, BEGIN and COMMIT around it.
+        # The statement parsed, bound and run in one message; with the timeout set per
+        # transaction, BEGIN (with the setting) before it and COMMIT after.
         async with relayed(bounced_url) as (url, relay):
             settings = app_settings("pgbouncer", url, db_statement_timeout_ms=timeout_ms)
             async with credits_of(settings) as credits:
@@ -182,6 +183,22 @@ class TestRoundTrips:
                 account = await credits.deduct_credits("steady", 1)
                 assert relay.round_trips - before == expected
         assert account.available_credits == 6
+
+    async def test_every_run_of_a_statement_carries_its_own_text_to_be_parsed(
+        self, bounced_url: str
+    ) -> None:
+        """Nothing stays prepared on PgBouncer's server connections, which each
+        transaction may get another of: a run relying on a statement parsed before could
+        land where it is not, or where another client's unnamed statement is."""
+        async with relayed(bounced_url) as (url, relay):
+            settings = app_settings("pgbouncer", url, db_statement_timeout_ms=0)
+            async with credits_of(settings) as credits:
+                await credits.deduct_credits("parsed", 1)
+                relay.recording = bytearray()
+                for _ in range(3):
+                    await credits.deduct_credits("parsed", 1)
+                sent = bytes(relay.recording)
+        assert sent.count(DEDUCT_OWN_KEY.sql.encode()) == 3
 
 
 class TestMovingState:

@@ -16,10 +16,11 @@ direct, c=32 against c=8; bench/README.md), while a turn on the fast path comes 
 statement's time. asyncpg's own pool would wait too, but costs a checkout per call.
 
 Behind a transaction pooler (app/storage/pooler.py) that keeps no prepared statements
-(`prepared=False`) nothing is prepared: asyncpg parses each statement anew, in the two
-round trips that run it (one with a prepared statement); and with a
-`transaction_setting` (the statement timeout, which cannot be a session setting there)
-each statement runs in a transaction begun by that setting, two more round trips.
+(`prepared=False`) nothing stays prepared on the server: each statement is described once
+per connection and then sent with its own Parse every time it runs, still one round trip;
+and with a `transaction_setting` (the statement timeout, which cannot be a session
+setting there) each statement runs in a transaction begun by that setting, two more
+round trips.
 
 The server ends a statement at its statement_timeout; one it never answers (a host
 gone silent) is given up `answer_timeout` seconds after it was sent, by a watch that
@@ -186,20 +187,25 @@ class FastConnections:
         return rows
 
     async def _fetch(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record]
-        if not self._prepared:
-            rows = await held.driver.fetch(sql, *args)
-            return rows
         statement = held.statements.get(sql)
         if statement is None:
-            statement = held.statements[sql] = await held.driver.prepare(sql)
+            statement = held.statements[sql] = await self._prepare(held.driver, sql)
+        rows: list[asyncpg.Record]
         try:
             rows = await statement.fetch(*args)
         except asyncpg.InvalidCachedStatementError:
             # A migration changed what the statement reads: prepare it anew, once.
-            statement = held.statements[sql] = await held.driver.prepare(sql)
+            statement = held.statements[sql] = await self._prepare(held.driver, sql)
             rows = await statement.fetch(*args)
         return rows
+
+    async def _prepare(self, driver: asyncpg.Connection, sql: str) -> Any:
+        """The statement, described once. Without prepared statements it is the unnamed
+        one (name ""): with asyncpg's statement cache off (app/storage/pooler.py), asyncpg
+        parses it again in the very message that runs it (Parse, Bind, Execute, Sync: one
+        round trip, on whichever server connection the pooler gives), never relying on a
+        statement left on the server; tests/test_pgbouncer.py checks each run carries it."""
+        return await driver.prepare(sql, name=None if self._prepared else "")
 
     async def close(self) -> None:
         """Closes every connection (before the engine is disposed); a call still waiting

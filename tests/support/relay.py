@@ -1,7 +1,8 @@
 """A TCP relay in front of the database, whose traffic a test can stop in the two ways
 a database goes away: `hold` (a host gone silent: packets lost, no reset, no answer)
 and `cut` (connections reset, new ones refused), each undone by `release` / `restore`;
-and whose round trips it can count on the wire (`round_trips`)."""
+and whose round trips it can count on the wire (`round_trips`), recording what clients
+send (`recording`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Relay:
         # first message included): the round trips it waited for, however many
         # protocol messages each carried.
         self.round_trips = 0
+        self.recording: bytearray | None = None  # when set, what clients send is added
 
     def hold(self) -> None:
         """From now on whatever is sent, either way, is lost, until `release`."""
@@ -78,8 +80,10 @@ class Relay:
             while data := await source.read(65536):
                 if not self._flowing:
                     continue
-                if side == "client" and last[0] == "server":
-                    self.round_trips += 1
+                if side == "client":
+                    self.round_trips += last[0] == "server"
+                    if self.recording is not None:
+                        self.recording += data
                 last[0] = side
                 sink.write(data)
                 await sink.drain()
