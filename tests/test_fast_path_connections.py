@@ -148,14 +148,18 @@ def break_connection_once(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool
 class TestTurns:
     """Calls that find every fast connection busy wait their turn, up to wait_seconds."""
 
+    @staticmethod
+    def _one_connection(url: str, wait_seconds: float) -> FastConnections:
+        connect = functools.partial(asyncpg.connect, plain_dsn(url))
+        return FastConnections(
+            connect, size=1, recycle_seconds=3600, answer_timeout=None, wait_seconds=wait_seconds
+        )
+
     async def test_waiting_calls_are_served_on_the_fast_path_first_come_first_served(
         self, request: pytest.FixtureRequest
     ) -> None:
         async with fresh_database(request, "postgres") as url:
-            connect = functools.partial(asyncpg.connect, plain_dsn(url))
-            fast = FastConnections(
-                connect, size=1, recycle_seconds=3600, answer_timeout=None, wait_seconds=5
-            )
+            fast = self._one_connection(url, wait_seconds=5)
             served: list[int] = []
 
             async def call(n: int) -> list[asyncpg.Record] | None:
@@ -175,10 +179,7 @@ class TestTurns:
         self, request: pytest.FixtureRequest
     ) -> None:
         async with fresh_database(request, "postgres") as url:
-            connect = functools.partial(asyncpg.connect, plain_dsn(url))
-            fast = FastConnections(
-                connect, size=1, recycle_seconds=3600, answer_timeout=None, wait_seconds=0.2
-            )
+            fast = self._one_connection(url, wait_seconds=0.2)
             try:
                 long = asyncio.create_task(fast.fetch("SELECT 1 FROM pg_sleep(1)"))
                 await asyncio.sleep(0.1)  # the long statement holds the one connection

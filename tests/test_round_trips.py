@@ -21,7 +21,7 @@ from app.container import build_container
 from app.services.credits import CreditService
 from app.storage.engine import create_engine, fast_connections
 from tests.conftest import fresh_database
-from tests.support.relay import relayed
+from tests.support.relay import relayed, steady_round_trips
 
 pytestmark = pytest.mark.postgres
 
@@ -156,11 +156,10 @@ class TestBehindAPoolerKeepingPreparedStatements:
             relayed(database) as (url, relay),
             _credits(url, db_statement_timeout_ms=timeout_ms) as (credits, _),
         ):
-            for _ in range(3):
-                await credits.deduct_credits("steady", 1)
-            before = relay.round_trips
-            account = await credits.deduct_credits("steady", 1)
-            assert relay.round_trips - before == expected
+            count, account = await steady_round_trips(
+                relay, lambda: credits.deduct_credits("steady", 1)
+            )
+        assert count == expected
         assert account.available_credits == 6
 
     async def test_the_timeout_set_per_transaction_ends_a_long_statement_on_either_path(

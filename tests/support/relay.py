@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
 
 
 class Relay:
@@ -101,3 +104,13 @@ async def relayed(url: str) -> AsyncIterator[tuple[str, Relay]]:
         yield urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}")), relay
     finally:
         await relay.close()
+
+
+async def steady_round_trips(relay: Relay, call: Callable[[], Awaitable[T]]) -> tuple[int, T]:
+    """The round trips `call` waits for through `relay`, and its result, once three calls
+    before it have prepared whatever their connection keeps."""
+    for _ in range(3):
+        await call()
+    before = relay.round_trips
+    result = await call()
+    return relay.round_trips - before, result
