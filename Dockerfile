@@ -17,23 +17,25 @@ RUN groupadd --system --gid 10001 app \
 
 WORKDIR /app
 
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when the
-# dependency list changes, not on every code change. (README.md* matches nothing
-# harmlessly while the file is absent; pyproject.toml names it as the long description.)
-COPY pyproject.toml README.md* ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# Dependencies first, exactly as uv.lock names them (with their hashes), from the lock and
+# pyproject.toml alone: this layer is rebuilt only when they change, not on every code
+# change. uv comes from PyPI, pinned as in the Makefile, and leaves the image afterwards.
+ARG UV_VERSION=0.13.10
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml uv.lock ./
+RUN pip install "uv==${UV_VERSION}" \
+    && uv sync --locked --no-dev --no-cache \
+    && pip uninstall --yes uv
 
-# Then the code, and the package itself (its dependencies are already satisfied above).
-# app/ and alembic.ini also stay in /app so that `alembic upgrade head` works from here.
+# Then the code, run from /app as it is (pyproject.toml: nothing to build). app/ and
+# alembic.ini stay in /app so that `alembic upgrade head` works from here.
 COPY alembic.ini ./
 COPY app ./app
-RUN pip install . \
-    && rm -rf build ./*.egg-info \
-    && mkdir -p /app/data \
-    && chown app:app /app/data
+RUN mkdir -p /app/data && chown app:app /app/data
 
 # The code stays root-owned and read-only for the service; only /app/data is writable.
 # The built-in SQLite default (./assistant.db) would land in read-only /app, so the image

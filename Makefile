@@ -1,17 +1,27 @@
 # The two commands of the README: `make run` serves the API, `make test` runs the whole suite.
-# Both create .venv and install the project into it on first use (and when pyproject.toml changes).
+# Both install exactly the versions uv.lock names into .venv on first use (and whenever
+# pyproject.toml or uv.lock changes), with uv itself installed by pip into .uv, pinned: a
+# fresh machine needs nothing but Python 3.11+ and make.
 
 PYTHON ?= python3
+UV_VERSION := 0.13.10
 VENV := .venv
 BIN := $(VENV)/bin
+UV := .uv/bin/uv
 STAMP := $(VENV)/.installed
+# uv uses the Python that runs make, never one it would download.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: run test lint mutants model-check clean
+.PHONY: run test lint mutants model-check lock lock-check clean
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+$(UV):
+	$(PYTHON) -m venv .uv
+	.uv/bin/pip install --quiet 'uv==$(UV_VERSION)'
+
+# --locked: refuses, rather than resolves anew, when uv.lock no longer matches pyproject.toml.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked
 	touch $(STAMP)
 
 run: $(STAMP)  ## Serve on http://127.0.0.1:8000 (SQLite by default, migrations applied at start-up)
@@ -32,5 +42,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check app tests
 	$(BIN)/mypy app
 
+lock: | $(UV)  ## Refresh uv.lock: the newest versions pyproject.toml's ranges allow (README, "Upgrading a dependency")
+	$(UV) lock --upgrade
+
+lock-check: | $(UV)  ## Fail when uv.lock does not match pyproject.toml (CI runs it first)
+	$(UV) lock --check
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .uv .pytest_cache .mypy_cache .ruff_cache

@@ -12,12 +12,11 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from app.config import ApiAuth, get_settings
-from app.http_protocol import HeadDeadlineProtocol
 from app.logs import uvicorn_log_config
 from app.ops.audit_cli import EXIT_STATUS, run_audit
 from app.ops.journal_cli import replay_journal
@@ -28,7 +27,11 @@ LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 def serve(application: str = "app.main:app") -> None:
     """Serve `application` (an import string, so that workers can import it). Without
-    authentication (API_AUTH=none) only on the loopback interface, whatever HOST says."""
+    authentication (API_AUTH=none) only on the loopback interface, whatever HOST says.
+
+    Only uvicorn's documented settings: a request head that arrives slowly or never is the
+    reverse proxy's to cut (its header timeout; README, "Access"), since uvicorn has no
+    setting for it."""
     host = os.environ.get("HOST", "127.0.0.1")
     settings = get_settings()
     if settings.api_auth is ApiAuth.NONE and host not in LOOPBACK:
@@ -38,6 +41,10 @@ def serve(application: str = "app.main:app") -> None:
             file=sys.stderr,
         )
         host = "127.0.0.1"
+    options: dict[str, Any] = {}
+    log_config = uvicorn_log_config(settings)
+    if log_config is not None:  # JSON lines; else uvicorn's own logging configuration
+        options["log_config"] = log_config
     uvicorn.run(
         application,
         host=host,
@@ -46,8 +53,7 @@ def serve(application: str = "app.main:app") -> None:
         access_log=os.environ.get("ACCESS_LOG", "true").lower() not in {"0", "false", "no"},
         proxy_headers=True,
         server_header=False,  # no banner naming the server (SPEC §8)
-        http=HeadDeadlineProtocol,  # a deadline for each request's head
-        log_config=uvicorn_log_config(settings) or LOGGING_CONFIG,  # JSON, or uvicorn's own
+        **options,
     )
 
 

@@ -84,9 +84,13 @@ class Settings(BaseSettings):
     db_fast_path_connections: int = Field(10, ge=0, le=1000)
     db_connect_timeout: float = Field(5, gt=0)
     db_statement_timeout_ms: int = Field(10_000, ge=0)
-    # False behind a transaction pooler (PgBouncer, pool_mode = transaction): no statement
-    # is kept prepared between transactions, and the timeout is set in each transaction.
+    # False behind a transaction pooler (PgBouncer, pool_mode = transaction) that keeps no
+    # prepared statements: none is kept between transactions (app/storage/pooler.py).
     db_prepared_statements: bool = True
+    # True behind a transaction pooler that keeps prepared statements (PgBouncer >= 1.21
+    # with max_prepared_statements > 0): statements stay prepared, settings are the
+    # transaction's. Implied by DB_PREPARED_STATEMENTS=false.
+    db_transaction_pooler: bool = False
     sqlite_busy_timeout_ms: int = Field(30_000, ge=0)
 
     # Retries of one whole unit of work on transient faults, and the circuit breaker.
@@ -164,8 +168,6 @@ class Settings(BaseSettings):
     # Requests: bodies past this size are refused (413) before they are read or parsed.
     max_body_bytes: int = Field(65536, ge=1024)
     request_body_timeout_seconds: float = Field(30, gt=0)
-    # A request's head (request line and headers) must arrive within this (app/http_protocol.py).
-    request_header_timeout_seconds: float = Field(10, gt=0)
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.TEXT
     # GET /metrics and the counting behind it; off only to measure what they cost.
@@ -251,6 +253,12 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    @property
+    def behind_transaction_pooler(self) -> bool:
+        """Whether nothing may outlive a transaction on a server connection but prepared
+        statements, and those only with DB_PREPARED_STATEMENTS (app/storage/pooler.py)."""
+        return self.db_transaction_pooler or not self.db_prepared_statements
 
 
 def settings_problems(error: ValidationError) -> str:

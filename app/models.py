@@ -64,7 +64,14 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 # JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
 JSONDocument = JSON().with_variant(JSONB(), "postgresql")
-# SQLite only gives AUTOINCREMENT-like rowids to INTEGER PRIMARY KEY columns.
+# The id of a row among a user's rows (the ledger, consent events), numbered by the
+# database in insertion order. Its table's primary key is (user_id, id) (SPEC §6: user_id
+# in every key, so the table can be distributed by it), with the id drawn from a sequence
+# on PostgreSQL. SQLite numbers rows only for a column that is the whole primary key (an
+# INTEGER PRIMARY KEY is its rowid; a composite key has no autoincrement), so there the
+# key stays id alone (migration 0009): an embedded file is never distributed, and its
+# rowid keeps the ids ascending in insertion order, which the history's order and the
+# audit rely on.
 LedgerId = BigInteger().with_variant(Integer(), "sqlite")
 
 
@@ -98,10 +105,11 @@ class CreditTransactionRow(Base):
         ),
         Index("ix_credit_transactions_user_id_timestamp", "user_id", "timestamp"),
         Index("ix_credit_transactions_timestamp", "timestamp"),
+        PrimaryKeyConstraint("user_id", "id"),  # on SQLite id alone: LedgerId
     )
 
-    id: Mapped[int] = mapped_column(LedgerId, primary_key=True, autoincrement=True)
-    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    id: Mapped[int] = mapped_column(LedgerId, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
     transaction_type: Mapped[str] = mapped_column(String(16), nullable=False)
     amount: Mapped[int] = mapped_column(Integer, nullable=False)
     timestamp: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
@@ -154,10 +162,15 @@ class ConsentEventRow(Base):
     the change orders too."""
 
     __tablename__ = "consent_events"
-    __table_args__ = (Index("ix_consent_events_user_id_id", "user_id", "id"),)
+    __table_args__ = (
+        # The history's reads on SQLite, whose key is id alone (LedgerId); on PostgreSQL
+        # the key's own index serves them too.
+        Index("ix_consent_events_user_id_id", "user_id", "id"),
+        PrimaryKeyConstraint("user_id", "id"),  # on SQLite id alone: LedgerId
+    )
 
-    id: Mapped[int] = mapped_column(LedgerId, primary_key=True, autoincrement=True)
-    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH), nullable=False)
+    id: Mapped[int] = mapped_column(LedgerId, autoincrement=True)
+    user_id: Mapped[str] = mapped_column(String(USER_ID_LENGTH))
     terms_accepted: Mapped[bool] = mapped_column(Boolean, nullable=False)
     marketing_consent: Mapped[bool] = mapped_column(Boolean, nullable=False)
     terms_version: Mapped[str | None] = mapped_column(String(TERMS_VERSION_LENGTH), nullable=True)
@@ -168,8 +181,13 @@ class CreditErasureRow(Base):
     """Every erasure, under its pseudonym (SPEC §10), with the account the user had then:
     an id created again before its next reset resumes it (ERASED RESUMES), and the
     pseudonymised ledger is checked against it. A user erased with no account (a consent
-    alone) has a record without one (migration 0009): every path that carries state asks
-    it whether a change was made before the erasure (app/domain/carry.py, ERASED)."""
+    alone) has a record without one (migration 0010): every path that carries state asks
+    it whether a change was made before the erasure (app/domain/carry.py, ERASED).
+
+    No user_id: keyed by its own hash (an HMAC), small (one row per erasure), and read by
+    the statement that opens an account (pg_statements.CREATE); a distributed PostgreSQL
+    keeps it as a reference table on every node, so that statement stays on the user's
+    shard (docs/scale-out.md)."""
 
     __tablename__ = "credit_erasures"
     __table_args__ = (Index("ix_credit_erasures_erased_at", "erased_at"),)

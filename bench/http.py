@@ -1,12 +1,14 @@
 """Section `http`: the project's routes over HTTP, against the least a Python HTTP
 service can do for them.
 
-Three servers run at once, each started as production starts the project (`python -m`,
+Several servers run at once, each started as production starts the project (`python -m`,
 uvicorn, one worker, access log off, app/__main__.py): the project on the database
-backend, the project on the memory backend, and the limit, a bare Starlette app doing
-each route's minimal statement on an asyncpg pool (bench/bare_app.py). This process
-drives them with a bare keep-alive HTTP/1.1 client at c=8, rounds alternating between the
-servers so that load from elsewhere on the machine falls on all alike; the medians count.
+backend, the project on the memory backend, the project with FastAPI's own parameter
+binding (bench/fastapi_binding.py: what app/api/binding.py saves), and the limit, a bare
+Starlette app doing each route's minimal statement on an asyncpg pool (bench/bare_app.py).
+This process drives them with a bare keep-alive HTTP/1.1 client at c=8, rounds alternating
+between the servers so that load from elsewhere on the machine falls on all alike; the
+medians count.
 Then each route at a fixed offered load, half the limit's throughput: p50 and p99 from
 when each request was due. Then the deduction with two worker processes beside one, and
 httpx's figures beside the raw client's (httpx costs the client CPU the server then lacks).
@@ -64,6 +66,8 @@ QUESTIONS = [
     "water bottle",
 ]
 TARGETS = {"deduct": 0.85, "read": 0.85, "cache hit": 0.7}
+# The project with FastAPI's own parameter binding in place of app/api/binding.py's.
+FASTAPI_BINDING = "project, FastAPI's binding"
 
 
 @dataclass
@@ -244,6 +248,9 @@ async def run(ctx: Context) -> None:
         memory = await stack.enter_async_context(
             _served("memory backend", "app", url, STORAGE_BACKEND="memory")
         )
+        fastapi = await stack.enter_async_context(
+            _served(FASTAPI_BINDING, "bench.fastapi_binding", url, STORAGE_BACKEND="database")
+        )
         limit = await stack.enter_async_context(_served("limit", "bench.bare_app", url))
         no_reset = await stack.enter_async_context(
             _served("limit, no pool reset", "bench.bare_app", url, BARE_POOL_RESET="false")
@@ -256,7 +263,8 @@ async def run(ctx: Context) -> None:
         runs: dict[tuple[str, str], list[Measured]] = {}
         for _ in range(rounds):
             for route, request in routes.items():
-                servers = [limit, no_reset, project] + ([memory] if route == "deduct" else [])
+                servers = [limit, no_reset, project, fastapi]
+                servers += [memory] if route == "deduct" else []
                 for server in servers:
                     measured = await _drive(ctx, server, request)
                     runs.setdefault((route, server.name), []).append(measured)
@@ -264,12 +272,26 @@ async def run(ctx: Context) -> None:
                         say(f"  {route}, {server.name}: first error: {measured.result.first_error}")
         medians = {key: _median(measured) for key, measured in runs.items()}
         _throughput(ctx, medians, runs, rounds)
+        _binding(medians, routes)
         await _latency(ctx, routes, medians, limit, project)
         await _authenticated(ctx, url, project)
         await _observed(ctx, url)
         if not ctx.quick:
             await _workers(ctx, url, project)
             await _clients(ctx, project, limit)
+
+
+def _binding(medians: dict[tuple[str, str], Measured], routes: dict[str, Request]) -> None:
+    """What app/api/binding.py saves: the project against itself with FastAPI's binding."""
+    say(f"  the project (app/api/binding.py) against '{FASTAPI_BINDING}' (what removing it costs):")
+    for route in routes:
+        bound, plain = medians[(route, "project")], medians[(route, FASTAPI_BINDING)]
+        share = bound.result.ops_per_s / plain.result.ops_per_s if plain.result.ops_per_s else 0
+        say(
+            f"    {route}: {rate(bound.result.ops_per_s)} vs {rate(plain.result.ops_per_s)} req/s"
+            f" = {share:.2f}x; server CPU per request {bound.server_cpu * 1e6:,.0f} vs"
+            f" {plain.server_cpu * 1e6:,.0f} us"
+        )
 
 
 def _throughput(

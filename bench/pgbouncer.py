@@ -1,13 +1,19 @@
-"""Section `pgbouncer`: the service's deductions behind PgBouncer beside direct ones.
+"""Section `pgbouncer`: the service's deductions behind PgBouncer beside direct ones, and
+the direct ones as clients grow.
 
 Three ways, measured in alternating rounds (so that load from elsewhere falls on all of
-them alike), median of each: the service straight to PostgreSQL as it runs by default;
-straight to PostgreSQL with DB_PREPARED_STATEMENTS=false (what the setting costs by
-itself); and through a PgBouncer in transaction pooling mode with its default settings
-(tests/support/pgbouncer.py), DB_PREPARED_STATEMENTS=false. The ratio is to the first.
+them alike), median of each, at c=8, 32 and 64: the service straight to PostgreSQL as it
+runs by default; through a PgBouncer in transaction pooling mode with its default settings
+(tests/support/pgbouncer.py) and DB_PREPARED_STATEMENTS=false, the statement timeout set
+in each transaction (DB_STATEMENT_TIMEOUT_MS, the default); and the same with the timeout
+on the role instead (`ALTER ROLE … SET statement_timeout`, DB_STATEMENT_TIMEOUT_MS=0), as
+the README advises. The ratio is to the first at the same concurrency; the direct figures
+at c=32 and c=64 are also put against its own at c=8.
 """
 
 from __future__ import annotations
+
+import asyncpg
 
 from app.container import build_container
 from bench.context import Context
@@ -15,27 +21,26 @@ from bench.credit_variants import Service
 from bench.credits import MODES
 from bench.load import LoadResult, run_load
 from bench.report import LOAD_HEADERS, heading, load_cells, rate, say, table
-from bench.server import bench_settings
+from bench.server import asyncpg_dsn, bench_settings
 
-CONCURRENCY = (8, 32)
+CONCURRENCY = (8, 32, 64)
 # The service's connections (at most 48: bench_settings' pool and overflow, the fast
 # path's 16 among them) stay within PgBouncer's default max_client_conn (100); it serves
 # them on its default_pool_size (20) server connections, as it would in production.
 POOL = 16
+ROLE_TIMEOUT = "10s"  # what DB_STATEMENT_TIMEOUT_MS sets by default
 
 
 class ConfiguredService(Service):
     """The service with its own name, reaching its database as `reach` says."""
 
-    def __init__(self, name: str, *, prepared: bool, reach: str | None = None) -> None:
+    def __init__(self, name: str, reach: str | None = None, **settings: object) -> None:
         self.name = name
-        self._prepared = prepared
         self._reach = reach
+        self._settings = settings
 
     async def open(self, url: str) -> None:
-        settings = bench_settings(
-            self._reach or url, pool=POOL, db_prepared_statements=self._prepared
-        )
+        settings = bench_settings(self._reach or url, pool=POOL, **self._settings)
         self.container = build_container(settings)
         self.service = self.container.credit_service()
 
@@ -52,11 +57,27 @@ async def run(ctx: Context) -> None:
         say(f"  skipped: no PgBouncer ({reason})")
         return
     database = url.rsplit("/", 1)[1]
+    # Every server connection PgBouncer opens for the role in this database applies it
+    # (the direct variant's own startup parameter takes precedence over it).
+    admin = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await admin.execute(
+            f'ALTER ROLE CURRENT_USER IN DATABASE "{database}"'
+            f" SET statement_timeout = '{ROLE_TIMEOUT}'"
+        )
+    finally:
+        await admin.close()
+    bounced = bouncer.url_for(database)
     variants = [
-        ConfiguredService("direct", prepared=True),
-        ConfiguredService("direct, DB_PREPARED_STATEMENTS=false", prepared=False),
+        ConfiguredService("direct"),
         ConfiguredService(
-            "PgBouncer (transaction pooling)", prepared=False, reach=bouncer.url_for(database)
+            "PgBouncer, timeout per transaction", bounced, db_prepared_statements=False
+        ),
+        ConfiguredService(
+            "PgBouncer, timeout on the role",
+            bounced,
+            db_prepared_statements=False,
+            db_statement_timeout_ms=0,
         ),
     ]
     rounds = 1 if ctx.quick else 5
@@ -78,7 +99,7 @@ async def run(ctx: Context) -> None:
         for variant in opened:
             await variant.close()
         bouncer.stop()
-    _print(variants, results, rounds)
+    _print(ctx, variants, results, rounds)
 
 
 def _median(runs: list[LoadResult]) -> LoadResult:
@@ -86,6 +107,7 @@ def _median(runs: list[LoadResult]) -> LoadResult:
 
 
 def _print(
+    ctx: Context,
     variants: list[ConfiguredService],
     results: dict[tuple[str, int], list[LoadResult]],
     rounds: int,
@@ -102,7 +124,32 @@ def _print(
                 spread = ", ".join(rate(run.ops_per_s) for run in runs)
                 say(f"  .. {variant.name} c={concurrency}: {spread} ops/s")
     table(["variant", "c", *LOAD_HEADERS], rows)
-    direct = _median(results[(variants[0].name, 8)]).ops_per_s
-    bounced = _median(results[(variants[-1].name, 8)]).ops_per_s
-    if direct:
-        say(f"\n  PgBouncer path / direct path at c=8: {bounced / direct:.2f}x")
+
+    def ops(variant: ConfiguredService, concurrency: int) -> float:
+        return _median(results[(variant.name, concurrency)]).ops_per_s
+
+    direct, per_transaction, on_role = variants
+    at_8 = ops(direct, 8)
+    say("")
+    for concurrency in CONCURRENCY[1:]:
+        ratio = ops(direct, concurrency) / at_8 if at_8 else 0.0
+        say(f"  direct c={concurrency} / direct c=8: {ratio:.2f}x")
+    say(
+        f"  PgBouncer, timeout per transaction / direct at c=8: "
+        f"{ops(per_transaction, 8) / at_8 if at_8 else 0.0:.2f}x"
+    )
+    bounced = ops(on_role, 8) / at_8 if at_8 else 0.0
+    ctx.targets.check(
+        "service deduct through PgBouncer, timeout on the role >= 0.5x direct (c=8)",
+        f"{rate(ops(on_role, 8))} vs {rate(at_8)} ops/s = {bounced:.2f}x, "
+        f"median of {rounds} rounds",
+        bounced >= 0.5 if at_8 else None,
+    )
+    held = ops(direct, 32) / at_8 if at_8 else 0.0
+    ctx.targets.check(
+        "service deduct direct at c=32 >= 0.9x at c=8",
+        f"{rate(ops(direct, 32))} vs {rate(at_8)} ops/s = {held:.2f}x; c=64: "
+        f"{rate(ops(direct, 64))} ops/s = {ops(direct, 64) / at_8 if at_8 else 0.0:.2f}x; "
+        f"median of {rounds} rounds",
+        held >= 0.9 if at_8 else None,
+    )

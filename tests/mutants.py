@@ -31,6 +31,7 @@ MEMORY = "app/repositories/memory.py"
 GENERAL = "app/repositories/sql_credits.py"
 STATEMENTS = "app/repositories/pg_statements.py"
 FAST = "app/repositories/pg_credits.py"
+FAST_CONNECTIONS = "app/repositories/pg_connections.py"
 SERVICE_CODE = "app/services/credits.py"
 FALLBACK = "app/storage/fallback.py"
 REPLAY = "app/storage/replay.py"
@@ -950,6 +951,20 @@ MUTANTS = [
         "except asyncpg.UniqueViolationError:  # the key's primary key: claimed before\n"
         "            raise",
         FAST_TESTS,
+    ),
+    Mutant(
+        "fast path: a call finding every connection busy declined at once, not given a turn",
+        FAST_CONNECTIONS,
+        "        self._waiting.append(turn)\n",
+        "        return None\n",
+        ("tests/test_fast_path_connections.py::TestTurns",),
+    ),
+    Mutant(
+        "fast path: a connection released to the idle ones while calls wait their turn",
+        FAST_CONNECTIONS,
+        "        if not self._pass_on(held):\n            self._idle.append(held)",
+        "        self._idle.append(held)",
+        ("tests/test_fast_path_connections.py::TestTurns",),
     ),
     # The ledger audit (SPEC §11).
     Mutant(

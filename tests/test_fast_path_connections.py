@@ -1,6 +1,7 @@
 """PostgreSQL's fast path runs on connections of its own (app/repositories/
-pg_connections.py): within the pool budget, never making a call wait for one, given up
-on when the database falls silent, and prepared anew after a schema change."""
+pg_connections.py): within the pool budget, handed to waiting calls in turn (and a call
+declined to the general path when its turn does not come in time), given up on when the
+database falls silent, and prepared anew after a schema change."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class TestBudget:
         for n in range(5):
             assert (await credits.get_user_credits(f"u{n}")).available_credits == 5
 
-    async def test_a_call_that_finds_no_fast_connection_free_takes_the_general_path(
+    async def test_calls_outnumbering_the_fast_connections_are_all_served(
         self, service: Callable[..., Container]
     ) -> None:
         container = service(db_fast_path_connections=1)
@@ -144,6 +145,53 @@ def break_connection_once(monkeypatch: pytest.MonkeyPatch, *, after_commit: bool
     return broken
 
 
+class TestTurns:
+    """Calls that find every fast connection busy wait their turn, up to wait_seconds."""
+
+    @staticmethod
+    def _one_connection(url: str, wait_seconds: float) -> FastConnections:
+        connect = functools.partial(asyncpg.connect, plain_dsn(url))
+        return FastConnections(
+            connect, size=1, recycle_seconds=3600, answer_timeout=None, wait_seconds=wait_seconds
+        )
+
+    async def test_waiting_calls_are_served_on_the_fast_path_first_come_first_served(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with fresh_database(request, "postgres") as url:
+            fast = self._one_connection(url, wait_seconds=5)
+            served: list[int] = []
+
+            async def call(n: int) -> list[asyncpg.Record] | None:
+                rows = await fast.fetch("SELECT $1::int FROM pg_sleep(0.01)", n)
+                served.append(n)
+                return rows
+
+            try:
+                results = await asyncio.gather(*(call(n) for n in range(12)))
+                assert results == [[(n,)] for n in range(12)]  # none declined
+                assert served == list(range(12))
+                assert fast.figures == {"size": 1, "open": 1, "busy": 0}
+            finally:
+                await fast.close()
+
+    async def test_a_call_whose_turn_does_not_come_within_the_wait_is_declined(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with fresh_database(request, "postgres") as url:
+            fast = self._one_connection(url, wait_seconds=0.2)
+            try:
+                long = asyncio.create_task(fast.fetch("SELECT 1 FROM pg_sleep(1)"))
+                await asyncio.sleep(0.1)  # the long statement holds the one connection
+                started = time.monotonic()
+                assert await fast.fetch("SELECT 2") is None  # the caller's general path
+                assert 0.15 <= time.monotonic() - started < 0.8
+                assert await long == [(1,)]
+                assert await fast.fetch("SELECT 3") == [(3,)]  # the connection still serves
+            finally:
+                await fast.close()
+
+
 class TestLostAnswers:
     """A deduction whose connection broke, before its statement reached the server or
     after it committed (the answer lost), is retried by the guard with the same attempt.
@@ -202,7 +250,9 @@ class TestSilentDatabase:
     ) -> None:
         async with fresh_database(request, "postgres") as url, relayed(url) as (via, relay):
             connect = functools.partial(asyncpg.connect, plain_dsn(via))
-            fast = FastConnections(connect, size=1, recycle_seconds=3600, answer_timeout=0.3)
+            fast = FastConnections(
+                connect, size=1, recycle_seconds=3600, answer_timeout=0.3, wait_seconds=1
+            )
             try:
                 assert await fast.fetch("SELECT 1") == [(1,)]
                 relay.hold()

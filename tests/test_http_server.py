@@ -1,7 +1,6 @@
-"""The service as `python -m app` serves it (real uvicorn): a request whose head arrives
-too slowly, or never, loses its connection after REQUEST_HEADER_TIMEOUT_SECONDS, while a
-keep-alive connection waiting between requests and a prompt request are served; no
-`Server` header."""
+"""The service as `python -m app` serves it (real uvicorn, its documented settings only):
+requests on a keep-alive connection idle between them are served, with no `Server` header.
+A request head arriving slowly is the reverse proxy's to cut (README, "Access")."""
 
 from __future__ import annotations
 
@@ -19,26 +18,13 @@ HEAD = b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     database = tmp_path_factory.mktemp("http") / "service.db"
-    with served(database, REQUEST_HEADER_TIMEOUT_SECONDS="1") as running:
+    with served(database) as running:
         yield running
 
 
 def connect(server: Served) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     return connection
-
-
-def closed_within(connection: socket.socket, seconds: float) -> bool:
-    """Whether the server closes the connection within `seconds` (reading what it sends)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        connection.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            if connection.recv(4096) == b"":
-                return True
-        except TimeoutError:
-            return False
-    return False
 
 
 def answer(connection: socket.socket) -> bytes:
@@ -59,27 +45,6 @@ def answer(connection: socket.socket) -> bytes:
     return head
 
 
-def test_a_head_that_never_completes_loses_its_connection(server: Served) -> None:
-    with connect(server) as connection:
-        connection.sendall(b"GET /health HTTP/1.1\r\nHost: te")
-        assert closed_within(connection, 3)
-
-
-def test_a_head_trickled_a_byte_at_a_time_loses_its_connection(server: Served) -> None:
-    with connect(server) as connection:
-        started = time.monotonic()
-        with pytest.raises(OSError):
-            for byte in HEAD[:-2]:
-                connection.sendall(bytes([byte]))
-                time.sleep(0.1)
-        assert time.monotonic() - started < 3
-
-
-def test_a_connection_that_sends_nothing_is_closed(server: Served) -> None:
-    with connect(server) as connection:
-        assert closed_within(connection, 3)
-
-
 def test_prompt_requests_on_a_connection_idle_between_them_are_served(server: Served) -> None:
     with connect(server) as connection:
         for _ in range(2):
@@ -87,4 +52,4 @@ def test_prompt_requests_on_a_connection_idle_between_them_are_served(server: Se
             head = answer(connection)
             assert head.startswith(b"HTTP/1.1 200")
             assert b"\r\nserver:" not in head.lower()
-            time.sleep(1.5)  # idle past the head deadline, within the keep-alive timeout
+            time.sleep(1.5)  # idle, within uvicorn's keep-alive timeout (5 s)

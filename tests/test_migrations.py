@@ -47,6 +47,8 @@ TABLES = {
     "consent_events",
     "credit_erasures",
 }
+# Keyed by (user_id, id) on PostgreSQL and by id, SQLite's rowid, on SQLite (migration 0009).
+ROWID_KEYED = ("credit_transactions", "consent_events")
 EMPTY_DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
@@ -119,6 +121,27 @@ class TestModelsMatchMigrations:
 
         async with empty_engine.connect() as connection:
             assert await connection.run_sync(differences) == []
+
+    async def test_every_table_has_the_models_primary_key(self, empty_engine: AsyncEngine) -> None:
+        # Alembic's comparison leaves primary keys out.
+        await upgrade_to_head(empty_engine)
+
+        def keys(connection: Connection) -> dict[str, list[str]]:
+            inspector = inspect(connection)
+            return {
+                name: inspector.get_pk_constraint(name)["constrained_columns"]
+                for name in Base.metadata.tables
+            }
+
+        async with empty_engine.connect() as connection:
+            found = await connection.run_sync(keys)
+        expected = {
+            name: [column.name for column in table.primary_key]
+            for name, table in Base.metadata.tables.items()
+        }
+        if empty_engine.dialect.name == "sqlite":
+            expected.update({table: ["id"] for table in ROWID_KEYED})  # app/models.py, LedgerId
+        assert found == expected
 
 
 class TestDataSurvivesUpgrades:
@@ -332,10 +355,10 @@ class TestErasuresByTime:
         await alembic(empty_engine, "upgrade", "head")
         assert await indexed()
 
-    async def test_0009_records_every_erasure_and_down_keeps_those_with_an_account(
+    async def test_0010_records_every_erasure_and_down_keeps_those_with_an_account(
         self, empty_engine: AsyncEngine
     ) -> None:
-        await alembic(empty_engine, "upgrade", "0008")
+        await alembic(empty_engine, "upgrade", "0009")
         at = datetime(2026, 3, 1, tzinfo=UTC)
         insert = text(
             "INSERT INTO credit_erasures (pseudonym, is_guest, available_credits,"
@@ -369,11 +392,73 @@ class TestErasuresByTime:
                 },
             )
         assert await erasures() == [("!erased:1", 4), ("!erased:2", None)]
-        await alembic(empty_engine, "downgrade", "0008")
+        await alembic(empty_engine, "downgrade", "0009")
         assert "handover_marks" in await table_names(empty_engine)
         assert await erasures() == [("!erased:1", 4)]  # the README says what is lost
         await alembic(empty_engine, "upgrade", "head")
         assert await erasures() == [("!erased:1", 4)]
+
+
+class TestUserKeys:
+    async def test_0009_keys_user_rows_by_user_and_keeps_every_row_down_and_up_again(
+        self, empty_engine: AsyncEngine
+    ) -> None:
+        await alembic(empty_engine, "upgrade", "0008")
+        stores = sql_stores(empty_engine, RULES)
+        credits = CreditService(stores.credits)
+        consents = UserConsentService(stores.consents)
+        for user in ("ann", "bob"):
+            await credits.deduct_credits(user, 2, idempotency_key=f"{user}-1")
+            await consents.record_consent(user, terms_accepted=True)
+        await credits.refund_credits("ann", 1)
+        await consents.update_marketing_consent("bob", True)
+        rows = (
+            "SELECT id, user_id, transaction_type, amount FROM credit_transactions ORDER BY id",
+            "SELECT id, user_id, marketing_consent FROM consent_events ORDER BY id",
+        )
+
+        async def snapshot() -> list[list[tuple[Any, ...]]]:
+            async with empty_engine.connect() as connection:
+                return [
+                    [tuple(row) for row in await connection.execute(text(query))] for query in rows
+                ]
+
+        async def keys() -> list[list[str]]:
+            async with empty_engine.connect() as connection:
+                return await connection.run_sync(
+                    lambda sync: [
+                        inspect(sync).get_pk_constraint(table)["constrained_columns"]
+                        for table in ROWID_KEYED
+                    ]
+                )
+
+        user_key = ["id"] if empty_engine.dialect.name == "sqlite" else ["user_id", "id"]
+        seeded = await snapshot()
+        assert len(seeded[0]) == 3 and len(seeded[1]) == 3
+
+        await alembic(empty_engine, "upgrade", "0009")
+        assert await keys() == [user_key, user_key]
+        assert await snapshot() == seeded
+        await alembic(empty_engine, "downgrade", "0008")
+        assert await keys() == [["id"], ["id"]]
+        assert await snapshot() == seeded
+        await alembic(empty_engine, "upgrade", "head")
+        assert await keys() == [user_key, user_key]
+        assert await snapshot() == seeded
+
+        # New rows are numbered after the old ones, and each user's history reads in order.
+        await credits.deduct_credits("ann", 3, idempotency_key="ann-2")
+        await consents.update_marketing_consent("ann", True)
+        ledger, events = await snapshot()
+        assert ledger[-1][0] > seeded[0][-1][0] and events[-1][0] > seeded[1][-1][0]
+        history = await credits.get_transaction_history("ann")
+        assert [row.amount for row in history] == [-3, 1, -2]
+        assert [e.marketing_consent for e in await consents.consent_history("ann")] == [
+            True,
+            False,
+        ]
+        assert (await credits.deduct("ann", 2, idempotency_key="ann-1")).replayed
+        assert (await credits.get_user_credits("ann")).available_credits == 6
 
 
 def _free_port() -> int:

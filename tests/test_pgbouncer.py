@@ -20,14 +20,19 @@ import asyncpg
 import httpx
 import pytest
 
+from app.config import Settings
+from app.container import build_container
 from app.domain.carry import carried_state
 from app.errors import StorageUnavailableError
 from app.main import create_app
+from app.repositories.pg_statements import DEDUCT_OWN_KEY
+from app.services.credits import CreditService
 from app.storage.engine import create_engine, transaction_setting
 from tests.conftest import app_settings, database_state, fresh_database, plain_dsn
 from tests.support.app_client import client_for
 from tests.support.pgbouncer import PgBouncer
 from tests.support.postgres import PostgresServer
+from tests.support.relay import relayed, steady_round_trips
 
 pytestmark = [pytest.mark.postgres, pytest.mark.pgbouncer]
 PGBOUNCER_TIER = True
@@ -158,6 +163,43 @@ class TestPreparedStatements:
         assert await _on_each_server_connection(bounced_url, count) == [0] * 5
 
 
+class TestRoundTrips:
+    @pytest.mark.parametrize(
+        ("timeout_ms", "expected"),
+        [(0, 1), (10_000, 3)],
+        ids=["timeout-on-the-role", "timeout-per-transaction"],
+    )
+    async def test_a_steady_deduction_is_one_round_trip_with_the_timeout_on_the_role(
+        self, bounced_url: str, timeout_ms: int, expected: int
+    ) -> None:
+        # The statement parsed, bound and run in one message; with the timeout set per
+        # transaction, BEGIN (with the setting) before it and COMMIT after.
+        async with relayed(bounced_url) as (url, relay):
+            settings = app_settings("pgbouncer", url, db_statement_timeout_ms=timeout_ms)
+            async with credits_of(settings) as credits:
+                count, account = await steady_round_trips(
+                    relay, lambda: credits.deduct_credits("steady", 1)
+                )
+        assert count == expected
+        assert account.available_credits == 6
+
+    async def test_every_run_of_a_statement_carries_its_own_text_to_be_parsed(
+        self, bounced_url: str
+    ) -> None:
+        """Nothing stays prepared on PgBouncer's server connections, which each
+        transaction may get another of: a run relying on a statement parsed before could
+        land where it is not, or where another client's unnamed statement is."""
+        async with relayed(bounced_url) as (url, relay):
+            settings = app_settings("pgbouncer", url, db_statement_timeout_ms=0)
+            async with credits_of(settings) as credits:
+                await credits.deduct_credits("parsed", 1)
+                relay.recording = bytearray()
+                for _ in range(3):
+                    await credits.deduct_credits("parsed", 1)
+                sent = bytes(relay.recording)
+        assert sent.count(DEDUCT_OWN_KEY.sql.encode()) == 3
+
+
 class TestMovingState:
     async def test_hand_overs_each_way_and_an_export_imported_again_keep_every_credit(
         self, bounced_url: str
@@ -206,6 +248,16 @@ class TestRetention:
         finally:
             await direct.close()
         assert held == 0
+
+
+@asynccontextmanager
+async def credits_of(settings: Settings) -> AsyncIterator[CreditService]:
+    """The credit service as the application builds it, without its routes."""
+    container = build_container(settings)
+    try:
+        yield container.credit_service()
+    finally:
+        await container.close()
 
 
 async def _on_each_server_connection(url: str, sql: str, connections: int = 5) -> list[Any]:

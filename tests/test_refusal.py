@@ -24,7 +24,9 @@ class TestRefusals:
         assert refusal is not None
         assert refusal.summary == (
             "the database refused the connection (SQLSTATE 08P01); behind a transaction pooler"
-            " (PgBouncer, pool_mode = transaction) set DB_PREPARED_STATEMENTS=false"
+            " (PgBouncer, pool_mode = transaction) set DB_PREPARED_STATEMENTS=false, or"
+            " DB_TRANSACTION_POOLER=true if it keeps prepared statements (PgBouncer 1.21 or"
+            " later, max_prepared_statements above 0)"
         )
 
     @pytest.mark.parametrize(

@@ -6,13 +6,22 @@ no BEGIN or COMMIT. First sight is at most two.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 from asyncpg import connection, prepared_stmt, transaction
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from app.config import Settings, StorageBackend
+from app.container import build_container
 from app.services.credits import CreditService
+from app.storage.engine import create_engine, fast_connections
+from tests.conftest import fresh_database
+from tests.support.relay import relayed, steady_round_trips
 
 pytestmark = pytest.mark.postgres
 
@@ -126,3 +135,71 @@ class TestRoundTrips:
         count = await round_trips.during(lambda: credit_service.deduct_credits("newcomer", 1))
         assert count <= 2, round_trips.calls
         assert (await credit_service.get_user_credits("newcomer")).available_credits == 9
+
+
+class TestBehindAPoolerKeepingPreparedStatements:
+    """DB_TRANSACTION_POOLER=true, for a pooler that keeps prepared statements (PgBouncer
+    1.21 or later with max_prepared_statements): the statements stay prepared and the
+    timeout is the transaction's. Run on PostgreSQL directly: our PgBouncer (1.18) keeps
+    none, so this pins what the service sends, not what such a pooler does with it."""
+
+    @pytest.mark.parametrize(
+        ("timeout_ms", "expected"),
+        [(0, 1), (10_000, 3)],
+        ids=["timeout-on-the-role", "timeout-per-transaction"],
+    )
+    async def test_a_steady_deduction_is_one_round_trip_with_the_timeout_on_the_role(
+        self, request: pytest.FixtureRequest, timeout_ms: int, expected: int
+    ) -> None:
+        async with (
+            fresh_database(request, "postgres") as database,
+            relayed(database) as (url, relay),
+            _credits(url, db_statement_timeout_ms=timeout_ms) as (credits, _),
+        ):
+            count, account = await steady_round_trips(
+                relay, lambda: credits.deduct_credits("steady", 1)
+            )
+        assert count == expected
+        assert account.available_credits == 6
+
+    async def test_the_timeout_set_per_transaction_ends_a_long_statement_on_either_path(
+        self, request: pytest.FixtureRequest
+    ) -> None:
+        async with (
+            fresh_database(request, "postgres") as url,
+            _credits(url, db_statement_timeout_ms=200) as (_, settings),
+        ):
+            engine = create_engine(settings)
+            fast = fast_connections(engine, settings)
+            assert fast is not None
+            try:
+                with pytest.raises(asyncpg.QueryCanceledError):
+                    await fast.fetch("SELECT pg_sleep(2)")
+                with pytest.raises(DBAPIError) as general:
+                    async with engine.connect() as connection:
+                        await connection.execute(text("SELECT pg_sleep(2)"))
+                assert general.value.orig.sqlstate == "57014"  # type: ignore[union-attr]
+                # Nothing of it outlives the transaction: the session keeps the server's.
+                async with engine.connect() as connection:
+                    await connection.commit()
+                    raw = await connection.get_raw_connection()
+                    timeout = await raw.driver_connection.fetchval("SHOW statement_timeout")
+                assert timeout == "0"
+            finally:
+                await fast.close()
+                await engine.dispose()
+
+
+@asynccontextmanager
+async def _credits(url: str, **overrides: Any) -> AsyncIterator[tuple[CreditService, Settings]]:
+    settings = Settings(
+        database_url=url,
+        db_transaction_pooler=True,
+        storage_backend=StorageBackend.DATABASE,
+        **overrides,
+    )
+    container = build_container(settings)
+    try:
+        yield container.credit_service(), settings
+    finally:
+        await container.close()

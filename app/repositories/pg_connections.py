@@ -1,4 +1,4 @@
-"""The fast path's own asyncpg connections: a handful, taken without waiting.
+"""The fast path's own asyncpg connections: a handful, handed from call to call.
 
 A fast-path statement's own Python costs about as much as the server's work for it, so
 each Python layer shows in the throughput (README, "How it is built"). These
@@ -6,14 +6,21 @@ connections are asyncpg's, opened with `asyncpg.connect` and used through its
 documented API alone: prepared statements made once per connection
 (`Connection.prepare`), no client-side timer per statement (`command_timeout=None`,
 which asyncpg's own bound would arm and cancel for every statement). They count within
-the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW), and a call
-that finds none free is not kept waiting: `fetch` answers None and the caller takes the
-general path. asyncpg's own pool has no such "take one if free", and waits instead.
+the pool budget (app/storage/engine.py takes them out of DB_MAX_OVERFLOW). A call that
+finds none free waits its turn, first come first served, and is handed the next one
+released, up to `wait_seconds` (DB_POOL_TIMEOUT); only then does `fetch` answer None, and
+the caller takes the general path. Sending such calls to the general path at once cost
+more than the wait: its transaction of several round trips, on the same event loop,
+cut the throughput as soon as calls outnumbered the connections (bench `pgbouncer`,
+direct, c=32 against c=8; bench/README.md), while a turn on the fast path comes within a
+statement's time. asyncpg's own pool would wait too, but costs a checkout per call.
 
-Behind a transaction pooler (`prepared=False`, app/storage/pooler.py) nothing is
-prepared: asyncpg parses each statement anew, in the round trips that run it; and with a
-`transaction_setting` (the statement timeout, which cannot be a session setting there)
-each statement runs in a transaction begun by that setting, two more round trips.
+Behind a transaction pooler (app/storage/pooler.py) that keeps no prepared statements
+(`prepared=False`) nothing stays prepared on the server: each statement is described once
+per connection and then sent with its own Parse every time it runs, still one round trip;
+and with a `transaction_setting` (the statement timeout, which cannot be a session
+setting there) each statement runs in a transaction begun by that setting, two more
+round trips.
 
 The server ends a statement at its statement_timeout; one it never answers (a host
 gone silent) is given up `answer_timeout` seconds after it was sent, by a watch that
@@ -23,6 +30,7 @@ looks at the connections in use every quarter of that time and terminates the la
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
@@ -61,10 +69,12 @@ class FastConnections:
         size: int,
         recycle_seconds: float,
         answer_timeout: float | None,
+        wait_seconds: float,
         prepared: bool = True,
         transaction_setting: str | None = None,
     ) -> None:
         self._connect = connect
+        self._wait_seconds = wait_seconds
         self._prepared = prepared
         # One simple-protocol message: BEGIN and the setting in one round trip.
         self._begin = None if transaction_setting is None else f"BEGIN; {transaction_setting}"
@@ -72,6 +82,8 @@ class FastConnections:
         self._recycle = recycle_seconds if recycle_seconds > 0 else float("inf")  # -1: never
         self._answer_timeout = answer_timeout
         self._idle: list[_Held] = []
+        self._waiting: collections.deque[asyncio.Future[_Held | None]] = collections.deque()
+        self._closed = False
         self._open: set[_Held] = set()
         self._opening = 0
         self._watch: asyncio.Task[None] | None = None
@@ -86,15 +98,11 @@ class FastConnections:
         }
 
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record] | None:
-        """The statement's rows; None, sending nothing, when no connection is free."""
-        held = self._idle.pop() if self._idle else None
-        while held is not None and held.driver.is_closed():  # the server went away meanwhile
-            self._drop(held)
-            held = self._idle.pop() if self._idle else None
+        """The statement's rows; None, sending nothing, when no connection came free
+        within `wait_seconds`."""
+        held = await self._taken()
         if held is None:
-            if len(self._open) + self._opening >= self.size:
-                return None
-            held = await self._opened()
+            return None
         held.busy_since = time.monotonic()
         try:
             rows = await self._run(held, sql, args)
@@ -106,42 +114,69 @@ class FastConnections:
                     f"the database did not answer within {self._answer_timeout:g} s"
                 ) from error
             if _is_sound(held.driver, error):
-                self._idle.append(held)
+                self._release(held)
             else:
                 self._drop(held)
             raise
         held.busy_since = 0.0
         if time.monotonic() - held.opened_at < self._recycle:
-            self._idle.append(held)
+            self._release(held)
         else:
             self._drop(held)
         return rows
 
-    async def _run(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
-        if not self._prepared:
-            return await self._unprepared(held.driver, sql, args)
-        statement = held.statements.get(sql)
-        if statement is None:
-            statement = held.statements[sql] = await held.driver.prepare(sql)
-        rows: list[asyncpg.Record]
+    async def _taken(self) -> _Held | None:
+        """An idle connection, a new one within the budget, or the first one released
+        while this call waits its turn (first come, first served); None after
+        `wait_seconds` without one."""
+        while self._idle:
+            held = self._idle.pop()
+            if not held.driver.is_closed():  # else the server went away meanwhile
+                return held
+            self._drop(held)
+        if len(self._open) + self._opening < self.size:
+            return await self._opened()
+        turn: asyncio.Future[_Held | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
         try:
-            rows = await statement.fetch(*args)
-        except asyncpg.InvalidCachedStatementError:
-            # A migration changed what the statement reads: prepare it anew, once.
-            statement = held.statements[sql] = await held.driver.prepare(sql)
-            rows = await statement.fetch(*args)
-        return rows
+            async with asyncio.timeout(self._wait_seconds):
+                given = await turn
+        except BaseException as error:  # the wait ran out, or the call was cancelled
+            if turn.done() and not turn.cancelled():  # given its turn meanwhile: pass it on
+                given = turn.result()
+                if given is None:
+                    self._pass_on(None)
+                else:
+                    self._release(given)
+            if isinstance(error, TimeoutError):
+                return None
+            raise
+        if given is None:  # room in the budget, unless the connections are closing
+            return None if self._closed else await self._opened()
+        return given
 
-    async def _unprepared(
-        self, driver: asyncpg.Connection, sql: str, args: tuple[Any, ...]
-    ) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record]
+    def _release(self, held: _Held) -> None:
+        """`held` to the first call waiting, else to the idle ones."""
+        if not self._pass_on(held):
+            self._idle.append(held)
+
+    def _pass_on(self, held: _Held | None) -> bool:
+        """Hands `held` (None: room in the budget for a new one) to the first call still
+        waiting; False when none is."""
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(held)
+                return True
+        return False
+
+    async def _run(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
         if self._begin is None:
-            rows = await driver.fetch(sql, *args)
-            return rows
+            return await self._fetch(held, sql, args)
+        driver = held.driver
         await driver.execute(self._begin)
         try:
-            rows = await driver.fetch(sql, *args)
+            rows = await self._fetch(held, sql, args)
         except asyncpg.PostgresError:
             # After the server's refusal the connection is sound once rolled back; one
             # the rollback fails on stays in its transaction, and is dropped (_is_sound).
@@ -151,8 +186,33 @@ class FastConnections:
         await driver.execute("COMMIT")
         return rows
 
+    async def _fetch(self, held: _Held, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
+        statement = held.statements.get(sql)
+        if statement is None:
+            statement = held.statements[sql] = await self._prepare(held.driver, sql)
+        rows: list[asyncpg.Record]
+        try:
+            rows = await statement.fetch(*args)
+        except asyncpg.InvalidCachedStatementError:
+            # A migration changed what the statement reads: prepare it anew, once.
+            statement = held.statements[sql] = await self._prepare(held.driver, sql)
+            rows = await statement.fetch(*args)
+        return rows
+
+    async def _prepare(self, driver: asyncpg.Connection, sql: str) -> Any:
+        """The statement, described once. Without prepared statements it is the unnamed
+        one (name ""): with asyncpg's statement cache off (app/storage/pooler.py), asyncpg
+        parses it again in the very message that runs it (Parse, Bind, Execute, Sync: one
+        round trip, on whichever server connection the pooler gives), never relying on a
+        statement left on the server; tests/test_pgbouncer.py checks each run carries it."""
+        return await driver.prepare(sql, name=None if self._prepared else "")
+
     async def close(self) -> None:
-        """Closes every connection (before the engine is disposed)."""
+        """Closes every connection (before the engine is disposed); a call still waiting
+        for one is declined."""
+        self._closed = True
+        while self._pass_on(None):
+            pass
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -178,6 +238,7 @@ class FastConnections:
     def _drop(self, held: _Held) -> None:
         self._open.discard(held)
         held.driver.terminate()
+        self._pass_on(None)  # a waiting call may open one in its place
 
     async def _watching(self) -> None:
         assert self._answer_timeout is not None

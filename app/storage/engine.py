@@ -30,9 +30,11 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if settings.is_sqlite:
         return _sqlite_engine(settings)
     connect_args = {**_postgres_connect_args(settings), "command_timeout": answer_timeout(settings)}
-    if settings.db_prepared_statements:
+    if not settings.behind_transaction_pooler:
         return _pooled_engine(settings, connect_args)
-    engine = _pooled_engine(settings, {**connect_args, **pooler.dialect_args()})
+    if not settings.db_prepared_statements:
+        connect_args.update(pooler.dialect_args())
+    engine = _pooled_engine(settings, connect_args)
     pooler.time_out_each_transaction(engine, settings.db_statement_timeout_ms)
     return engine
 
@@ -62,6 +64,7 @@ def fast_connections(engine: AsyncEngine, settings: Settings) -> FastConnections
         size=size,
         recycle_seconds=settings.db_pool_recycle,
         answer_timeout=answer_timeout(settings),
+        wait_seconds=settings.db_pool_timeout,
         prepared=settings.db_prepared_statements,
         transaction_setting=transaction_setting(settings),
     )
@@ -71,7 +74,7 @@ def transaction_setting(settings: Settings) -> str | None:
     """What a transaction on the database's own driver connections runs first: behind a
     transaction pooler the statement timeout (app/storage/pooler.py), else nothing (it is
     the session's)."""
-    if settings.db_prepared_statements:
+    if not settings.behind_transaction_pooler:
         return None
     return pooler.local_timeout(settings.db_statement_timeout_ms)
 
@@ -81,11 +84,11 @@ def _postgres_connect_args(settings: Settings) -> dict[str, Any]:
         "timeout": settings.db_connect_timeout,
         **tls_connect_args(settings.database_url, settings.db_ssl_root_cert),
     }
-    if not settings.db_prepared_statements:  # behind a transaction pooler: app/storage/pooler.py
+    if settings.behind_transaction_pooler:  # app/storage/pooler.py
         return {
             **common,
             "server_settings": {"application_name": "shopping-assistant"},
-            **pooler.DRIVER_ARGS,
+            **({} if settings.db_prepared_statements else pooler.DRIVER_ARGS),
         }
     return {
         **common,

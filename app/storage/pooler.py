@@ -1,17 +1,27 @@
 """What changes behind a transaction pooler (PgBouncer, pool_mode = transaction):
-DB_PREPARED_STATEMENTS=false.
+DB_PREPARED_STATEMENTS=false, or DB_TRANSACTION_POOLER=true for one that keeps prepared
+statements.
 
 Such a pooler gives each transaction whichever server connection is free, so nothing
-may outlive a transaction on the server: no named prepared statement (asyncpg's cache,
-SQLAlchemy's), and no session setting. PgBouncer also refuses startup parameters it
-does not track, statement_timeout among them (application_name it tracks, and sets on
-each server connection it hands out, so that one stays a startup parameter).
+may outlive a transaction on the server: no session setting, and no named prepared
+statement (asyncpg's cache, SQLAlchemy's) unless the pooler itself tracks them, as
+PgBouncer does from 1.21 on with `max_prepared_statements` above 0: it prepares a
+client's statement on whichever server connection runs it. Whether it does cannot be
+asked of it through the client's connection (its version and settings show only on its
+admin console), so it is configured, never guessed: DB_TRANSACTION_POOLER=true keeps the
+statements prepared, DB_PREPARED_STATEMENTS=false parses each anew. PgBouncer also
+refuses startup parameters it does not track, statement_timeout among them
+(application_name it tracks, and sets on each server connection it hands out, so that
+one stays a startup parameter).
 
 The statement timeout is therefore set with SET LOCAL at the start of every
 transaction: it ends with the transaction, so it never reaches another client of the
 same server connection as a session SET would, and it is enforced whatever the pooler's
 settings. PgBouncer's `ignore_startup_parameters = statement_timeout` would let the
 startup parameter through only by dropping it, leaving statements without a timeout.
+With the timeout set on the service's role instead and DB_STATEMENT_TIMEOUT_MS=0, no
+transaction needs a statement of its own for it, and the credit fast path's statements
+run alone (README, "Behind PgBouncer").
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ _REFUSING_CLASSES = ("08", "28", "3D", "53300", "57P03")
 _PROTOCOL_VIOLATION = "08P01"
 _POOLER_HINT = (
     "; behind a transaction pooler (PgBouncer, pool_mode = transaction) "
-    "set DB_PREPARED_STATEMENTS=false"
+    "set DB_PREPARED_STATEMENTS=false, or DB_TRANSACTION_POOLER=true if it keeps prepared "
+    "statements (PgBouncer 1.21 or later, max_prepared_statements above 0)"
 )
 
 

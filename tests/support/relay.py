@@ -1,14 +1,19 @@
 """A TCP relay in front of the database, whose traffic a test can stop in the two ways
 a database goes away: `hold` (a host gone silent: packets lost, no reset, no answer)
-and `cut` (connections reset, new ones refused), each undone by `release` / `restore`."""
+and `cut` (connections reset, new ones refused), each undone by `release` / `restore`;
+and whose round trips it can count on the wire (`round_trips`), recording what clients
+send (`recording`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
 
 
 class Relay:
@@ -19,6 +24,11 @@ class Relay:
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
         self.port = 0
+        # Each time a client sends after the server spoke last on its connection (its
+        # first message included): the round trips it waited for, however many
+        # protocol messages each carried.
+        self.round_trips = 0
+        self.recording: bytearray | None = None  # when set, what clients send is added
 
     def hold(self) -> None:
         """From now on whatever is sent, either way, is lost, until `release`."""
@@ -56,16 +66,28 @@ class Relay:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self._upstream)
         self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            pump = asyncio.create_task(self._pump(source, sink))
+        last = ["server"]  # who sent last on this connection
+        for source, sink, side in ((reader, up_writer, "client"), (up_reader, writer, "server")):
+            pump = asyncio.create_task(self._pump(source, sink, side, last))
             self._pumps.add(pump)
             pump.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        source: asyncio.StreamReader,
+        sink: asyncio.StreamWriter,
+        side: str,
+        last: list[str],
+    ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await source.read(65536):
                 if not self._flowing:
                     continue
+                if side == "client":
+                    self.round_trips += last[0] == "server"
+                    if self.recording is not None:
+                        self.recording += data
+                last[0] = side
                 sink.write(data)
                 await sink.drain()
         sink.close()
@@ -82,3 +104,13 @@ async def relayed(url: str) -> AsyncIterator[tuple[str, Relay]]:
         yield urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}")), relay
     finally:
         await relay.close()
+
+
+async def steady_round_trips(relay: Relay, call: Callable[[], Awaitable[T]]) -> tuple[int, T]:
+    """The round trips `call` waits for through `relay`, and its result, once three calls
+    before it have prepared whatever their connection keeps."""
+    for _ in range(3):
+        await call()
+    before = relay.round_trips
+    result = await call()
+    return relay.round_trips - before, result

@@ -11,8 +11,8 @@ were made in) and drops the erasure records without an account, which the earlie
 cannot hold: after it, a user erased with only a consent is no longer known to have been
 erased.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-07
 """
 
@@ -23,8 +23,8 @@ from alembic import op
 
 from app.models import UTCDateTime
 
-revision: str = "0009"
-down_revision: str | None = "0008"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
