@@ -753,6 +753,13 @@ MUTANTS = [
         (*RULES_OF_CARRY, *one_truth(1)),
     ),
     Mutant(
+        "carry: a key on another row taken for the same history",
+        CARRY,
+        "elif row.idempotency_key not in keys or rows.get(row.idempotency_key, row) != row:",
+        "elif row.idempotency_key not in keys:",
+        RULES_OF_CARRY,
+    ),
+    Mutant(
         "carry: a change the store holds by its key applied again",
         CARRY,
         "        if credit.key is not None:\n            return self._known_key(credit)",

@@ -126,6 +126,15 @@ class TestSameHistory:
         assert plan.account == account(5)
         assert plan.rows == (row(-2, key="k2"),)
 
+    def test_a_key_the_store_holds_on_another_row_is_a_history_of_its_own(self) -> None:
+        # Found by the system model: a key reused, on a replica that did not know it, for
+        # another amount; the store's row stands, and so does its account.
+        held = UserState("u", account(6), (row(-4, key="k"),))
+        carried = UserState("u", account(5), (row(-5, key="k"),))
+        plan = carry(held, carried_state(carried), RULES, HORIZON)
+        assert plan.account is None and plan.rows == ()
+        assert plan.expected.account == account(6)
+
     def test_a_balance_changed_underneath_takes_the_carried_one(self) -> None:
         held = UserState("u", account(1), (row(-2, key="k1"),))
         carried = UserState("u", account(8), (row(-2, key="k1"),))

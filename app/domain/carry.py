@@ -323,13 +323,15 @@ class _Carry:
         return Fate.HELD
 
     def _own_changes(self) -> bool:
-        """SAME HISTORY fails: the store holds a change the carried state lacks."""
+        """SAME HISTORY fails: the store holds a change the carried state lacks, or the
+        same key on another row (a clamp, or a key reused for another request)."""
         held, carried = self.held.account, self.carried.account
         assert held is not None and carried is not None
         if held.last_reset > carried.last_reset or (carried.is_guest and not held.is_guest):
             return True
         keys = {credit.key for credit in self.carried.credits if credit.key is not None}
         keys.update(record.key for record in self.carried.keys or ())
+        rows = {credit.key: credit.row for credit in self.carried.credits if credit.key}
         unkeyed = Counter(
             credit.row
             for credit in self.carried.credits
@@ -342,7 +344,7 @@ class _Carry:
                 if unkeyed[row] <= 0:
                     return True
                 unkeyed[row] -= 1
-            elif row.idempotency_key not in keys:
+            elif row.idempotency_key not in keys or rows.get(row.idempotency_key, row) != row:
                 return True
         return False
 
