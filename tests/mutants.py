@@ -46,6 +46,9 @@ SQL_STATE = "app/repositories/sql_state.py"
 CLUSTER = "app/storage/cluster_flag.py"
 PG_STATE = "app/repositories/pg_state.py"
 ACCESS = "app/api/access.py"
+METRICS = "app/ops/metrics.py"
+OBSERVE = "app/api/observe.py"
+METRICS_FAULT_TESTS = ("tests/test_metrics.py", "-k", "fault")
 AUDIT = "app/domain/audit.py"
 SQL_AUDIT = "app/repositories/sql_audit.py"
 PG_STATE_TESTS = ("tests/test_pg_state.py", "tests/test_handover.py", "-k", "postgres")
@@ -460,6 +463,20 @@ MUTANTS = [
         "if self.user_id is not None and user_id != self.user_id:",
         "if False:",
         ("tests/test_access.py",),
+    ),
+    Mutant(
+        "metrics: a fault counting a credit call answers the call",
+        METRICS,
+        "        except Exception:\n            logger.exception(",
+        "        except LookupError:\n            logger.exception(",
+        METRICS_FAULT_TESTS,
+    ),
+    Mutant(
+        "metrics: a fault counting a request reaches the server",
+        OBSERVE,
+        "                except Exception:\n",
+        "                except LookupError:\n",
+        METRICS_FAULT_TESTS,
     ),
     Mutant(
         "access: a user's JWT refunds",

@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
+from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.domain.credits import Attempt, Deduct
@@ -108,6 +110,40 @@ class TestCreditOperations:
             ("deduct", "idempotency_key_reused"): 1,
             ("upgrade", "ok"): 1,
         }
+
+    async def test_every_operation_has_its_series_from_the_start(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """Labels come from the domain's operations: none is left out (an uncounted one
+        once answered 500 after its change was applied)."""
+        samples = await scrape(client)
+        labelled = {
+            dict(pairs)["operation"] for name, pairs in samples if name == "credit_operations_total"
+        }
+        assert labelled == {"read", "deduct", "refund", "upgrade", "reset"}
+
+
+async def test_a_metrics_fault_never_turns_an_applied_change_into_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Counting fails (say the multiprocess directory's disk is full): the answers are
+    the store's, every change applied once, and the fault is logged."""
+    settings = app_settings("database", f"sqlite+aiosqlite:///{tmp_path}/a.db")
+    async with running(settings) as (_, client):
+
+        def full(self: Counter, amount: float = 1, exemplar: object = None) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(Counter, "inc", full)
+        spent = await client.post(f"{CREDITS}/{USER}/deduct", json={"amount": 3})
+        refused = await client.post(f"{CREDITS}/{USER}/deduct", json={"amount": 50})
+        monkeypatch.undo()
+        read = await client.get(f"{CREDITS}/{USER}")
+    assert (spent.status_code, spent.json()["available_credits"]) == (200, 7)
+    assert refused.status_code == 402
+    assert read.json()["available_credits"] == 7
+    assert "credit_operations_total not counted for Deduct" in caplog.text
+    assert "http_requests_total not counted" in caplog.text
 
 
 class TestState:

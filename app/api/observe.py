@@ -15,6 +15,7 @@ request a task and a stream copy of the body, and every answer (a 413 of the lim
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -26,6 +27,8 @@ from app.api.errors import unexpected_error
 from app.ids import UniqueIds
 from app.logs import REQUEST_ID
 from app.ops.metrics import UNMATCHED, Metrics
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = b"x-request-id"
 _request_id = UniqueIds("req", "-")  # token characters only, as an incoming id must be
@@ -70,7 +73,10 @@ class Observe:
             raise  # for the server to log and close the connection, as Starlette does
         finally:
             if self._metrics is not None:
-                self._count(scope, status_sent or 500, time.perf_counter() - started)
+                try:  # after the answer: a fault of the metrics must not become the request's
+                    self._count(scope, status_sent or 500, time.perf_counter() - started)
+                except Exception:
+                    logger.exception("http_requests_total not counted")
             REQUEST_ID.reset(token)
 
     def _count(self, scope: Scope, status: int, seconds: float) -> None:

@@ -10,9 +10,10 @@ kept in step by hand; in multiprocess mode those are the answering worker's.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,7 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.domain.credits import Deduct, Operation, Read, Refund, Reset, Upgrade
+from app.domain.credits import Operation
 from app.storage.engine import pool_status
 from app.storage.resilience import BreakerState
 
@@ -37,24 +38,28 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNMATCHED = "unmatched"  # the route label of a request no route matches
 # Milliseconds matter here: the hot routes answer in about one.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-OPERATIONS: dict[type[Operation], str] = {
-    Read: "read",
-    Deduct: "deduct",
-    Refund: "refund",
-    Upgrade: "upgrade",
-    Reset: "reset",
-}
 OUTCOMES = ("ok", "insufficient_credits", "idempotency_key_reused", "storage_unavailable", "error")
+
+logger = logging.getLogger(__name__)
+
+
+def operation_label(kind: type) -> str:
+    """The `operation` label of a credit operation: its type's name (`Deduct` → "deduct"),
+    so an operation added to the domain is counted without a list kept here."""
+    return kind.__name__.lower()
 
 
 class CreditOutcomes:
-    """`credit_operations_total`, its children bound once: counting a call is a dict
-    look-up and an increment."""
+    """`credit_operations_total`, its children bound once for every operation of the
+    domain: counting a call is a dict look-up and an increment. Counting never raises:
+    the change it counts has been applied (or refused) already, and a fault of the
+    metrics must not turn that answer into an error."""
 
     def __init__(self, counter: Counter) -> None:
+        self._counter = counter
         self._children = {
-            (kind, outcome): counter.labels(operation=name, outcome=outcome)
-            for kind, name in OPERATIONS.items()
+            (kind, outcome): counter.labels(operation=operation_label(kind), outcome=outcome)
+            for kind in get_args(Operation)
             for outcome in OUTCOMES
         }
 
@@ -62,7 +67,16 @@ class CreditOutcomes:
         outcome = "ok" if error is None else getattr(error, "code", "error")
         if outcome not in OUTCOMES:
             outcome = "error"
-        self._children[(type(operation), outcome)].inc()
+        try:
+            key = (type(operation), outcome)
+            child = self._children.get(key)
+            if child is None:  # a type outside `Operation` (mypy stops most): label it all the same
+                child = self._children[key] = self._counter.labels(
+                    operation=operation_label(type(operation)), outcome=outcome
+                )
+            child.inc()
+        except Exception:
+            logger.exception("credit_operations_total not counted for %s", type(operation).__name__)
 
 
 class Metrics:

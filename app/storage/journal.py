@@ -31,9 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, assert_never
+from typing import Any, TypeVar, assert_never, get_args
 
-from app.domain.credits import Attempt, Change, Deduct, Refund, Reset, Upgrade
+from app.domain.credits import Attempt, Change
 
 R = TypeVar("R")
 MAX_SLOTS = 64
@@ -70,9 +70,7 @@ class MarketingChanged:
 
 
 Served = CreditChange | ConsentRecorded | MarketingChanged
-_CHANGES: dict[str, type[Change]] = {
-    kind.__name__: kind for kind in (Deduct, Refund, Upgrade, Reset)
-}
+_CHANGES: dict[str, type[Change]] = {kind.__name__: kind for kind in get_args(Change)}
 
 
 class JournalError(RuntimeError):
