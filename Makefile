@@ -41,6 +41,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check app tests
 	$(BIN)/ruff format --check app tests
 	$(BIN)/mypy app
+	$(BIN)/lint-imports
 
 lock: | $(UV)  ## Refresh uv.lock: the newest versions pyproject.toml's ranges allow (README, "Upgrading a dependency")
 	$(UV) lock --upgrade

@@ -16,11 +16,11 @@ from typing import Any
 
 import uvicorn
 
+from app.cli.audit import EXIT_STATUS, run_audit
+from app.cli.journal import replay_journal
+from app.cli.state import export_state, import_state
 from app.config import ApiAuth, get_settings
 from app.logs import uvicorn_log_config
-from app.ops.audit_cli import EXIT_STATUS, run_audit
-from app.ops.journal_cli import replay_journal
-from app.ops.state_cli import export_state, import_state
 
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.storage.tls import check_tls
+from app.tls import check_tls
 
 
 class StorageBackend(StrEnum):
@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./assistant.db"
     # The owner role's URL for Alembic (start-up and migration commands); None: DATABASE_URL.
     migration_database_url: str | None = None
-    # PEM file of the CA(s) that sign the PostgreSQL server's certificate (app/storage/tls.py).
+    # PEM file of the CA(s) that sign the PostgreSQL server's certificate (app/tls.py).
     db_ssl_root_cert: str | None = None
     db_pool_size: int = Field(10, ge=1, le=1000)
     db_max_overflow: int = Field(20, ge=0, le=1000)
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     db_connect_timeout: float = Field(5, gt=0)
     db_statement_timeout_ms: int = Field(10_000, ge=0)
     # False behind a transaction pooler (PgBouncer, pool_mode = transaction) that keeps no
-    # prepared statements: none is kept between transactions (app/storage/pooler.py).
+    # prepared statements: none is kept between transactions (app/db/pooler.py).
     db_prepared_statements: bool = True
     # True behind a transaction pooler that keeps prepared statements (PgBouncer >= 1.21
     # with max_prepared_statements > 0): statements stay prepared, settings are the
@@ -257,7 +257,7 @@ class Settings(BaseSettings):
     @property
     def behind_transaction_pooler(self) -> bool:
         """Whether nothing may outlive a transaction on a server connection but prepared
-        statements, and those only with DB_PREPARED_STATEMENTS (app/storage/pooler.py)."""
+        statements, and those only with DB_PREPARED_STATEMENTS (app/db/pooler.py)."""
         return self.db_transaction_pooler or not self.db_prepared_statements
 
 

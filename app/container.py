@@ -16,51 +16,51 @@ from app.cache.tiers import ONE_ATTEMPT, CacheTiers, build_cache_tiers
 from app.clock import utc_now
 from app.config import OutageFallback as OutageFallbackMode
 from app.config import Settings, StorageBackend
-from app.domain.credits import CreditRules
-from app.domain.privacy import Pseudonyms
-from app.domain.state import Tally
-from app.errors import JournalPendingError, StorageUnavailableError
-from app.ops.audit import AuditReport, audit_ledger
-from app.ops.health import database_status
-from app.ops.metrics import CreditOutcomes
-from app.ops.migrate import current_revision, upgrade_schema
-from app.ops.retention import RetentionJob
-from app.repositories.base import CreditRepository, Erasures, StateRepository, Stores
-from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.pg_connections import FastConnections
-from app.repositories.sql import sql_stores, state_repository
-from app.repositories.sql_state import SqlErasures
-from app.services.assistant import Answer, AssistantService
-from app.services.consents import UserConsentService
-from app.services.credits import CreditService
-from app.services.privacy import PrivacyService
-from app.services.query_cache import CacheStats, QueryCacheService
-from app.services.single_flight import SingleFlight
-from app.storage.cluster_flag import ClusterFlag, FlagStore, StoredFlag
-from app.storage.engine import (
+from app.db.engine import (
     create_engine,
     fast_connections,
     masked_url,
     transaction_setting,
 )
-from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.guarded import (
+from app.db.guarded import (
     GuardedCache,
     GuardedConsents,
     GuardedCredits,
     GuardedErasures,
     GuardedState,
 )
-from app.storage.handover import HandoverInProgressError, HandoverReport, hand_over
-from app.storage.journal import OutageJournal
-from app.storage.metered import MeteredCredits
-from app.storage.provider import StorageProvider
-from app.storage.refusal import connection_refusal
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
-from app.storage.routing import RoutedConsents, RoutedCredits, WriteGate
-from app.storage.shadow import Shadow
-from app.storage.stream import staged
-from app.storage.tls import tls_failure
+from app.db.migrate import current_revision, upgrade_schema
+from app.db.refusal import connection_refusal
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
+from app.domain.credits import CreditRules
+from app.domain.privacy import Pseudonyms
+from app.domain.state import Tally
+from app.errors import JournalPendingError, StorageUnavailableError
+from app.ops.audit import AuditReport, audit_ledger
+from app.ops.health import database_status
+from app.ops.metered import MeteredCredits
+from app.ops.metrics import CreditOutcomes
+from app.ops.retention import RetentionJob
+from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.journal import OutageJournal
+from app.repositories.base import CreditRepository, Erasures, StateRepository, Stores
+from app.repositories.database import sql_stores, state_repository
+from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
+from app.repositories.postgres.connections import FastConnections
+from app.repositories.sql.state import SqlErasures
+from app.services.assistant import Answer, AssistantService
+from app.services.consents import UserConsentService
+from app.services.credits import CreditService
+from app.services.privacy import PrivacyService
+from app.services.query_cache import CacheStats, QueryCacheService
+from app.services.single_flight import SingleFlight
+from app.switching.cluster_flag import ClusterFlag, FlagStore, StoredFlag
+from app.switching.handover import HandoverInProgressError, HandoverReport, hand_over
+from app.switching.provider import StorageProvider
+from app.switching.routing import RoutedConsents, RoutedCredits, WriteGate
+from app.switching.shadow import Shadow
+from app.tls import tls_failure
+from app.transfer.stream import staged
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +237,10 @@ class Container:
         the schema head first, and a new primary waits for the outage journal's replay
         (JournalPendingError while changes still wait). With `carry_state`, a new primary
         gets the old one's users first, or else a new shadow the primary's
-        (app/storage/handover.py), and the report says what was carried;
+        (app/switching/handover.py), and the report says what was carried;
         HandoverFailedError leaves the flag. HandoverInProgressError while another change
         runs. The change is stored for the other replicas to follow
-        (app/storage/cluster_flag.py), unless it is one they made: `followed`."""
+        (app/switching/cluster_flag.py), unless it is one they made: `followed`."""
         async with self._moving_state():
             if StorageBackend.DATABASE in (backend, shadow):
                 await self.prepare_database()
@@ -336,7 +336,7 @@ class Container:
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
     ) -> HandoverReport:
         """Validates a whole NDJSON stream, then merges it into `backend`'s store
-        (app/storage/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
+        (app/transfer/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
         async with staged(chunks, self.states[backend]) as stream, self._moving_state():
             if backend is StorageBackend.DATABASE:
                 await self.prepare_database()
@@ -384,8 +384,8 @@ class Container:
 
 
 def _not_prepared(error: Exception, failed: str) -> StorageUnavailableError:
-    """What start-up reports: a TLS failure as one (app/storage/tls.py); a refusal as one
-    (app/storage/refusal.py), the server's words logged; an unreachable database as such;
+    """What start-up reports: a TLS failure as one (app/tls.py); a refusal as one
+    (app/db/refusal.py), the server's words logged; an unreachable database as such;
     anything else as `failed`."""
     if (tls := tls_failure(error)) is not None:
         return StorageUnavailableError(tls)
@@ -406,7 +406,7 @@ def pseudonyms_of(settings: Settings) -> Pseudonyms | None:
 
 
 def database_state(settings: Settings, engine: AsyncEngine) -> StateRepository:
-    """The database's users as a whole (app/repositories/sql.py), as the settings say."""
+    """The database's users as a whole (app/repositories/database.py), as the settings say."""
     return state_repository(
         engine,
         credit_rules(settings),

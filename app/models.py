@@ -185,9 +185,9 @@ class CreditErasureRow(Base):
     it whether a change was made before the erasure (app/domain/carry.py, ERASED).
 
     No user_id: keyed by its own hash (an HMAC), small (one row per erasure), and read by
-    the statement that opens an account (pg_statements.CREATE); a distributed PostgreSQL
-    keeps it as a reference table on every node, so that statement stays on the user's
-    shard (docs/scale-out.md)."""
+    the statement that opens an account (CREATE, app/repositories/postgres/statements.py);
+    a distributed PostgreSQL keeps it as a reference table on every node, so that statement
+    stays on the user's shard (docs/scale-out.md)."""
 
     __tablename__ = "credit_erasures"
     __table_args__ = (Index("ix_credit_erasures_erased_at", "erased_at"),)

@@ -1,7 +1,7 @@
 """What an engine sends to PostgreSQL: seen through SQLAlchemy events (StatementLog),
 and at the driver, asyncpg, where every call that waits for the server is one
 round trip (DriverLog). The PostgreSQL fast path runs on asyncpg directly
-(app/repositories/pg_connections.py), so SQLAlchemy's events see only the general
+(app/repositories/postgres/connections.py), so SQLAlchemy's events see only the general
 path; the driver sees both.
 
 StatementLog: statements come from `before_cursor_execute`. Transaction control is not a cursor

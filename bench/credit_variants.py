@@ -16,11 +16,11 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from app.clock import utc_now
 from app.container import build_container
+from app.db.engine import create_engine
 from app.domain.credits import CreditRules
 from app.models import CreditTransactionRow, UserCreditsRow
 from app.repositories.memory import memory_stores
 from app.services.credits import CreditService
-from app.storage.engine import create_engine
 from bench import fixtures
 from bench.capture import DriverLog, Sent
 from bench.load import Op, Worker, stateless

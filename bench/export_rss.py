@@ -14,9 +14,9 @@ from datetime import timedelta
 from typing import IO
 
 from app.container import credit_rules
-from app.repositories.pg_state import PostgresStateRepository
-from app.storage.engine import create_engine
-from app.storage.stream import export_lines
+from app.db.engine import create_engine
+from app.repositories.postgres.state import PostgresStateRepository
+from app.transfer.stream import export_lines
 from bench.server import bench_settings
 
 

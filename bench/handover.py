@@ -1,7 +1,7 @@
 """Section `handover`: moving state into PostgreSQL and out of it (SPEC §7).
 
 - Import: N accounts and 2N ledger rows as an NDJSON stream, validated into a spool and
-  merged (app/storage/stream.py) into an empty database through
+  merged (app/transfer/stream.py) into an empty database through
   PostgresStateRepository, against asyncpg's binary COPY of the same rows into the same
   tables of another empty database: the least any import can cost. SqlStateRepository
   is measured on a tenth of the stream.
@@ -30,18 +30,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.clock import utc_now
 from app.config import StorageBackend
 from app.container import credit_rules
+from app.db.engine import create_engine
 from app.domain.credits import Account, Attempt, CreditRules, Deduct
 from app.domain.state import LedgerRecord
 from app.repositories.base import StateRepository
+from app.repositories.database import sql_stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.pg_state import PostgresStateRepository
-from app.repositories.sql import sql_stores
-from app.repositories.sql_state import SqlStateRepository
-from app.storage.engine import create_engine
-from app.storage.handover import hand_over
-from app.storage.provider import StorageProvider
-from app.storage.routing import WriteGate
-from app.storage.stream import staged
+from app.repositories.postgres.state import PostgresStateRepository
+from app.repositories.sql.state import SqlStateRepository
+from app.switching.handover import hand_over
+from app.switching.provider import StorageProvider
+from app.switching.routing import WriteGate
+from app.transfer.stream import staged
 from bench import fixtures
 from bench.context import Context
 from bench.report import heading, rate, ratio, say, table

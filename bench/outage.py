@@ -29,12 +29,12 @@ from app.container import build_container
 from app.domain.credits import Attempt, CreditRules, Deduct, Operation
 from app.domain.state import Merged
 from app.errors import StorageUnavailableError
+from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.journal import CreditChange, OutageJournal, encode
 from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
 from app.schemas import CreditTransaction, UserCredits
 from app.services.credits import CreditService
-from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.journal import CreditChange, OutageJournal, encode
 from bench import fixtures
 from bench.context import Context
 from bench.credit_variants import MAX_CONCURRENCY

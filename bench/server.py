@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from app.config import Settings, StorageBackend, normalise_database_url
-from app.ops.migrate import upgrade_to_head
-from app.storage.engine import create_engine
+from app.db.engine import create_engine
+from app.db.migrate import upgrade_to_head
 
 
 @dataclass

@@ -33,16 +33,16 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings, StorageBackend
+from app.db.engine import create_engine, fast_connections
+from app.db.migrate import upgrade_to_head
 from app.domain.credits import CreditRules
 from app.main import create_app
-from app.ops.migrate import upgrade_to_head
 from app.repositories.base import StateRepository, Stores
+from app.repositories.database import sql_stores, state_repository
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.sql import sql_stores, state_repository
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
-from app.storage.engine import create_engine, fast_connections
 from tests.support.app_client import client_for
 from tests.support.clock import FakeClock
 from tests.support.ledger import AuditedCreditRepository, LedgerAudit
@@ -93,7 +93,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def database_state(engine: AsyncEngine, **options: Any) -> StateRepository:
-    """The database's users as a whole, with the test rules (app/repositories/sql.py)."""
+    """The database's users as a whole, with the test rules (app/repositories/database.py)."""
     return state_repository(engine, RULES, retention=RETENTION, **options)
 
 

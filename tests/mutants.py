@@ -28,29 +28,29 @@ COPIED = ("app", "tests", "alembic.ini", "pyproject.toml")
 
 DOMAIN = "app/domain/credits.py"
 MEMORY = "app/repositories/memory.py"
-GENERAL = "app/repositories/sql_credits.py"
-STATEMENTS = "app/repositories/pg_statements.py"
-FAST = "app/repositories/pg_credits.py"
-FAST_CONNECTIONS = "app/repositories/pg_connections.py"
+GENERAL = "app/repositories/sql/credits.py"
+STATEMENTS = "app/repositories/postgres/statements.py"
+FAST = "app/repositories/postgres/credits.py"
+FAST_CONNECTIONS = "app/repositories/postgres/connections.py"
 SERVICE_CODE = "app/services/credits.py"
-FALLBACK = "app/storage/fallback.py"
-REPLAY = "app/storage/replay.py"
+FALLBACK = "app/outage/fallback.py"
+REPLAY = "app/outage/replay.py"
 CARRY = "app/domain/carry.py"
 CONTAINER = "app/container.py"
 PRIVACY = "app/services/privacy.py"
 STATE = "app/domain/state.py"
-ROUTING = "app/storage/routing.py"
-HANDOVER = "app/storage/handover.py"
-SHADOW = "app/storage/shadow.py"
-SQL_STATE = "app/repositories/sql_state.py"
-CLUSTER = "app/storage/cluster_flag.py"
-PG_STATE = "app/repositories/pg_state.py"
+ROUTING = "app/switching/routing.py"
+HANDOVER = "app/switching/handover.py"
+SHADOW = "app/switching/shadow.py"
+SQL_STATE = "app/repositories/sql/state.py"
+CLUSTER = "app/switching/cluster_flag.py"
+PG_STATE = "app/repositories/postgres/state.py"
 ACCESS = "app/api/access.py"
 METRICS = "app/ops/metrics.py"
 OBSERVE = "app/api/observe.py"
 METRICS_FAULT_TESTS = ("tests/test_metrics.py", "-k", "fault")
 AUDIT = "app/domain/audit.py"
-SQL_AUDIT = "app/repositories/sql_audit.py"
+SQL_AUDIT = "app/repositories/sql/audit.py"
 PG_STATE_TESTS = ("tests/test_pg_state.py", "tests/test_handover.py", "-k", "postgres")
 
 MODEL = "tests/test_credit_model.py::test_the_credit_rules_hold_on_every_store"
@@ -240,7 +240,7 @@ MUTANTS = [
     ),
     Mutant(
         "erasure: descriptions kept on the pseudonymised ledger",
-        "app/repositories/sql_state.py",
+        "app/repositories/sql/state.py",
         ".values(user_id=pseudonym, description=None, idempotency_key=None)",
         ".values(user_id=pseudonym, idempotency_key=None)",
         ("tests/test_privacy.py", "-k", "postgres"),
@@ -340,7 +340,7 @@ MUTANTS = [
     ),
     Mutant(
         "import: a batch naming a user of the batch before merged alongside it",
-        "app/storage/stream.py",
+        "app/transfer/stream.py",
         "len(merging) == MERGES_IN_FLIGHT or batch.follows",
         "len(merging) == MERGES_IN_FLIGHT",
         ("tests/test_import_staging.py", "-k", "waits_for_it"),
@@ -919,7 +919,7 @@ MUTANTS = [
     ),
     Mutant(
         "export: no erasure lines (finding 8)",
-        "app/storage/stream.py",
+        "app/transfer/stream.py",
         "        yield _ENCODER.encode_lines([_erasure_line(record) for record in records])",
         "        yield b''",
         one_truth(8),

@@ -20,13 +20,13 @@ from sqlalchemy import update
 
 from app.config import Settings
 from app.container import Container
+from app.db.engine import create_engine
 from app.domain.carry import carried_state
 from app.domain.credits import Account
 from app.domain.state import UserState
-from app.repositories.sql import sql_stores
-from app.repositories.sql_credits import accounts
+from app.repositories.database import sql_stores
+from app.repositories.sql.credits import accounts
 from app.services.credits import CreditService
-from app.storage.engine import create_engine
 from tests.conftest import RULES
 from tests.test_metrics import scrape, value
 

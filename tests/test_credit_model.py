@@ -39,6 +39,7 @@ from hypothesis.stateful import (
 )
 
 from app.config import Settings
+from app.db.engine import create_engine, fast_connections
 from app.domain.audit import Verdict, verdict
 from app.domain.credits import (
     Account,
@@ -55,11 +56,10 @@ from app.domain.credits import (
 )
 from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError
 from app.repositories.base import CreditRepository, StateRepository
+from app.repositories.database import sql_stores
 from app.repositories.memory import MemoryData, memory_stores
-from app.repositories.sql import sql_stores
 from app.schemas import UserCredits
 from app.services.credits import Applied, CreditService
-from app.storage.engine import create_engine, fast_connections
 from tests.conftest import RULES, database_state, fresh_database, memory_state
 from tests.support.clock import FakeClock
 

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.db.engine import create_engine, fast_connections
 from app.errors import InsufficientCreditsError
-from app.repositories.sql import sql_stores
+from app.repositories.database import sql_stores
 from app.services.credits import CreditService
-from app.storage.engine import create_engine, fast_connections
 from tests.conftest import RULES
 from tests.support.clock import FakeClock
 from tests.support.ledger import LedgerAudit

@@ -16,9 +16,9 @@ import asyncpg
 import pytest
 
 from app.config import Settings
+from app.db.engine import create_engine
+from app.db.migrate import head_revision, upgrade_to_head
 from app.errors import StorageUnavailableError
-from app.ops.migrate import head_revision, upgrade_to_head
-from app.storage.engine import create_engine
 from tests.conftest import app_settings, plain_dsn
 from tests.support.alembic import run_alembic
 from tests.support.app_client import running

@@ -15,8 +15,8 @@ import asyncpg
 import pytest
 
 from app.config import Settings
-from app.ops.migrate import upgrade_to_head
-from app.storage.engine import create_engine
+from app.db.engine import create_engine
+from app.db.migrate import upgrade_to_head
 from tests.conftest import empty_postgres_database, plain_dsn
 from tests.support.postgres import PostgresServer
 

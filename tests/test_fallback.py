@@ -1,4 +1,4 @@
-"""The outage fallback (app/storage/fallback.py) without a real outage: a database store
+"""The outage fallback (app/outage/fallback.py) without a real outage: a database store
 that is down while the test says so. Every kind of change it serves from memory
 reaches the database on replay, once; reads are never replayed."""
 
@@ -25,6 +25,9 @@ from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Merged
 from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError, StorageUnavailableError
+from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
+from app.outage.last_known import LastKnown
 from app.repositories.base import (
     ConsentRepository,
     CreditRepository,
@@ -32,15 +35,12 @@ from app.repositories.base import (
     StateRepository,
     Stores,
 )
+from app.repositories.database import sql_stores
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.sql import sql_stores
-from app.repositories.sql_state import SqlStateRepository
+from app.repositories.sql.state import SqlStateRepository
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
-from app.storage.fallback import OutageFallback, with_fallback
-from app.storage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
-from app.storage.last_known import LastKnown
 from tests.conftest import RETENTION, RULES
 from tests.support.clock import FakeClock
 

@@ -1,5 +1,5 @@
 """PostgreSQL's fast path runs on connections of its own (app/repositories/
-pg_connections.py): within the pool budget, handed to waiting calls in turn (and a call
+postgres/connections.py): within the pool budget, handed to waiting calls in turn (and a call
 declined to the general path when its turn does not come in time), given up on when the
 database falls silent, and prepared anew after a schema change."""
 
@@ -16,7 +16,7 @@ import pytest
 from app.config import Settings
 from app.container import Container, build_container
 from app.errors import StorageUnavailableError
-from app.repositories.pg_connections import FastConnections
+from app.repositories.postgres.connections import FastConnections
 from tests.conftest import fresh_database, plain_dsn
 from tests.support.relay import relayed
 

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
 
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import _server_or_skip, app_settings, plain_dsn, run_outside_loop
 from tests.support.app_client import running
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_local_cluster

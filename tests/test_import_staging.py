@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 
 from app.config import Settings
+from app.db.engine import create_engine
+from app.db.guarded import GuardedState
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.domain.state import Merged, UserState
 from app.errors import StorageUnavailableError
-from app.repositories import pg_state
 from app.repositories.base import StagedBatch, StagedRows, StateRepository
 from app.repositories.memory import MemoryData
-from app.storage import stream
-from app.storage.engine import create_engine
-from app.storage.guarded import GuardedState
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
-from app.storage.stream import InvalidStreamError, staged
+from app.repositories.postgres import state as pg_state
+from app.transfer import stream
+from app.transfer.stream import InvalidStreamError, staged
 from tests.conftest import database_state, fresh_database, memory_state
 from tests.support.relay import relayed
 

@@ -14,16 +14,16 @@ import pytest
 from sqlalchemy import select, update
 
 from app.config import Settings
+from app.db.engine import create_engine, fast_connections
 from app.domain.audit import LedgerFigures, Sums, Verdict, verdict
 from app.domain.carry import carried_state
 from app.domain.privacy import Pseudonyms
 from app.ops.audit import AuditReport, audit_ledger
 from app.repositories.base import StateRepository
+from app.repositories.database import sql_stores, state_repository
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores
-from app.repositories.sql import sql_stores, state_repository
-from app.repositories.sql_credits import accounts, ledger
+from app.repositories.sql.credits import accounts, ledger
 from app.services.credits import CreditService
-from app.storage.engine import create_engine, fast_connections
 from tests.conftest import RETENTION, RULES, STORES, fresh_database
 from tests.support.clock import FakeClock
 

@@ -15,7 +15,7 @@ from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.domain.credits import Attempt, Deduct
-from app.storage.journal import CreditChange
+from app.outage.journal import CreditChange
 from tests.conftest import app_settings
 from tests.support.app_client import running
 

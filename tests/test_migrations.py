@@ -24,14 +24,14 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings, StorageBackend
+from app.db.engine import create_engine
+from app.db.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
 from app.errors import IdempotencyKeyReusedError
 from app.models import Base
-from app.ops.migrate import alembic_config, current_revision, head_revision, upgrade_to_head
-from app.repositories.sql import sql_stores
+from app.repositories.database import sql_stores
 from app.services.consents import UserConsentService
 from app.services.credits import CreditService
-from app.storage.cluster_flag import FlagStore, StoredFlag
-from app.storage.engine import create_engine
+from app.switching.cluster_flag import FlagStore, StoredFlag
 from tests.conftest import RULES, empty_postgres_database
 from tests.support.alembic import ALEMBIC, run_alembic
 from tests.support.postgres import PostgresServer

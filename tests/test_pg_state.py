@@ -15,19 +15,19 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.db.engine import create_engine
+from app.db.guarded import GuardedState
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.domain.carry import carried_state
 from app.domain.credits import Account
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Erasure, LedgerRecord, Merged, Tally, UserState
 from app.repositories.base import StagedBatch, StagedRows
-from app.repositories.pg_state import PostgresStateRepository
-from app.repositories.sql_consents import consent_events, consents
-from app.repositories.sql_credits import accounts, claimed_keys, erasures, ledger
-from app.repositories.sql_state import SqlStateRepository
+from app.repositories.postgres.state import PostgresStateRepository
+from app.repositories.sql.consents import consent_events, consents
+from app.repositories.sql.credits import accounts, claimed_keys, erasures, ledger
+from app.repositories.sql.state import SqlStateRepository
 from app.schemas import UserConsent
-from app.storage.engine import create_engine
-from app.storage.guarded import GuardedState
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import RULES, fresh_database
 
 pytestmark = pytest.mark.postgres

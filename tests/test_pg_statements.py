@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from app.repositories.pg_statements import ADMISSION, ALL, CONSENT, HISTORY, Statement
+from app.repositories.postgres.statements import ADMISSION, ALL, CONSENT, HISTORY, Statement
 from tests.conftest import fresh_database, plain_dsn
 
 pytestmark = pytest.mark.postgres

@@ -22,12 +22,12 @@ import pytest
 
 from app.config import Settings
 from app.container import build_container
+from app.db.engine import create_engine, transaction_setting
 from app.domain.carry import carried_state
 from app.errors import StorageUnavailableError
 from app.main import create_app
-from app.repositories.pg_statements import DEDUCT_OWN_KEY
+from app.repositories.postgres.statements import DEDUCT_OWN_KEY
 from app.services.credits import CreditService
-from app.storage.engine import create_engine, transaction_setting
 from tests.conftest import app_settings, database_state, fresh_database, plain_dsn
 from tests.support.app_client import client_for
 from tests.support.pgbouncer import PgBouncer
@@ -135,7 +135,8 @@ class TestTheStatementTimeout:
     async def test_a_hand_over_s_own_transactions_are_timed_too(
         self, bounced_url: str, postgres_server: PostgresServer
     ) -> None:
-        """The state repository runs its own asyncpg transactions (app/repositories/pg_state.py)."""
+        """The state repository runs its own asyncpg transactions
+        (app/repositories/postgres/state.py)."""
         settings = app_settings("pgbouncer", bounced_url, db_statement_timeout_ms=300)
         async with serving(bounced_url, db_statement_timeout_ms=300) as client:
             await client.get(f"{CREDITS}/moving")

@@ -14,9 +14,9 @@ import pytest
 
 from app.config import Settings
 from app.container import Container
+from app.db.engine import create_engine, fast_connections
+from app.db.migrate import head_revision
 from app.errors import StorageUnavailableError
-from app.ops.migrate import head_revision
-from app.storage.engine import create_engine, fast_connections
 from tests.conftest import TlsPostgres, app_settings, empty_postgres_database
 from tests.support.alembic import run_alembic
 from tests.support.app_client import running

@@ -1,4 +1,4 @@
-"""A connection refused is told apart from one that found nobody (app/storage/refusal.py)."""
+"""A connection refused is told apart from one that found nobody (app/db/refusal.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from app.storage.refusal import connection_refusal
+from app.db.refusal import connection_refusal
 
 
 class _Adapted(Exception):

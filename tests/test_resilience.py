@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.storage.resilience import (
+from app.db.resilience import (
     BreakerState,
     CircuitBreaker,
     Guard,
@@ -17,6 +16,7 @@ from app.storage.resilience import (
     is_transient,
     is_unavailable,
 )
+from app.errors import InsufficientCreditsError, StorageUnavailableError
 
 
 class Ticks:

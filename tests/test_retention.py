@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.ops.retention import RETENTION_LOCK_KEY, RetentionJob
-from app.repositories.sql import sql_stores
+from app.repositories.database import sql_stores
 from app.services.credits import CreditService
 from app.services.query_cache import CacheStats, QueryCacheService
 from tests.conftest import RULES

@@ -18,8 +18,8 @@ from sqlalchemy.exc import DBAPIError
 
 from app.config import Settings, StorageBackend
 from app.container import build_container
+from app.db.engine import create_engine, fast_connections
 from app.services.credits import CreditService
-from app.storage.engine import create_engine, fast_connections
 from tests.conftest import fresh_database
 from tests.support.relay import relayed, steady_round_trips
 

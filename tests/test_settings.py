@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from app.storage.engine import masked_url
+from app.db.engine import masked_url
 
 EXAMPLE = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
 

@@ -10,9 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
-from app.ops.migrate import migration_settings
-from app.storage.engine import create_engine
-from app.storage.tls import tls_connect_args
+from app.db.engine import create_engine
+from app.db.migrate import migration_settings
+from app.tls import tls_connect_args
 from tests.support.tls import make_authority
 
 DB = "postgresql+asyncpg://app@db.internal/assistant"

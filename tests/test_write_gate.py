@@ -1,4 +1,4 @@
-"""The write gate (app/storage/routing.py): what a hand-over relies on to lose no write."""
+"""The write gate (app/switching/routing.py): what a hand-over relies on to lose no write."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from app.errors import StorageUnavailableError
-from app.storage.routing import WriteGate
+from app.switching.routing import WriteGate
 
 
 async def test_holding_waits_for_the_writes_in_flight_and_holds_new_ones() -> None:

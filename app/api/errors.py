@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
+from app.db.resilience import is_unavailable
 from app.errors import AppError, StorageUnavailableError
-from app.storage.resilience import is_unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from app.config import StorageBackend
 from app.errors import DeadLetterNotFoundError
 from app.ops.health import database_status
 from app.ops.metrics import CONTENT_TYPE, Metrics
-from app.storage.stream import export_lines
+from app.transfer.stream import export_lines
 
 NDJSON = "application/x-ndjson"
 

@@ -10,21 +10,12 @@ import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
-from app.repositories.base import CacheRepository
+from app.repositories.base import CacheRepository, EntryReader
 
 DEFAULT_MAX_ENTRIES = 1024
 DEFAULT_LOCAL_TTL_SECONDS = 30.0
-
-
-@runtime_checkable
-class EntryReader(Protocol):
-    """A shared tier that can also tell an entry's expiry (RedisCacheRepository)."""
-
-    async def get_entry(
-        self, key: str, *, now: datetime
-    ) -> tuple[dict[str, Any], datetime] | None: ...
 
 
 @dataclass

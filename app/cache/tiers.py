@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 from app.cache.local_tier import LocalCacheTier, TierStats
 from app.cache.redis_tier import RedisCacheRepository, redis_client
 from app.config import CacheBackend, Settings
+from app.db.guarded import GuardedEntryCache
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.repositories.base import CacheRepository
-from app.storage.guarded import GuardedEntryCache
-from app.storage.resilience import CircuitBreaker, Guard, RetryPolicy
 
 # The cache is never worth waiting for: one attempt, then a miss.
 ONE_ATTEMPT = RetryPolicy(attempts=1, max_seconds=0, initial_backoff=0, max_backoff=0)

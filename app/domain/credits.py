@@ -5,7 +5,7 @@ returns the account after it and the ledger entries it writes, or refuses with
 InsufficientCreditsError. The memory store applies it under its lock, the SQL general
 path applies it to the account row it holds locked, and PostgreSQL's single
 statements mirror its steady state, each naming the rule it mirrors
-(app/repositories/pg_statements.py). The rules, by the names the stores cite:
+(app/repositories/postgres/statements.py). The rules, by the names the stores cite:
 
 - FIRST SIGHT: an unseen account opens with the full budget of its tier, no ledger row.
 - ERASED RESUMES: an id erased (SPEC §10) before its next reset was due opens as it was

@@ -13,9 +13,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from app.config import Settings
+from app.db.engine import create_engine
+from app.db.migrate import MIGRATION_LOCK_KEY, migration_settings
 from app.models import Base
-from app.ops.migrate import MIGRATION_LOCK_KEY, migration_settings
-from app.storage.engine import create_engine
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

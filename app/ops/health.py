@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.ops.migrate import current_revision, head_revision
-from app.storage.engine import pool_status
+from app.db.engine import pool_status
+from app.db.migrate import current_revision, head_revision
 
 READINESS_TIMEOUT_SECONDS = 3.0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, get_args
+from typing import Protocol, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,13 +26,39 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.cache.tiers import CacheTiers
+from app.db.engine import pool_status
+from app.db.resilience import BreakerState, CircuitBreaker
 from app.domain.credits import Operation
-from app.storage.engine import pool_status
-from app.storage.resilience import BreakerState
+from app.ops.audit import AuditReport
+from app.outage.fallback import OutageFallback
+from app.services.query_cache import CacheStats
+from app.switching.provider import StorageProvider
+from app.switching.shadow import Shadow
 
-if TYPE_CHECKING:
-    from app.container import Container
+
+class Observed(Protocol):
+    """What a scrape reads of the running service (the container, app/container.py)."""
+
+    @property
+    def breaker(self) -> CircuitBreaker: ...
+    @property
+    def engine(self) -> AsyncEngine: ...
+    @property
+    def fallback(self) -> OutageFallback | None: ...
+    @property
+    def shadow(self) -> Shadow: ...
+    @property
+    def cache_tiers(self) -> CacheTiers: ...
+    @property
+    def cache_stats(self) -> CacheStats: ...
+    @property
+    def storage(self) -> StorageProvider: ...
+    @property
+    def last_audit(self) -> AuditReport | None: ...
+
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNMATCHED = "unmatched"  # the route label of a request no route matches
@@ -83,7 +109,7 @@ class Metrics:
     """The application's series and its scrape. `container` gives the running
     container (None before the lifespan has built it)."""
 
-    def __init__(self, container: Callable[[], Container | None]) -> None:
+    def __init__(self, container: Callable[[], Observed | None]) -> None:
         # A `_created` series beside each counter says nothing here (library-wide switch).
         disable_created_metrics()  # type: ignore[no-untyped-call]
         # In multiprocess mode the values live in the directory; the series are then
@@ -129,7 +155,7 @@ class Metrics:
 class _StateCollector(Collector):
     """Series read from the container when scraped."""
 
-    def __init__(self, container: Callable[[], Container | None]) -> None:
+    def __init__(self, container: Callable[[], Observed | None]) -> None:
         self._container = container
 
     def collect(self) -> Iterator[Metric]:
@@ -166,7 +192,7 @@ class _StateCollector(Collector):
         yield from _last_audit(container)
 
 
-def _last_audit(container: Container) -> Iterator[Metric]:
+def _last_audit(container: Observed) -> Iterator[Metric]:
     """The last ledger audit this process ran (POST /admin/audit); none before the first."""
     report = container.last_audit
     if report is None:
@@ -183,7 +209,7 @@ def _last_audit(container: Container) -> Iterator[Metric]:
     )
 
 
-def _cache_requests(container: Container) -> CounterMetricFamily:
+def _cache_requests(container: Observed) -> CounterMetricFamily:
     """Reads and writes of the query cache: the local tier's reads (a miss goes on to
     the store), and every request to the store serving the cache now."""
     family = CounterMetricFamily(

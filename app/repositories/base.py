@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from app.domain.audit import LedgerFigures
 from app.domain.carry import Carried, carried_state
@@ -97,6 +97,15 @@ class CacheRepository(Protocol):
     async def count(self, *, now: datetime) -> int:
         """Entries that have not expired."""
         ...
+
+
+@runtime_checkable
+class EntryReader(Protocol):
+    """A shared tier that can also tell an entry's expiry (RedisCacheRepository)."""
+
+    async def get_entry(
+        self, key: str, *, now: datetime
+    ) -> tuple[dict[str, Any], datetime] | None: ...
 
 
 class StateRepository(Protocol):
