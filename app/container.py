@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -29,15 +27,13 @@ from app.db.guarded import (
     GuardedErasures,
     GuardedState,
 )
-from app.db.migrate import current_revision, upgrade_schema
-from app.db.refusal import connection_refusal
-from app.db.resilience import CircuitBreaker, Guard, RetryPolicy, is_unavailable
+from app.db.readiness import database_status, prepare_database
+from app.db.resilience import CircuitBreaker, Guard, RetryPolicy
 from app.domain.credits import CreditRules
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Tally
-from app.errors import JournalPendingError, StorageUnavailableError
+from app.errors import StorageUnavailableError
 from app.ops.audit import AuditReport, audit_ledger
-from app.ops.health import database_status
 from app.ops.metered import MeteredCredits
 from app.ops.metrics import CreditOutcomes
 from app.ops.retention import RetentionJob
@@ -54,12 +50,12 @@ from app.services.credits import CreditService
 from app.services.privacy import PrivacyService
 from app.services.query_cache import CacheStats, QueryCacheService
 from app.services.single_flight import SingleFlight
-from app.switching.cluster_flag import ClusterFlag, FlagStore, StoredFlag
-from app.switching.handover import HandoverInProgressError, HandoverReport, hand_over
+from app.switching.cluster_flag import ClusterFlag, FlagStore
+from app.switching.handover import HandoverReport
 from app.switching.provider import StorageProvider
 from app.switching.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.switching.shadow import Shadow
-from app.tls import tls_failure
+from app.switching.switcher import StoreSwitching
 from app.transfer.stream import staged
 
 logger = logging.getLogger(__name__)
@@ -103,9 +99,9 @@ class Container:
     shadow: Shadow = field(init=False)
     cluster: ClusterFlag = field(init=False)
     retention: RetentionJob = field(init=False)
+    switching: StoreSwitching = field(init=False)
     privacy: PrivacyService = field(init=False)
     _services: dict[StorageBackend, Services] = field(init=False)
-    _flag_changing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         # Every store's services write through the gate to the primary of the moment.
@@ -119,6 +115,17 @@ class Container:
         self.cluster = ClusterFlag(
             FlagStore(self.engine), poll_seconds=self.settings.storage_flag_poll_seconds
         )
+        self.switching = StoreSwitching(
+            self.storage,
+            self.states,
+            gate=self.gate,
+            shadow=self.shadow,
+            cluster=self.cluster,
+            carried=self.carried,
+            prepare_database=self.prepare_database,
+            journal_depth=lambda: 0 if self.fallback is None else self.fallback.depth,
+            replay_journal=self._replay_journal,
+        )
         self._credits: CreditRepository = RoutedCredits(self.storage, self.gate, self.shadow)
         if self.credit_outcomes is not None:
             self._credits = MeteredCredits(self._credits, self.credit_outcomes)
@@ -130,7 +137,7 @@ class Container:
             consents=self._consents,
             rules=self.rules,
             pseudonyms=self.pseudonyms,
-            exclusive=self._moving_state,
+            exclusive=self.switching.exclusive,
             pending=lambda: 0 if self.fallback is None else self.fallback.depth,
             forget=self._forget_seen,
         )
@@ -207,137 +214,19 @@ class Container:
         return Services(credits, consents, cache, assistant)
 
     async def prepare_database(self) -> None:
-        """Migrate (when enabled) and check that the schema is at head."""
-        migrate = self.settings.run_migrations_on_startup
-        try:
-            if migrate:
-                await upgrade_schema(self.settings, self.engine)
-            else:
-                await current_revision(self.engine)  # reached, or the failure says why not
-        except Exception as error:
-            failed = "database migrations failed" if migrate else "reading the schema failed"
-            raise _not_prepared(error, failed) from error
-        status = await database_status(self.engine)
-        if not status["up_to_date"]:
-            raise StorageUnavailableError(
-                f"database not ready: reachable={status['reachable']}, "
-                f"revision={status['revision']}, head={status['head']}"
-                + (f", error={status['error']}" if "error" in status else "")
-            )
+        """Migrate (when enabled) and check the schema is at head (app/db/readiness.py)."""
+        await prepare_database(self.settings, self.engine)
 
-    async def switch_storage(
-        self,
-        backend: StorageBackend,
-        shadow: StorageBackend | None = None,
-        *,
-        carry_state: bool = True,
-        followed: StoredFlag | None = None,
-    ) -> HandoverReport | None:
-        """Set the flag: the primary and the shadow. A database among them must answer at
-        the schema head first, and a new primary waits for the outage journal's replay
-        (JournalPendingError while changes still wait). With `carry_state`, a new primary
-        gets the old one's users first, or else a new shadow the primary's
-        (app/switching/handover.py), and the report says what was carried;
-        HandoverFailedError leaves the flag. HandoverInProgressError while another change
-        runs. The change is stored for the other replicas to follow
-        (app/switching/cluster_flag.py), unless it is one they made: `followed`."""
-        async with self._moving_state():
-            if StorageBackend.DATABASE in (backend, shadow):
-                await self.prepare_database()
-            storage = self.storage
-            old, old_shadow = storage.backend, storage.shadow
-            if backend is not old:
-                await self._journal_replayed()
-            version = (
-                followed.version if followed is not None else await self.cluster.next_version()
-            )
-
-            def flip() -> None:
-                storage.switch(backend, shadow)
-                if shadow is not old_shadow:
-                    self.shadow.restart()
-                logger.info(
-                    "storage flag set: primary %s, shadow %s",
-                    backend.value,
-                    shadow.value if shadow else None,
-                )
-
-            report = None
-            if carry_state and backend is not old:
-                report = await self._hand_over(old, backend, flip)
-            elif carry_state and shadow is not None and shadow is not old_shadow:
-                report = await self._hand_over(backend, shadow, flip)
-            else:
-                flip()
-            if followed is None and version is not None:
-                await self.cluster.share(StoredFlag(backend, shadow, carry_state, version))
-            return report
-
-    async def _journal_replayed(self) -> None:
-        """Recovery before a change of primary (SPEC §9): the outage journal replayed
-        first, or JournalPendingError (409) while changes still wait."""
-        fallback = self.fallback
-        if fallback is None or not fallback.depth:
-            return
-        await fallback.replay()
-        if fallback.depth:
-            raise JournalPendingError(fallback.depth)
-
-    async def _hand_over(
-        self, source: StorageBackend, target: StorageBackend, flip: Callable[[], None]
-    ) -> HandoverReport:
-        report = await hand_over(self.states[source], self.states[target], self.gate, flip)
-        self.carried.add(report.tally)
-        logger.info(
-            "state handed over from %s to %s: %s", source.value, target.value, report.body()
-        )
-        return report
-
-    async def take_stored_flag(self) -> None:
-        """At start-up: the stored flag over STORAGE_BACKEND when the database has one
-        (there is no state in memory yet to carry); then follow the changes others make."""
-        stored = await self.cluster.stored()
-        if stored is not None:
-            try:
-                if StorageBackend.DATABASE in (stored.backend, stored.shadow):
-                    await self.prepare_database()
-            except StorageUnavailableError as error:
-                logger.warning("the stored storage flag cannot be taken (%s)", error.message)
-            else:
-                fallback = self.fallback
-                if (
-                    fallback is not None
-                    and fallback.depth
-                    and stored.backend is not self.storage.backend
-                ):
-                    # Recovery before a change of primary: the poll follows the flag once
-                    # the journal's replay has carried what waits (switch_storage).
-                    logger.warning(
-                        "storage flag version %d waits for the outage journal's replay",
-                        stored.version,
-                    )
-                else:
-                    self.storage.switch(stored.backend, stored.shadow)
-                    self.cluster.version = stored.version
-                    logger.info("storage flag version %d taken from the database", stored.version)
-        self.cluster.follow(self._follow)
-
-    async def follow_cluster(self) -> bool:
-        """Makes the change another replica stored, if there is a newer one, now rather
-        than at the next poll; True when there was."""
-        return await self.cluster.catch_up(self._follow)
-
-    async def _follow(self, stored: StoredFlag) -> None:
-        await self.switch_storage(
-            stored.backend, stored.shadow, carry_state=stored.carry_state, followed=stored
-        )
+    async def _replay_journal(self) -> None:
+        if self.fallback is not None:
+            await self.fallback.replay()
 
     async def import_state(
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
     ) -> HandoverReport:
         """Validates a whole NDJSON stream, then merges it into `backend`'s store
         (app/transfer/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
-        async with staged(chunks, self.states[backend]) as stream, self._moving_state():
+        async with staged(chunks, self.states[backend]) as stream, self.switching.exclusive():
             if backend is StorageBackend.DATABASE:
                 await self.prepare_database()
             report = await stream.merge()
@@ -356,14 +245,6 @@ class Container:
         self.last_audit = report
         return report
 
-    @asynccontextmanager
-    async def _moving_state(self) -> AsyncIterator[None]:
-        """One flag change or import at a time; HandoverInProgressError for another."""
-        if self._flag_changing.locked():
-            raise HandoverInProgressError()
-        async with self._flag_changing:
-            yield
-
     async def start_jobs(self) -> None:
         """The background work of a started service: retention, and the outage journal's
         replay (what an earlier process left included)."""
@@ -381,22 +262,6 @@ class Container:
         if self.fast is not None:
             await self.fast.close()
         await self.engine.dispose()
-
-
-def _not_prepared(error: Exception, failed: str) -> StorageUnavailableError:
-    """What start-up reports: a TLS failure as one (app/tls.py); a refusal as one
-    (app/db/refusal.py), the server's words logged; an unreachable database as such;
-    anything else as `failed`."""
-    if (tls := tls_failure(error)) is not None:
-        return StorageUnavailableError(tls)
-    refusal = connection_refusal(error)
-    if refusal is not None:
-        logger.error("%s: %s", refusal.summary, refusal.said)
-        return StorageUnavailableError(refusal.summary)
-    if is_unavailable(error):
-        return StorageUnavailableError("the database is unreachable")
-    logger.error(failed, exc_info=error)
-    return StorageUnavailableError(failed)
 
 
 def pseudonyms_of(settings: Settings) -> Pseudonyms | None:

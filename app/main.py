@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None, *, answerer: Answerer | None = 
         try:
             if resolved.storage_backend is StorageBackend.DATABASE:
                 await container.prepare_database()
-            await container.take_stored_flag()
+            await container.switching.take_stored_flag()
             app.state.container = container
             await container.start_jobs()
             yield

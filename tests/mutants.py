@@ -36,7 +36,7 @@ SERVICE_CODE = "app/services/credits.py"
 FALLBACK = "app/outage/fallback.py"
 REPLAY = "app/outage/replay.py"
 CARRY = "app/domain/carry.py"
-CONTAINER = "app/container.py"
+SWITCHER = "app/switching/switcher.py"
 PRIVACY = "app/services/privacy.py"
 STATE = "app/domain/state.py"
 ROUTING = "app/switching/routing.py"
@@ -884,7 +884,7 @@ MUTANTS = [
     ),
     Mutant(
         "recovery: a change of primary while the journal waits (finding 3)",
-        CONTAINER,
+        SWITCHER,
         "            if backend is not old:\n                await self._journal_replayed()",
         "            if False:\n                await self._journal_replayed()",
         one_truth(3),

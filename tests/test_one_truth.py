@@ -140,7 +140,7 @@ async def test_1_a_followers_hand_over_never_undoes_a_later_write(cluster: Clust
     assert (await deduct(b, "x", 1)).json()["available_credits"] == 9
     assert (await flip(a, "database")).status_code == 200
     assert (await deduct(a, "x", 4)).json()["available_credits"] == 3  # acknowledged
-    assert await container_of(b_app).follow_cluster()
+    assert await container_of(b_app).switching.follow_cluster()
     # Every replica's spending once: 10 - 3 - 1 - 4.
     assert await balance(a, "x") == await balance(b, "x") == 2
     ledger = (await a.get(f"{CREDITS}/x/transactions")).json()
@@ -194,7 +194,7 @@ async def test_4_a_follower_never_brings_an_erased_user_back(cluster: Cluster) -
     assert (await flip(a, "database")).status_code == 200
     erased = await a.delete(f"{USERS}/x")
     assert erased.json() == {"erased": True, "ledger_rows_pseudonymised": 1}
-    assert await container_of(b_app).follow_cluster()
+    assert await container_of(b_app).switching.follow_cluster()
     for client in (a, b):
         await held_nothing_of(client, "x")
         assert (await client.get(f"{CONSENTS}/x")).status_code == 404
@@ -351,7 +351,7 @@ async def test_9_an_erasure_on_memory_is_recorded_for_every_later_hand_over(
     assert (await flip(a, "database")).status_code == 200
     await held_nothing_of(a, "x")  # a's change was made before the erasure
     assert (await deduct(a, "x", 3)).json()["available_credits"] == 7  # the user is back
-    assert await container_of(b_app).follow_cluster()
+    assert await container_of(b_app).switching.follow_cluster()
     ledger = (await a.get(f"{CREDITS}/x/transactions")).json()
     assert [row["amount"] for row in ledger] == [-3]
     assert await balance(b, "x") == 7

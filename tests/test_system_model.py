@@ -370,7 +370,7 @@ class SystemMachine(RuleBasedStateMachine):
         replica = self.replicas[name]
         app = replica.app
         assert app is not None
-        if self.run(app.state.container.follow_cluster()):
+        if self.run(app.state.container.switching.follow_cluster()):
             storage = app.state.container.storage
             goal = storage.backend.value
             self._moved(replica, goal, storage.shadow and storage.shadow.value, True)
@@ -508,7 +508,7 @@ class SystemMachine(RuleBasedStateMachine):
             replica.backend, replica.shadow = "database", None
         for replica in self.replicas.values():
             assert replica.app is not None
-            await replica.app.state.container.follow_cluster()
+            await replica.app.state.container.switching.follow_cluster()
 
     async def _check(self) -> None:
         client = self.client("a")

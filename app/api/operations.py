@@ -11,8 +11,8 @@ from app.api.deps import Cache, ContainerDep, require_admin
 from app.api.errors import responses
 from app.api.inputs import StorageRequest
 from app.config import StorageBackend
+from app.db.readiness import database_status
 from app.errors import DeadLetterNotFoundError
-from app.ops.health import database_status
 from app.ops.metrics import CONTENT_TYPE, Metrics
 from app.transfer.stream import export_lines
 
@@ -85,7 +85,9 @@ async def put_storage(body: StorageRequest, container: ContainerDep) -> dict[str
     a new primary first gets the old one's credits and consents, or a new shadow the
     primary's, verified user by user (SPEC §7); 409 `handover_failed` with the report
     leaves the flag as it was."""
-    report = await container.switch_storage(body.backend, body.shadow, carry_state=body.carry_state)
+    report = await container.switching.switch(
+        body.backend, body.shadow, carry_state=body.carry_state
+    )
     view = _storage_view(container)
     if report is not None:
         view["handover"] = report.body()

@@ -15,10 +15,10 @@ from app.config import Settings, settings_problems
 from app.container import database_state, retried_guard
 from app.db.engine import create_engine
 from app.db.guarded import GuardedState
+from app.db.readiness import database_status
 from app.db.resilience import CircuitBreaker
 from app.errors import StorageUnavailableError
 from app.ops.audit import AuditReport, audit_ledger
-from app.ops.health import database_status
 
 CONSISTENT, DRIFTED, FAILED = 0, 1, 2
 EXIT_STATUS = (

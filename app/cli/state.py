@@ -14,8 +14,8 @@ from app.config import Settings
 from app.container import credit_rules, database_state
 from app.db.engine import create_engine
 from app.db.migrate import upgrade_schema
+from app.db.readiness import database_status
 from app.errors import StorageUnavailableError
-from app.ops.health import database_status
 from app.transfer.stream import InvalidStreamError, export_lines, staged
 
 READ_BYTES = 1024 * 1024
