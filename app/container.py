@@ -56,7 +56,7 @@ from app.switching.provider import StorageProvider
 from app.switching.routing import RoutedConsents, RoutedCredits, WriteGate
 from app.switching.shadow import Shadow
 from app.switching.switcher import StoreSwitching
-from app.transfer.stream import staged
+from app.transfer.imports import staged
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class Container:
         self, chunks: AsyncIterable[bytes], backend: StorageBackend
     ) -> HandoverReport:
         """Validates a whole NDJSON stream, then merges it into `backend`'s store
-        (app/transfer/stream.py); InvalidStreamError, with nothing applied, for a bad one."""
+        (app/transfer/imports.py); InvalidStreamError, with nothing applied, for a bad one."""
         async with staged(chunks, self.states[backend]) as stream, self.switching.exclusive():
             if backend is StorageBackend.DATABASE:
                 await self.prepare_database()

@@ -16,7 +16,7 @@ from typing import IO
 from app.container import credit_rules
 from app.db.engine import create_engine
 from app.repositories.postgres.state import PostgresStateRepository
-from app.transfer.stream import export_lines
+from app.transfer.export import export_lines
 from bench.server import bench_settings
 
 

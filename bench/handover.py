@@ -1,7 +1,7 @@
 """Section `handover`: moving state into PostgreSQL and out of it (SPEC §7).
 
 - Import: N accounts and 2N ledger rows as an NDJSON stream, validated into a spool and
-  merged (app/transfer/stream.py) into an empty database through
+  merged (app/transfer/imports.py) into an empty database through
   PostgresStateRepository, against asyncpg's binary COPY of the same rows into the same
   tables of another empty database: the least any import can cost. SqlStateRepository
   is measured on a tenth of the stream.
@@ -41,7 +41,7 @@ from app.repositories.sql.state import SqlStateRepository
 from app.switching.handover import hand_over
 from app.switching.provider import StorageProvider
 from app.switching.routing import WriteGate
-from app.transfer.stream import staged
+from app.transfer.imports import staged
 from bench import fixtures
 from bench.context import Context
 from bench.report import heading, rate, ratio, say, table

@@ -340,7 +340,7 @@ MUTANTS = [
     ),
     Mutant(
         "import: a batch naming a user of the batch before merged alongside it",
-        "app/transfer/stream.py",
+        "app/transfer/imports.py",
         "len(merging) == MERGES_IN_FLIGHT or batch.follows",
         "len(merging) == MERGES_IN_FLIGHT",
         ("tests/test_import_staging.py", "-k", "waits_for_it"),
@@ -919,8 +919,8 @@ MUTANTS = [
     ),
     Mutant(
         "export: no erasure lines (finding 8)",
-        "app/transfer/stream.py",
-        "        yield _ENCODER.encode_lines([_erasure_line(record) for record in records])",
+        "app/transfer/export.py",
+        "        yield ENCODER.encode_lines([_erasure_line(record) for record in records])",
         "        yield b''",
         one_truth(8),
     ),

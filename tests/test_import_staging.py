@@ -23,8 +23,9 @@ from app.errors import StorageUnavailableError
 from app.repositories.base import StagedBatch, StagedRows, StateRepository
 from app.repositories.memory import MemoryData
 from app.repositories.postgres import state as pg_state
-from app.transfer import stream
-from app.transfer.stream import InvalidStreamError, staged
+from app.transfer import imports
+from app.transfer.imports import staged
+from app.transfer.lines import InvalidStreamError
 from tests.conftest import database_state, fresh_database, memory_state
 from tests.support.relay import relayed
 
@@ -35,8 +36,8 @@ STORES = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgre
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches of two users, spooled three lines at a time: a short stream spans many."""
-    monkeypatch.setattr(stream, "MERGE_BATCH_SIZE", 2)
-    monkeypatch.setattr(stream, "SPOOL_LINES", 3)
+    monkeypatch.setattr(imports, "MERGE_BATCH_SIZE", 2)
+    monkeypatch.setattr(imports, "SPOOL_LINES", 3)
 
 
 @asynccontextmanager

@@ -14,7 +14,7 @@ from app.config import StorageBackend
 from app.db.readiness import database_status
 from app.errors import DeadLetterNotFoundError
 from app.ops.metrics import CONTENT_TYPE, Metrics
-from app.transfer.stream import export_lines
+from app.transfer.export import export_lines
 
 NDJSON = "application/x-ndjson"
 

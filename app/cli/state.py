@@ -16,7 +16,9 @@ from app.db.engine import create_engine
 from app.db.migrate import upgrade_schema
 from app.db.readiness import database_status
 from app.errors import StorageUnavailableError
-from app.transfer.stream import InvalidStreamError, export_lines, staged
+from app.transfer.export import export_lines
+from app.transfer.imports import staged
+from app.transfer.lines import InvalidStreamError
 
 READ_BYTES = 1024 * 1024
 

@@ -1,10 +1,6 @@
-"""Export and import of a store's state as NDJSON (SPEC §7).
+"""Import of an export stream (SPEC §7), all or nothing.
 
-A stream (format 2) is a header line, the store's erasure records, then each user's lines
-together (its account, its ledger rows, its claimed keys, its consent and the consent's
-history; an erased user's pseudonym, its ledger rows), then a footer with the counts.
-Format 1 streams, without keys, history or erasures, still import. An import is all or
-nothing: the whole stream is validated first, line by line, into a spool file
+The whole stream is validated first, line by line, into a spool file
 (app/transfer/spool.py); only a stream whose footer agrees with its lines is then carried
 in, its erasures first, then its users batch by batch, by the one merge
 (app/domain/carry.py) with the hand-over's verification, so importing the same stream
@@ -19,247 +15,33 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 
-from app.clock import utc_now
-from app.domain.credits import Account, CreditRules
 from app.domain.privacy import is_pseudonym
 from app.domain.state import Erasure, Merged
-from app.errors import AppError
-from app.models import IDEMPOTENCY_KEY_LENGTH, TERMS_VERSION_LENGTH, USER_ID_LENGTH
 from app.repositories.base import Row, StagedBatch, StateRepository
-from app.schemas import TransactionType
 from app.switching.handover import BATCH_SIZE, HandoverReport
+from app.transfer.lines import (
+    DECODER,
+    FORMAT_2_LINES,
+    MAX_LINE_BYTES,
+    USERS_OWN,
+    AccountLine,
+    ConsentLine,
+    ErasureLine,
+    Footer,
+    Header,
+    InvalidStreamError,
+    KeyLine,
+    LedgerLine,
+)
 from app.transfer.spool import Spool, spooled
 
-FORMAT = 2
-# No line of ours comes near it (a description is the longest field); it bounds what an
-# import buffers.
-MAX_LINE_BYTES = 1024 * 1024
 # Users per merge of an import, and merges at once.
 MERGE_BATCH_SIZE = 5000
 MERGES_IN_FLIGHT = 2
-
-# The lines are read with msgspec, not pydantic: an import validates every line of a
-# stream of millions, and msgspec decodes and checks one in a quarter of the time.
-UserId = Annotated[str, msgspec.Meta(min_length=1, max_length=USER_ID_LENGTH)]
-Key = Annotated[str, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_KEY_LENGTH)]
-Version = Annotated[str, msgspec.Meta(min_length=1, max_length=TERMS_VERSION_LENGTH)]
-Instant = Annotated[datetime, msgspec.Meta(tz=True)]
-Digest = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
-
-
-class _Line(msgspec.Struct, forbid_unknown_fields=True, tag_field="kind"):
-    pass
-
-
-class Header(_Line, tag="header"):
-    format: Literal[1, 2]
-    store: str
-    exported_at: Instant
-
-
-class AccountLine(_Line, tag="account"):
-    user_id: UserId
-    is_guest: bool
-    available_credits: Annotated[int, msgspec.Meta(ge=0)]
-    max_credits: Annotated[int, msgspec.Meta(gt=0)]
-    last_reset_timestamp: Instant
-    next_reset_at: Instant | None = None  # derived; shown, not read
-
-    def __post_init__(self) -> None:
-        if self.available_credits > self.max_credits:
-            raise ValueError("available_credits exceeds max_credits")
-
-
-class LedgerLine(_Line, tag="ledger"):
-    id: int
-    user_id: UserId
-    transaction_type: TransactionType
-    amount: int
-    timestamp: Instant
-    description: str | None = None
-    idempotency_key: Key | None = None
-
-    def __post_init__(self) -> None:
-        if self.amount == 0:
-            raise ValueError("a ledger row of 0 credits")
-
-
-class ConsentLine(_Line, tag="consent"):
-    user_id: UserId
-    terms_accepted: bool
-    marketing_consent: bool
-    timestamp: Instant
-    updated_at: Instant
-    # Absent from streams written before terms were versioned (SPEC §10).
-    terms_version: Version | None = None
-
-
-class KeyLine(_Line, tag="key"):
-    """A claimed key with what its first use asked for (format 2)."""
-
-    user_id: UserId
-    idempotency_key: Key
-    operation: Literal["deduction", "refund"]
-    request: Digest | None
-    created_at: Instant
-
-
-class ConsentEventLine(_Line, tag="consent_event"):
-    """One event of a consent's history (format 2)."""
-
-    user_id: UserId
-    terms_accepted: bool
-    marketing_consent: bool
-    terms_version: Version | None
-    recorded_at: Instant
-
-
-class ErasureLine(_Line, tag="erasure"):
-    """An erasure record (format 2): the account the user had then, if any."""
-
-    pseudonym: UserId
-    erased_at: Instant
-    is_guest: bool | None = None
-    available_credits: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    max_credits: Annotated[int, msgspec.Meta(gt=0)] | None = None
-    last_reset_timestamp: Instant | None = None
-
-    def __post_init__(self) -> None:
-        if not is_pseudonym(self.pseudonym):
-            raise ValueError("an erasure's pseudonym is not one")
-        fields = (self.is_guest, self.available_credits, self.max_credits)
-        known = [value is not None for value in (*fields, self.last_reset_timestamp)]
-        if any(known) and not all(known):
-            raise ValueError("an erasure's account is given in part")
-
-    def record(self) -> Erasure:
-        account = None
-        if self.max_credits is not None:
-            assert self.is_guest is not None and self.available_credits is not None
-            assert self.last_reset_timestamp is not None
-            account = Account(
-                self.pseudonym,
-                self.is_guest,
-                self.available_credits,
-                self.max_credits,
-                self.last_reset_timestamp,
-            )
-        return Erasure(self.pseudonym, self.erased_at, account)
-
-
-Count = Annotated[int, msgspec.Meta(ge=0)]
-
-
-class Footer(_Line, tag="footer"):
-    accounts: Count
-    ledger_rows: Count
-    consents: Count
-    keys: Count = 0  # format 2's, from here
-    consent_events: Count = 0
-    erasures: Count = 0
-
-
-_DECODER = msgspec.json.Decoder(
-    Header
-    | AccountLine
-    | LedgerLine
-    | ConsentLine
-    | KeyLine
-    | ConsentEventLine
-    | ErasureLine
-    | Footer
-)
-_FORMAT_2 = (KeyLine, ConsentEventLine, ErasureLine)
-# The lines only a user's own id may hold: a pseudonym holds ledger rows alone.
-_USERS_OWN = (AccountLine, ConsentLine, KeyLine, ConsentEventLine)
-# And an export's lines written by msgspec, a batch of users' lines in one call: a twentieth of
-# the json module's time. Its timestamps are RFC 3339, UTC written `Z`, as the API's are.
-_ENCODER = msgspec.json.Encoder()
-
-
-class InvalidStreamError(AppError):
-    status_code = 422
-    code = "invalid_stream"
-
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(f"line {line}: {reason}; nothing was imported")
-        self.line = line
-
-    @property
-    def details(self) -> Any:
-        return {"line": self.line}
-
-
-# Export.
-
-
-async def export_lines(
-    state: StateRepository, rules: CreditRules, store: str
-) -> AsyncIterator[bytes]:
-    """The store's erasures, then its users, as NDJSON lines, a batch read at a time."""
-    header = {"kind": "header", "format": FORMAT, "store": store, "exported_at": utc_now()}
-    yield _ENCODER.encode_lines([header])
-    counts = dict.fromkeys(
-        ("accounts", "ledger_rows", "consents", "keys", "consent_events", "erasures"), 0
-    )
-    async for records in state.erasures(BATCH_SIZE):
-        yield _ENCODER.encode_lines([_erasure_line(record) for record in records])
-        counts["erasures"] += len(records)
-    async for user_ids in state.user_ids(BATCH_SIZE):
-        lines: list[dict[str, Any]] = []
-        for user in await state.read(user_ids):
-            if user.account is not None:
-                view = rules.view(user.account)
-                lines.append({"kind": "account", **view.model_dump()})
-                counts["accounts"] += 1
-            lines.extend({"kind": "ledger", **row.fields()} for row in user.ledger)
-            counts["ledger_rows"] += len(user.ledger)
-            lines.extend(
-                {
-                    "kind": "key",
-                    "user_id": key.user_id,
-                    "idempotency_key": key.key,
-                    "operation": key.claim.operation,
-                    "request": key.claim.request,
-                    "created_at": key.created_at,
-                }
-                for key in user.keys
-            )
-            counts["keys"] += len(user.keys)
-            if user.consent is not None:
-                lines.append({"kind": "consent", **user.consent.model_dump()})
-                counts["consents"] += 1
-            lines.extend(
-                {"kind": "consent_event", "user_id": user.user_id, **event.model_dump()}
-                for event in user.events
-            )
-            counts["consent_events"] += len(user.events)
-        yield _ENCODER.encode_lines(lines)
-    yield _ENCODER.encode_lines([{"kind": "footer", **counts}])
-
-
-def _erasure_line(record: Erasure) -> dict[str, Any]:
-    account = record.account
-    line: dict[str, Any] = {
-        "kind": "erasure",
-        "pseudonym": record.pseudonym,
-        "erased_at": record.erased_at,
-    }
-    if account is not None:
-        line.update(
-            is_guest=account.is_guest,
-            available_credits=account.available,
-            max_credits=account.maximum,
-            last_reset_timestamp=account.last_reset,
-        )
-    return line
-
-
-# Import.
 
 
 # A stream's lines spooled at once.
@@ -401,7 +183,7 @@ class _Validation:
         return self.found
 
     async def read(self, chunks: AsyncIterator[list[bytes]]) -> None:
-        decode = _DECODER.decode
+        decode = DECODER.decode
         async for lines in chunks:
             for raw in lines:
                 self.number += 1
@@ -435,7 +217,7 @@ class _Validation:
                 raise InvalidStreamError(number, "a second header")
             self.format = line.format
             return
-        if self.format == 1 and kind in _FORMAT_2:
+        if self.format == 1 and kind in FORMAT_2_LINES:
             raise InvalidStreamError(number, f"a {line.__struct_config__.tag} line in format 1")
         if kind is Footer:
             self.found = line
@@ -450,7 +232,7 @@ class _Validation:
             )
             return
         user_id: str = line.user_id
-        if kind in _USERS_OWN and is_pseudonym(user_id):
+        if kind in USERS_OWN and is_pseudonym(user_id):
             raise InvalidStreamError(number, "a pseudonym holds ledger rows alone")
         self._enter(user_id, kind)
         self.batch_lines += 1
