@@ -411,7 +411,7 @@ MUTANTS = [
     Mutant(
         "pg state: a plan's keys not claimed",
         PG_STATE,
-        "        await driver.execute(_CLAIM_KEYS, *map(list, zip(*keys, strict=True)))",
+        "        await driver.execute(CLAIM_KEYS.sql, *map(list, zip(*keys, strict=True)))",
         "        pass",
         PG_STATE_TESTS,
     ),
@@ -446,7 +446,7 @@ MUTANTS = [
     Mutant(
         "pg import: a batch copied over an erasure the store holds",
         PG_STATE,
-        "if recorded_as and await driver.fetchval(_ANY_ERASED, recorded_as):",
+        "if recorded_as and await driver.fetchval(ANY_ERASED.sql, recorded_as):",
         "if False:",
         PG_STATE_TESTS,
     ),

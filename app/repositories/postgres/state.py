@@ -12,11 +12,10 @@ of, is copied straight into the tables (COPY) and verified by reading back each 
 account, ledger count and sum, and consent: what the one merge would write for them
 (FIRST CARRY), at the raw COPY's cost. Any other batch is merged as a hand-over's.
 
-The users a statement names are matched by `user_id = ANY(ARRAY(SELECT …))`: an array the
-planner cannot see when planning, so that it reads along the user_id indexes whatever the
-tables' statistics say. Given the array itself, it priced its elements against statistics
-that, after a large import into an empty database, still describe small tables, and
-scanned them whole for every batch until autovacuum analysed them.
+It only runs statements, each written whole in app/repositories/postgres/state_statements.py.
+It is long for a module but one job: an import's copy is the merge's fast case, sharing
+its transaction and its read (the copy's VERIFY), so that apart, each half would import
+the other.
 """
 
 from __future__ import annotations
@@ -53,230 +52,35 @@ from app.repositories.base import (
     pseudonym_of,
     states_of,
 )
+from app.repositories.postgres.state_statements import (
+    ANY_ERASED,
+    CLAIM_KEYS,
+    COPIED_HELD,
+    COPY_ACCOUNTS,
+    COPY_CONSENTS,
+    COPY_EVENTS,
+    COPY_KEYS,
+    COPY_LEDGER,
+    CUSTOM_PLANS,
+    ERASURES_PAGE,
+    HOLD,
+    INSERT_ACCOUNTS,
+    LOCK_ACCOUNTS,
+    PAGE,
+    READ_ACCOUNTS,
+    READ_CONSENTS,
+    READ_ERASURES,
+    READ_EVENTS,
+    READ_KEYS,
+    READ_LEDGER,
+    RECORD_ERASURE,
+    UPDATE_ACCOUNT,
+    WRITE_CONSENT,
+    CopyInto,
+)
 from app.repositories.sql.audit import ledger_figures
 from app.repositories.sql.state import MERGE_ATTEMPTS, MergeRaced, erase
 from app.schemas import ConsentEvent, UserConsent
-
-# Planned for the users at hand, every time: a plan kept from when the tables were small
-# (a prepared statement's generic plan) scans them whole once they are large.
-_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
-
-# Every user a merge names, held until it commits, in one order (the module docstring).
-_HOLD = """
-SELECT pg_advisory_xact_lock(h)
-  FROM (SELECT DISTINCT hashtextextended(u, 0) AS h FROM unnest($1::text[]) AS u ORDER BY 1) s
-"""
-
-# The next page of users with an account or a consent, or an erasure's pseudonym: the
-# first `limit` of the union after `after` are among the first `limit` of each table,
-# each read along its index.
-_PAGE = """
-SELECT user_id FROM (
-    (SELECT user_id FROM user_credits WHERE user_id > $1 ORDER BY user_id LIMIT $2)
-    UNION
-    (SELECT user_id FROM user_consents WHERE user_id > $1 ORDER BY user_id LIMIT $2)
-    UNION
-    (SELECT pseudonym FROM credit_erasures WHERE pseudonym > $1 ORDER BY pseudonym LIMIT $2)
-) AS known
- ORDER BY user_id
- LIMIT $2
-"""
-
-_ERASURE_COLUMNS = [
-    "pseudonym",
-    "erased_at",
-    "is_guest",
-    "available_credits",
-    "max_credits",
-    "last_reset_timestamp",
-]
-_ERASURES_PAGE = """
-SELECT pseudonym, erased_at, is_guest, available_credits, max_credits, last_reset_timestamp
-  FROM credit_erasures
- WHERE pseudonym > $1
- ORDER BY pseudonym
- LIMIT $2
-"""
-
-_READ_ACCOUNTS = """
-SELECT user_id, is_guest, available_credits, max_credits, last_reset_timestamp
-  FROM user_credits
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
-"""
-
-# As _READ_ACCOUNTS, held until the merge commits, in one order.
-_LOCK_ACCOUNTS = _READ_ACCOUNTS + " ORDER BY user_id FOR UPDATE"
-
-_READ_LEDGER = """
-SELECT user_id, transaction_type, amount, timestamp, description, idempotency_key, id
-  FROM credit_transactions
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
- ORDER BY id
-"""
-
-_READ_KEYS = """
-SELECT user_id, idempotency_key, created_at, operation, request
-  FROM credit_idempotency_keys
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
- ORDER BY created_at, idempotency_key
-"""
-
-_READ_CONSENTS = """
-SELECT user_id, terms_accepted, marketing_consent, timestamp, updated_at, terms_version
-  FROM user_consents
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
-"""
-
-_READ_EVENTS = """
-SELECT user_id, terms_accepted, marketing_consent, terms_version, recorded_at
-  FROM consent_events
- WHERE user_id = ANY(ARRAY(SELECT unnest($1::text[])))
- ORDER BY recorded_at, id
-"""
-
-_READ_ERASURES = """
-SELECT pseudonym, erased_at, is_guest, available_credits, max_credits, last_reset_timestamp
-  FROM credit_erasures
- WHERE pseudonym = ANY(ARRAY(SELECT unnest($1::text[])))
-"""
-
-# A plan's writes (app/repositories/sql/state.py's `_write`, a batch at a time): an
-# account the store held, updated; one it did not, inserted unless it appeared meanwhile
-# (then the merge decides again).
-_UPDATE_ACCOUNT = """
-UPDATE user_credits
-   SET is_guest = $2, available_credits = $3, max_credits = $4,
-       last_reset_timestamp = $5, updated_at = $5
- WHERE user_id = $1
-"""
-_INSERT_ACCOUNTS = """
-INSERT INTO user_credits (user_id, is_guest, available_credits, max_credits,
-                          last_reset_timestamp, created_at, updated_at)
-SELECT u, g, a, m, r, r, r
-  FROM unnest($1::text[], $2::boolean[], $3::integer[], $4::integer[], $5::timestamptz[])
-       AS t(u, g, a, m, r)
- ORDER BY u
-ON CONFLICT (user_id) DO NOTHING
-RETURNING user_id
-"""
-_CLAIM_KEYS = """
-INSERT INTO credit_idempotency_keys (user_id, idempotency_key, created_at, operation, request)
-SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[])
-ON CONFLICT DO NOTHING
-"""
-# LATER CONSENT, whatever was written since the plan's read.
-_WRITE_CONSENT = """
-INSERT INTO user_consents AS held (user_id, terms_accepted, marketing_consent, timestamp,
-                                   updated_at, terms_version)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (user_id) DO UPDATE
-   SET terms_accepted = excluded.terms_accepted,
-       marketing_consent = excluded.marketing_consent,
-       timestamp = excluded.timestamp,
-       updated_at = excluded.updated_at,
-       terms_version = excluded.terms_version
- WHERE held.updated_at < excluded.updated_at
-"""
-_RECORD_ERASURE = """
-INSERT INTO credit_erasures (pseudonym, erased_at, is_guest, available_credits, max_credits,
-                             last_reset_timestamp)
-VALUES ($1, $2, $3, $4, $5, $6)
-ON CONFLICT (pseudonym) DO UPDATE
-   SET erased_at = excluded.erased_at,
-       is_guest = excluded.is_guest,
-       available_credits = excluded.available_credits,
-       max_credits = excluded.max_credits,
-       last_reset_timestamp = excluded.last_reset_timestamp
- WHERE credit_erasures.erased_at < excluded.erased_at
-RETURNING pseudonym
-"""
-
-_LEDGER_COLUMNS = [
-    "user_id",
-    "transaction_type",
-    "amount",
-    "timestamp",
-    "description",
-    "idempotency_key",
-]
-_EVENT_COLUMNS = ["user_id", "terms_accepted", "marketing_consent", "terms_version", "recorded_at"]
-
-# An import's batch of users the store holds nothing of (a restore, above all) is copied
-# straight into the tables, as the raw COPY would. Whether the store held something of
-# them is left to the tables' keys (an account, a claimed key or a consent already held
-# fails its COPY as a unique violation) and, for ledger rows and events, which have none,
-# to the copy's VERIFY (_COPIED_HELD: more rows than came); either way the copy is undone
-# and the batch merged as any other. Each table's rows go in key order, as the merge's
-# do, so that two merges of the same users wait for each other, not deadlock.
-_ACCOUNT_COLUMNS = [
-    "user_id",
-    "is_guest",
-    "available_credits",
-    "max_credits",
-    "last_reset_timestamp",
-    "created_at",
-    "updated_at",
-]
-_KEY_COLUMNS = ["user_id", "idempotency_key", "created_at", "operation", "request"]
-_CONSENT_COLUMNS = [
-    "user_id",
-    "terms_accepted",
-    "marketing_consent",
-    "timestamp",
-    "updated_at",
-    "terms_version",
-]
-
-# Whether the store recorded the erasure of any of the batch's users ($1: their
-# pseudonyms): then the batch is merged, which carries nothing of theirs made before it.
-_ANY_ERASED = """
-SELECT EXISTS (
-    SELECT 1 FROM credit_erasures WHERE pseudonym = ANY(ARRAY(SELECT unnest($1::text[])))
-)
-"""
-
-# VERIFY of a copied batch: what its users ($1) hold now, set-based, a row each (account,
-# ledger count and sum, consent's `updated_at` for the users of $2, history and claimed
-# key counts). When
-# the store held none of them it holds them exactly as they came, unless something was
-# lost or changed on the way (_copied_differing); SPEC §7 verifies the ledger by its sum.
-_COPIED_HELD = """
-WITH named AS (
-    SELECT unnest($1::text[]) AS user_id
-), held_accounts AS (
-    SELECT user_id, is_guest, available_credits, max_credits
-      FROM user_credits
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
-), held_ledgers AS (
-    SELECT user_id, count(*) AS rows, sum(amount) AS total
-      FROM credit_transactions
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
-     GROUP BY user_id
-), held_consents AS (
-    SELECT user_id, updated_at
-      FROM user_consents
-     WHERE user_id = ANY(ARRAY(SELECT unnest($2::text[])))
-), held_events AS (
-    SELECT user_id, count(*) AS events
-      FROM consent_events
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
-     GROUP BY user_id
-), held_keys AS (
-    SELECT user_id, count(*) AS keys
-      FROM credit_idempotency_keys
-     WHERE user_id = ANY(ARRAY(SELECT user_id FROM named))
-     GROUP BY user_id
-)
-SELECT n.user_id, a.is_guest, a.available_credits, a.max_credits,
-       coalesce(l.rows, 0), coalesce(l.total, 0), c.updated_at, coalesce(e.events, 0),
-       coalesce(k.keys, 0)
-  FROM named n
-  LEFT JOIN held_accounts a ON a.user_id = n.user_id
-  LEFT JOIN held_ledgers l ON l.user_id = n.user_id
-  LEFT JOIN held_consents c ON c.user_id = n.user_id
-  LEFT JOIN held_events e ON e.user_id = n.user_id
-  LEFT JOIN held_keys k ON k.user_id = n.user_id
-"""
 
 
 class PostgresStateRepository:
@@ -306,7 +110,7 @@ class PostgresStateRepository:
         after = ""  # sorts before every user_id, none of which is empty
         while True:
             async with self._transaction(readonly=True) as driver:
-                users = [row[0] for row in await driver.fetch(_PAGE, after, batch_size)]
+                users = [row[0] for row in await driver.fetch(PAGE.sql, after, batch_size)]
             if users:
                 yield users
             if len(users) < batch_size:
@@ -318,7 +122,8 @@ class PostgresStateRepository:
         while True:
             async with self._transaction(readonly=True) as driver:
                 records = [
-                    _erasure(row) for row in await driver.fetch(_ERASURES_PAGE, after, batch_size)
+                    _erasure(row)
+                    for row in await driver.fetch(ERASURES_PAGE.sql, after, batch_size)
                 ]
             if records:
                 yield records
@@ -346,7 +151,7 @@ class PostgresStateRepository:
         new: dict[str, Erasure] = {}
         async with self._transaction() as driver:
             for record in erasures:
-                if await driver.fetchval(_RECORD_ERASURE, *_erasure_row(record)) is not None:
+                if await driver.fetchval(RECORD_ERASURE.sql, *_erasure_row(record)) is not None:
                     new[record.pseudonym] = record
         return await erase_held(self, self._pseudonyms, new)
 
@@ -371,7 +176,7 @@ class PostgresStateRepository:
 
     async def _merge(self, driver: asyncpg.Connection, carried: Sequence[Carried]) -> Merged:
         users = [one.user_id for one in carried]
-        await driver.execute(_HOLD, users)
+        await driver.execute(HOLD.sql, users)
         held = await _read(driver, users, self._pseudonyms, lock=True)
         horizon = self._clock() - self._retention
         plans = carry_all(held, carried, self._rules, horizon)
@@ -406,23 +211,23 @@ async def _read(
 ) -> list[UserState]:
     """Each named user as the store holds them, one statement a table (`lock`: the
     accounts held until the transaction ends)."""
-    await driver.execute(_CUSTOM_PLANS)
+    await driver.execute(CUSTOM_PLANS.sql)
     accounts = {
         row[0]: Account(*row)
-        for row in await driver.fetch(_LOCK_ACCOUNTS if lock else _READ_ACCOUNTS, named)
+        for row in await driver.fetch((LOCK_ACCOUNTS if lock else READ_ACCOUNTS).sql, named)
     }
     ledger: dict[str, list[LedgerRecord]] = {user_id: [] for user_id in named}
-    for row in await driver.fetch(_READ_LEDGER, named):
+    for row in await driver.fetch(READ_LEDGER.sql, named):
         ledger[row[0]].append(LedgerRecord(*row))
     keys: dict[str, list[KeyRecord]] = {user_id: [] for user_id in named}
-    for user_id, key, created_at, operation, request in await driver.fetch(_READ_KEYS, named):
+    for user_id, key, created_at, operation, request in await driver.fetch(READ_KEYS.sql, named):
         keys[user_id].append(KeyRecord(user_id, key, created_at, Claim(operation, request)))
     consents = {
         row[0]: UserConsent.model_validate(dict(row))
-        for row in await driver.fetch(_READ_CONSENTS, named)
+        for row in await driver.fetch(READ_CONSENTS.sql, named)
     }
     events: dict[str, list[ConsentEvent]] = {user_id: [] for user_id in named}
-    for row in await driver.fetch(_READ_EVENTS, named):
+    for row in await driver.fetch(READ_EVENTS.sql, named):
         events[row[0]].append(
             ConsentEvent(
                 terms_accepted=row[1],
@@ -436,7 +241,7 @@ async def _read(
     if recorded_as:
         recorded = {
             row[0]: _erasure(row)
-            for row in await driver.fetch(_READ_ERASURES, list(recorded_as.values()))
+            for row in await driver.fetch(READ_ERASURES.sql, list(recorded_as.values()))
         }
     return [
         UserState(
@@ -459,42 +264,37 @@ async def _copied(
     pseudonyms: Pseudonyms | None,
 ) -> Merged | None:
     """COPY of a batch whose users the store holds nothing of, verified; None, with
-    nothing copied, when it holds something of them or erased one of them."""
+    nothing copied, when it holds something of them or erased one of them.
+
+    Whether the store held something of them is left to the tables' keys (an account, a
+    claimed key or a consent already held fails its COPY as a unique violation) and, for
+    ledger rows and events, which have none, to the copy's VERIFY (COPIED_HELD: more rows
+    than came); either way the copy is undone and the batch merged as any other. Each
+    table's rows go in key order, as the merge's do, so that two merges of the same users
+    wait for each other, not deadlock."""
     accounts, ledger, consents, keys, events = staged
     recorded_as = [
         pseudonym
         for user_id, pseudonym in pseudonym_of(pseudonyms, batch.user_ids).items()
         if not is_pseudonym(user_id)
     ]
-    if recorded_as and await driver.fetchval(_ANY_ERASED, recorded_as):
+    if recorded_as and await driver.fetchval(ANY_ERASED.sql, recorded_as):
         return None
     claims = _claims(ledger, keys, from_rows=not batch.keys)
     copy = driver.transaction()  # a savepoint: what the store held undoes only the copy
     await copy.start()
     try:
-        await driver.copy_records_to_table(
-            "user_credits",
-            records=sorted((*row, row[4], row[4]) for row in accounts),
-            columns=_ACCOUNT_COLUMNS,
-        )
+        await _copy(driver, COPY_ACCOUNTS, sorted((*row, row[4], row[4]) for row in accounts))
         if ledger:
-            await driver.copy_records_to_table(
-                "credit_transactions", records=ledger, columns=_LEDGER_COLUMNS
-            )
+            await _copy(driver, COPY_LEDGER, ledger)
         if claims:
-            await driver.copy_records_to_table(
-                "credit_idempotency_keys", records=claims, columns=_KEY_COLUMNS
-            )
+            await _copy(driver, COPY_KEYS, claims)
         if consents:
-            await driver.copy_records_to_table(
-                "user_consents", records=sorted(consents), columns=_CONSENT_COLUMNS
-            )
+            await _copy(driver, COPY_CONSENTS, sorted(consents))
         if events:
-            await driver.copy_records_to_table(
-                "consent_events", records=events, columns=_EVENT_COLUMNS
-            )
+            await _copy(driver, COPY_EVENTS, events)
         held = await driver.fetch(
-            _COPIED_HELD, [row[0] for row in accounts], [row[0] for row in consents]
+            COPIED_HELD.sql, [row[0] for row in accounts], [row[0] for row in consents]
         )
     except asyncpg.UniqueViolationError:
         await copy.rollback()
@@ -513,18 +313,20 @@ async def _copied(
 
 
 async def _write(driver: asyncpg.Connection, plans: Sequence[Plan], held: set[str]) -> None:
-    """The batch's plans written as they are, a table at a time."""
+    """The batch's plans written as they are (as app/repositories/sql/state.py's `_write`
+    writes each), a table at a time; an account that appeared since the plans' read raises
+    MergeRaced, so that the merge decides again."""
     updated = [
         (plan.user_id, *_account_values(plan.account))
         for plan in plans
         if plan.account is not None and plan.user_id in held
     ]
     if updated:
-        await driver.executemany(_UPDATE_ACCOUNT, updated)
+        await driver.executemany(UPDATE_ACCOUNT.sql, updated)
     created = [plan.account for plan in plans if plan.account and plan.user_id not in held]
     if created:
         columns = list(zip(*((a.user_id, *_account_values(a)) for a in created), strict=True))
-        inserted = await driver.fetch(_INSERT_ACCOUNTS, *map(list, columns))
+        inserted = await driver.fetch(INSERT_ACCOUNTS.sql, *map(list, columns))
         if len(inserted) < len(created):
             raise MergeRaced("an account appeared while the merge decided")
     rows = [
@@ -533,19 +335,17 @@ async def _write(driver: asyncpg.Connection, plans: Sequence[Plan], held: set[st
         for row in plan.rows
     ]
     if rows:
-        await driver.copy_records_to_table(
-            "credit_transactions", records=rows, columns=_LEDGER_COLUMNS
-        )
+        await _copy(driver, COPY_LEDGER, rows)
     keys = [
         (k.user_id, k.key, k.created_at, k.claim.operation, k.claim.request)
         for plan in plans
         for k in plan.keys
     ]
     if keys:
-        await driver.execute(_CLAIM_KEYS, *map(list, zip(*keys, strict=True)))
+        await driver.execute(CLAIM_KEYS.sql, *map(list, zip(*keys, strict=True)))
     consents = [_consent_values(plan.consent) for plan in plans if plan.consent is not None]
     if consents:
-        await driver.executemany(_WRITE_CONSENT, consents)
+        await driver.executemany(WRITE_CONSENT.sql, consents)
     events = [
         (
             plan.user_id,
@@ -558,7 +358,11 @@ async def _write(driver: asyncpg.Connection, plans: Sequence[Plan], held: set[st
         for event in plan.events
     ]
     if events:
-        await driver.copy_records_to_table("consent_events", records=events, columns=_EVENT_COLUMNS)
+        await _copy(driver, COPY_EVENTS, events)
+
+
+async def _copy(driver: asyncpg.Connection, target: CopyInto, records: Sequence[Any]) -> None:
+    await driver.copy_records_to_table(target.table, records=records, columns=target.columns)
 
 
 def _account_values(account: Account) -> tuple[Any, ...]:
@@ -614,7 +418,7 @@ def _copy_merged(rows: int) -> Merged:
 def _copied_differing(
     staged: StagedRows, claims: list[tuple[Any, ...]], held: list[asyncpg.Record]
 ) -> dict[str, bool]:
-    """The users a copy left differing from their rows (_COPIED_HELD), each with whether
+    """The users a copy left differing from their rows (COPIED_HELD), each with whether
     the store holds more ledger rows, events or keys of it than came: then it held some
     before."""
     accounts, ledger, consents, _, events = staged
