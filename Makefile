@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/mypy app
 	$(BIN)/lint-imports
 
-lock: | $(UV)  ## Refresh uv.lock: the newest versions pyproject.toml's ranges allow (README, "Upgrading a dependency")
+lock: | $(UV)  ## Refresh uv.lock: the newest versions pyproject.toml's ranges allow (docs/operations.md, "Upgrading a dependency")
 	$(UV) lock --upgrade
 
 lock-check: | $(UV)  ## Fail when uv.lock does not match pyproject.toml (CI runs it first)

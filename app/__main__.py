@@ -4,7 +4,7 @@ of the database (SPEC §11); `python -m app journal replay FILE`: replay an outa
 replica left (SPEC §9).
 
 HOST and PORT from the environment (default 127.0.0.1:8000); WEB_CONCURRENCY worker
-processes (uvicorn's own variable, default 1), each with its own pools (README,
+processes (uvicorn's own variable, default 1), each with its own pools (docs/operations.md,
 "Running on PostgreSQL"); ACCESS_LOG=false turns uvicorn's access log off.
 """
 
@@ -30,14 +30,14 @@ def serve(application: str = "app.main:app") -> None:
     authentication (API_AUTH=none) only on the loopback interface, whatever HOST says.
 
     Only uvicorn's documented settings: a request head that arrives slowly or never is the
-    reverse proxy's to cut (its header timeout; README, "Access"), since uvicorn has no
+    reverse proxy's to cut (its header timeout; docs/access.md), since uvicorn has no
     setting for it."""
     host = os.environ.get("HOST", "127.0.0.1")
     settings = get_settings()
     if settings.api_auth is ApiAuth.NONE and host not in LOOPBACK:
         print(
             f"API_AUTH=none: serving on 127.0.0.1, not HOST={host}; set API_AUTH=token or "
-            "jwt to serve other hosts (README, Access)",
+            "jwt to serve other hosts (docs/access.md)",
             file=sys.stderr,
         )
         host = "127.0.0.1"
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
         help="check every account's balance against its ledger",
         description="Checks available_credits = opening + the sum of the ledger for every "
         "account of the database at DATABASE_URL, in batches of AUDIT_BATCH_SIZE, and prints "
-        '{"accounts": n, "drifted": [user_id, ...], ...} as JSON on stdout (README, '
+        '{"accounts": n, "drifted": [user_id, ...], ...} as JSON on stdout (docs/operations.md, '
         '"Ledger audit"). On a terminal, progress goes to stderr.',
         epilog=EXIT_STATUS,
     )

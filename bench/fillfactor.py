@@ -5,7 +5,7 @@ Every credit operation updates its account's row. PostgreSQL can update a row in
 a table loaded full (fillfactor 100, the default) has none until vacuum frees some. Two
 databases with the same accounts, one at each fillfactor (rewritten with VACUUM FULL),
 take the service's deductions at c=8 in alternating rounds; the section prints the
-throughput and the share of HOT updates each saw. The README keeps a lower fillfactor
+throughput and the share of HOT updates each saw. docs/operations.md keeps a lower fillfactor
 only if this says it pays.
 """
 

@@ -7,7 +7,7 @@ runs by default; through a PgBouncer in transaction pooling mode with its defaul
 (tests/support/pgbouncer.py) and DB_PREPARED_STATEMENTS=false, the statement timeout set
 in each transaction (DB_STATEMENT_TIMEOUT_MS, the default); and the same with the timeout
 on the role instead (`ALTER ROLE … SET statement_timeout`, DB_STATEMENT_TIMEOUT_MS=0), as
-the README advises. The ratio is to the first at the same concurrency; the direct figures
+docs/operations.md advises. The ratio is to the first at the same concurrency; the direct figures
 at c=32 and c=64 are also put against its own at c=8.
 """
 

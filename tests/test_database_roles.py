@@ -1,6 +1,6 @@
-"""Least privilege on PostgreSQL (SPEC §11): the README's SQL, run as written, makes an
-owner role that migrates and a service role that only reads and writes rows; the service
-runs every path on the latter, which can change no table."""
+"""Least privilege on PostgreSQL (SPEC §11): the SQL of docs/operations.md, run as
+written, makes an owner role that migrates and a service role that only reads and writes
+rows; the service runs every path on the latter, which can change no table."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 API = "/api/v1"
 ADMIN = {"Authorization": "Bearer test-admin-token"}  # conftest's app_settings
 ERASURE_KEY = "erasure-key-for-the-tests-0123456789"
-# The README's names, replaced by names of this test's own (roles are the whole cluster's).
-README_NAMES = ("assistant_owner", "assistant_app", "assistant")
+# The documented names, replaced by names of this test's own (roles are the whole
+# cluster's).
+DOCUMENTED_NAMES = ("assistant_owner", "assistant_app", "assistant")
 TABLE_CHANGES = (
     "ALTER TABLE user_credits ADD COLUMN note text",
     "DROP TABLE query_cache",
@@ -40,14 +41,14 @@ TABLE_CHANGES = (
 
 
 def readme_sql() -> list[str]:
-    """The SQL blocks of the README's "Database roles": cluster first, then database."""
-    readme = (ROOT / "README.md").read_text()
+    """The SQL blocks of docs/operations.md, "Database roles": cluster first, then database."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
     section = readme.split("### Database roles", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```sql\n(.*?)```", section, re.DOTALL)
 
 
 def statements(block: str, names: dict[str, str]) -> list[str]:
-    for name in README_NAMES:  # longest first: `assistant` is a prefix of the others
+    for name in DOCUMENTED_NAMES:  # longest first: `assistant` is a prefix of the others
         block = re.sub(rf"\b{name}\b", names[name], block)
     code = re.sub(r"--[^\n]*", "", block)  # comments first: they may hold a ";"
     return [chunk.strip() for chunk in code.split(";") if chunk.strip()]
@@ -76,7 +77,7 @@ def as_role(server: PostgresServer, database: str, role: str) -> str:
 
 @pytest.fixture
 async def roles(postgres_server: PostgresServer) -> AsyncIterator[Roles]:
-    """The README's roles and database, under names of this test's own, dropped afterwards."""
+    """The documented roles and database, under names of this test's own, dropped afterwards."""
     suffix = uuid.uuid4().hex[:10]
     names = {
         "assistant_owner": f"owner_{suffix}",

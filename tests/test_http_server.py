@@ -1,6 +1,6 @@
 """The service as `python -m app` serves it (real uvicorn, its documented settings only):
 requests on a keep-alive connection idle between them are served, with no `Server` header.
-A request head arriving slowly is the reverse proxy's to cut (README, "Access")."""
+A request head arriving slowly is the reverse proxy's to cut (docs/access.md)."""
 
 from __future__ import annotations
 

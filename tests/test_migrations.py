@@ -394,7 +394,7 @@ class TestErasuresByTime:
         assert await erasures() == [("!erased:1", 4), ("!erased:2", None)]
         await alembic(empty_engine, "downgrade", "0009")
         assert "handover_marks" in await table_names(empty_engine)
-        assert await erasures() == [("!erased:1", 4)]  # the README says what is lost
+        assert await erasures() == [("!erased:1", 4)]  # docs/operations.md says what is lost
         await alembic(empty_engine, "upgrade", "head")
         assert await erasures() == [("!erased:1", 4)]
 

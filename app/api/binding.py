@@ -22,8 +22,8 @@ so that nothing is served unbound by mistake.
 It stays while it pays and while tests/test_api_binding.py fails on any answer that
 FastAPI's own binding would give otherwise, which is what an upgrade of FastAPI can
 change (pyproject.toml keeps FastAPI below its next minor release, so each upgrade is
-made and tested on purpose: README, "Upgrading a dependency"). What it saves is measured,
-not assumed: the bench's `http` section serves the project beside itself with FastAPI's
+made and tested on purpose: docs/operations.md, "Upgrading a dependency"). What it saves
+is measured, not assumed: the bench's `http` section serves the project beside itself with FastAPI's
 own binding (bench/fastapi_binding.py) and prints, per route, the requests per second and
 the server's CPU per request of both; bench/README.md has the runs. Removing it is this
 module and `route_class=BoundRoute` in app/main.py: the routes are plain FastAPI

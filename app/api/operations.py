@@ -20,7 +20,7 @@ NDJSON = "application/x-ndjson"
 
 health = APIRouter(prefix="/health", tags=["health"])
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-# Open like /health (SPEC §8): operators restrict it at the network level (README).
+# Open like /health (SPEC §8): operators restrict it at the network level (docs/operations.md).
 metrics = APIRouter(tags=["operations"])
 
 
@@ -171,7 +171,7 @@ async def audit(container: ContainerDep) -> dict[str, Any]:
     """Checks `available_credits = opening + Σ ledger` for every account of the primary
     store, a batch at a time (SPEC §11). `drifted` names the accounts that disagree;
     `checked_since_refill` and `unverifiable` count those retention left to be checked
-    from a refill on only, or not at all (README, "Ledger audit")."""
+    from a refill on only, or not at all (docs/operations.md, "Ledger audit")."""
     report = await container.audit_ledger()
     return report.body()
 

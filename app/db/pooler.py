@@ -21,7 +21,7 @@ settings. PgBouncer's `ignore_startup_parameters = statement_timeout` would let 
 startup parameter through only by dropping it, leaving statements without a timeout.
 With the timeout set on the service's role instead and DB_STATEMENT_TIMEOUT_MS=0, no
 transaction needs a statement of its own for it, and the credit fast path's statements
-run alone (README, "Behind PgBouncer").
+run alone (docs/operations.md, "Behind PgBouncer").
 """
 
 from __future__ import annotations

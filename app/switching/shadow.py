@@ -8,7 +8,7 @@ shadow write that landed since the repair's read stands, nothing of a user erase
 comes back, and a shadow that drifted for reasons no write explains (a row changed
 underneath the service) takes the primary's account (SAME HISTORY). The queue holds at most
 `repair_max` users: past it a user is counted (`repair_overflow`) instead of queued, and
-the shadow needs seeding again (README, runbook).
+the shadow needs seeding again (docs/moving-state.md, runbook).
 """
 
 from __future__ import annotations

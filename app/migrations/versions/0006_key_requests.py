@@ -7,7 +7,7 @@ Keys claimed before this revision become deduction keys with no request known, s
 deduction repeating one is still a repeat (and a refund reusing one is refused).
 
 Downgrade drops the two columns and keeps every key; what each key's first use asked for
-is lost (README, "Migrations").
+is lost (docs/operations.md, "What a downgrade loses").
 
 Revision ID: 0006
 Revises: 0005

@@ -8,7 +8,7 @@ changes; each existing consent gets one event, at its `updated_at`, saying what 
 account an erased user had.
 
 Downgrade drops the history, the column and the erasure records (an id erased before then
-gets a fresh budget when created again: README, "Privacy") and keeps every consent.
+gets a fresh budget when created again: docs/privacy.md) and keeps every consent.
 
 Revision ID: 0007
 Revises: 0006

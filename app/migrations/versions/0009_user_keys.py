@@ -6,9 +6,9 @@ Two tables were keyed by their id alone: `credit_transactions` and `consent_even
 PostgreSQL their primary key becomes (user_id, id), each in one ALTER TABLE: the rows stay
 as they are, with their ids, and the ids' sequences go on numbering new rows; the key's
 index is built anew under the table's exclusive lock (a ledger of millions of rows is
-locked for the seconds that takes: README, "Backups and upgrades"). Every other table held
-user_id in its key already, or holds no user's rows (the cache, the storage flag, the
-erasures under their pseudonyms).
+locked for the seconds that takes: docs/operations.md, "Backups and upgrades"). Every
+other table held user_id in its key already, or holds no user's rows (the cache, the
+storage flag, the erasures under their pseudonyms).
 
 On SQLite nothing changes: a composite key has no autoincrement there, so both tables
 stay keyed by id, SQLite's rowid (app/models.py, LedgerId). An embedded file is never

@@ -1,7 +1,7 @@
 """The fast path's own asyncpg connections: a handful, handed from call to call.
 
 A fast-path statement's own Python costs about as much as the server's work for it, so
-each Python layer shows in the throughput (README, "How it is built"). These
+each Python layer shows in the throughput (docs/architecture.md). These
 connections are asyncpg's, opened with `asyncpg.connect` and used through its
 documented API alone: prepared statements made once per connection
 (`Connection.prepare`), no client-side timer per statement (`command_timeout=None`,
