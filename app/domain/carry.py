@@ -38,6 +38,10 @@ names the stores cite:
   the events.
 - BOOKS: a pseudonym's rows (SPEC §10) are the books of an erased user, not changes: the
   rows the store lacks are added as they are.
+
+One module over the usual size: these rules decide together (ERASED before FIRST CARRY,
+SAME HISTORY against ON TOP, CLAMP's key against BY IDENTITY), and a reader checks one
+against another here, as the credit rules are read in app/domain/credits.py.
 """
 
 from __future__ import annotations
