@@ -64,7 +64,8 @@ REPOSITORY_STORES = [*STORES, pytest.param("postgres-general", marks=pytest.mark
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 RULES = CreditRules(guest_max=10, registered_max=50, reset_period=timedelta(hours=24))
 RETENTION = timedelta(days=90)  # TRANSACTION_RETENTION_DAYS' default, for the merge's HORIZON
-TEMPLATE_DB = "assistant_template"
+# One template per pytest session: sessions may share a cluster (make mutants runs several).
+TEMPLATE_DB = f"assistant_template_{os.getpid()}"
 T = TypeVar("T")
 
 
@@ -207,17 +208,14 @@ async def _admin(server: PostgresServer, *statements: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgres_template(postgres_server: PostgresServer) -> str:
-    """A database migrated to head, cloned for each test by CREATE DATABASE … TEMPLATE."""
-    run_outside_loop(
-        _admin(
-            postgres_server,
-            f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)",
-            f"CREATE DATABASE {TEMPLATE_DB}",
-        )
-    )
+def postgres_template(postgres_server: PostgresServer) -> Iterator[str]:
+    """A database migrated to head, cloned for each test by CREATE DATABASE … TEMPLATE;
+    dropped when the session ends."""
+    dropped = f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)"
+    run_outside_loop(_admin(postgres_server, dropped, f"CREATE DATABASE {TEMPLATE_DB}"))
     run_outside_loop(_migrate(postgres_server.url_for(TEMPLATE_DB)))
-    return TEMPLATE_DB
+    yield TEMPLATE_DB
+    run_outside_loop(_admin(postgres_server, dropped))
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,9 @@ they fail. Prints killed/survived per mutant; exits 1 unless every mutant is kil
 A mutation names the text it replaces, after an anchor where that text is not unique:
 a mutant whose text is no longer in the code is an error, not a pass, so the list cannot
 rot silently. PostgreSQL comes from TEST_DATABASE_URL or a throwaway cluster started
-once for the whole run (tests/support/postgres.py).
+once for the whole run (tests/support/postgres.py). Mutants run several at once (--jobs),
+each in a pytest of its own on that one cluster, each session with its own template
+database.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1078,9 +1081,36 @@ def _environment() -> tuple[dict[str, str], object | None]:
     return env, server
 
 
+def _run(mutant: Mutant, env: dict[str, str]) -> bool:
+    """Applies `mutant` to a copy of the project and runs its tests there; prints the
+    verdict (and the tests' output unless they failed); True when killed."""
+    started = time.monotonic()
+    output = ""
+    with tempfile.TemporaryDirectory(prefix="mutant-") as place:
+        root = _copy(Path(place))
+        try:
+            mutant.apply(root)
+        except LookupError as stale:
+            killed, verdict = False, f"ERROR ({stale})"
+        else:
+            code, output = _pytest(root, mutant.tests, env)
+            killed = code == 1  # tests ran and failed
+            verdict = {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (exit {code})")
+    report = f"{verdict:<10} {time.monotonic() - started:5.1f} s  {mutant.name}"
+    print(report if killed or not output else f"{output}\n{report}", flush=True)
+    return killed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__)
     parser.add_argument("-k", default="", help="only the mutants whose name contains this")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("MUTANT_JOBS", 2 * (os.cpu_count() or 1))),
+        help="mutants run at once, each in its own pytest (MUTANT_JOBS; twice the CPUs: "
+        "much of a run waits on the database)",
+    )
     args = parser.parse_args()
     chosen = [mutant for mutant in MUTANTS if args.k in mutant.name]
     env, server = _environment()
@@ -1095,24 +1125,9 @@ def main() -> int:
             if code != 0:
                 print(f"{output}\nthe tests fail without any mutation: nothing to learn")
                 return 1
-            for mutant in chosen:
-                started = time.monotonic()
-                with tempfile.TemporaryDirectory(prefix="mutant-") as place:
-                    root = _copy(Path(place))
-                    try:
-                        mutant.apply(root)
-                    except LookupError as stale:
-                        verdict, failures = f"ERROR ({stale})", failures + 1
-                    else:
-                        code, output = _pytest(root, mutant.tests, env)
-                        killed = code == 1  # tests ran and failed
-                        verdict = {0: "SURVIVED", 1: "killed"}.get(code, f"ERROR (exit {code})")
-                        failures += not killed
-                        if not killed:
-                            print(output)
-                print(
-                    f"{verdict:<10} {time.monotonic() - started:5.1f} s  {mutant.name}", flush=True
-                )
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                for killed in pool.map(lambda mutant: _run(mutant, env), chosen):
+                    failures += not killed
     finally:
         if server is not None:
             server.stop()  # type: ignore[attr-defined]
