@@ -46,6 +46,8 @@ SQL_STATE = "app/repositories/sql_state.py"
 CLUSTER = "app/storage/cluster_flag.py"
 PG_STATE = "app/repositories/pg_state.py"
 ACCESS = "app/api/access.py"
+LRU = "app/lru.py"
+LRU_TESTS = ("tests/test_lru.py", "tests/test_local_cache.py")
 METRICS = "app/ops/metrics.py"
 OBSERVE = "app/api/observe.py"
 METRICS_FAULT_TESTS = ("tests/test_metrics.py", "-k", "fault")
@@ -491,6 +493,20 @@ MUTANTS = [
         "if time.time() >= expires:",
         "if False:",
         ("tests/test_access.py",),
+    ),
+    Mutant(
+        "lru: the most recent entry dropped past the bound",
+        LRU,
+        "entries.popitem(last=False)",
+        "entries.popitem()",
+        LRU_TESTS,
+    ),
+    Mutant(
+        "lru: a look at an entry counts as its use",
+        LRU,
+        "return self._entries.get(key)",
+        "return self.get(key)",
+        LRU_TESTS,
     ),
     Mutant(
         "access: the client's tier over the JWT's",
