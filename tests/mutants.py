@@ -770,6 +770,20 @@ MUTANTS = [
         ("tests/test_fallback.py",),
     ),
     Mutant(
+        "replay: an unreadable record stops the replay",
+        REPLAY,
+        "except ValueError as unreadable:",
+        "except LookupError as unreadable:",
+        ("tests/test_fallback.py", "-k", "unreadable"),
+    ),
+    Mutant(
+        "fallback: an unreadable record stops the start",
+        FALLBACK,
+        "with contextlib.suppress(ValueError):",
+        "with contextlib.suppress(LookupError):",
+        ("tests/test_fallback.py", "-k", "unreadable"),
+    ),
+    Mutant(
         "replay: a refused batch moved aside whole",
         REPLAY,
         "        if len(entries) == 1:",
