@@ -49,6 +49,8 @@ SQL_STATE = "app/repositories/sql/state.py"
 CLUSTER = "app/switching/cluster_flag.py"
 PG_STATE = "app/repositories/postgres/state.py"
 ACCESS = "app/api/access.py"
+LRU = "app/lru.py"
+LRU_TESTS = ("tests/test_lru.py", "tests/test_local_cache.py")
 METRICS = "app/ops/metrics.py"
 OBSERVE = "app/api/observe.py"
 METRICS_FAULT_TESTS = ("tests/test_metrics.py", "-k", "fault")
@@ -496,6 +498,20 @@ MUTANTS = [
         ("tests/test_access.py",),
     ),
     Mutant(
+        "lru: the most recent entry dropped past the bound",
+        LRU,
+        "entries.popitem(last=False)",
+        "entries.popitem()",
+        LRU_TESTS,
+    ),
+    Mutant(
+        "lru: a look at an entry counts as its use",
+        LRU,
+        "return self._entries.get(key)",
+        "return self.get(key)",
+        LRU_TESTS,
+    ),
+    Mutant(
         "access: the client's tier over the JWT's",
         ACCESS,
         "return asked_guest if self.is_guest is None else self.is_guest",
@@ -755,6 +771,20 @@ MUTANTS = [
         "if _database_fault(refused):",
         "if False:",
         ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "replay: an unreadable record stops the replay",
+        REPLAY,
+        "except ValueError as unreadable:",
+        "except LookupError as unreadable:",
+        ("tests/test_fallback.py", "-k", "unreadable"),
+    ),
+    Mutant(
+        "fallback: an unreadable record stops the start",
+        FALLBACK,
+        "with contextlib.suppress(ValueError):",
+        "with contextlib.suppress(LookupError):",
+        ("tests/test_fallback.py", "-k", "unreadable"),
     ),
     Mutant(
         "replay: a refused batch moved aside whole",

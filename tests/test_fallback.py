@@ -575,6 +575,44 @@ async def test_a_change_the_database_refuses_for_good_becomes_a_dead_letter(
     assert fallback.journal.dead_letters == 0
 
 
+async def test_an_unreadable_record_becomes_a_dead_letter_and_the_rest_replay(
+    outage: Outage, open_fallback: Callable[..., OutageFallback], tmp_path: Path
+) -> None:
+    """A record no version of the journal wrote: set aside at start and at replay, and
+    the records around it, one in the format before msgspec, replay in order."""
+    database = database_of(outage)
+    left = OutageJournal.open(tmp_path / "left.db")
+    at = datetime.fromisoformat("2026-03-01T12:30:00+00:00")  # just before the older one
+    await left.append(CreditChange("reader", Deduct(1), Attempt(at, "new")))
+    await left.close()
+    older = (
+        '{"kind":"credit","user_id":"reader","change":{"type":"Deduct","amount":2,'
+        '"is_guest":true,"description":null},"at":"2026-03-01T12:30:05.123456+00:00",'
+        '"key":"old","own_key":false}'
+    )
+    garbage = ["not json", '{"kind":"credit","user_id":"reader"}']
+    with sqlite3.connect(tmp_path / "left.db") as connection:
+        connection.executemany(
+            "INSERT INTO changes (body) VALUES (?)", [(text,) for text in [*garbage, older]]
+        )
+    restarted = open_fallback(name="left.db")
+    outage.down = True
+    await restarted.start()  # the unreadable records are not served
+    served = await restarted.memory.credits.history("reader", 10)
+    assert (restarted.depth, [row.amount for row in served]) == (4, [-2, -1])
+    outage.down = False
+    await restarted.replay()
+    assert (restarted.depth, restarted.journal.dead_letters) == (0, 2)
+    ledger = await database.credits.history("reader", 10)
+    assert [row.amount for row in ledger] == [-2, -1]
+    letters = await restarted.journal.letters(10)
+    assert [letter.change for letter in letters] == [
+        {"unreadable": "not json"},
+        json.loads(garbage[1]),
+    ]
+    assert all(letter.reason.startswith("unreadable record: ") for letter in letters)
+
+
 async def test_a_change_the_journal_cannot_keep_is_refused_and_undone(
     outage: Outage, fallback: OutageFallback, monkeypatch: pytest.MonkeyPatch
 ) -> None:

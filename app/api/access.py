@@ -20,7 +20,6 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import ErrorBody
 from app.config import ApiAuth, Settings
 from app.errors import ForbiddenError
+from app.lru import LRU
 
 API_PATHS = "/api/v1/"
 BEARER_SCHEME = "apiBearer"  # the OpenAPI security scheme of /api/v1 under authentication
@@ -73,8 +73,7 @@ class _Verified:
     used goes first when full."""
 
     def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
+        self._entries: LRU[str, tuple[Caller, float]] = LRU(size)
 
     def get(self, token: str) -> Caller | None:
         entry = self._entries.get(token)
@@ -82,17 +81,12 @@ class _Verified:
             return None
         caller, expires = entry
         if time.time() >= expires:
-            del self._entries[token]
+            self._entries.pop(token)
             return None
-        self._entries.move_to_end(token)
         return caller
 
     def put(self, token: str, caller: Caller, expires: float) -> None:
-        if not self._size:
-            return
-        self._entries[token] = (caller, expires)
-        if len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        self._entries.put(token, (caller, expires))
 
 
 def caller_of(request: Request) -> Caller:

@@ -7,11 +7,11 @@ while the shared tier keeps every worker's answers in one place.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from app.lru import LRU
 from app.repositories.base import CacheRepository, EntryReader
 
 DEFAULT_MAX_ENTRIES = 1024
@@ -73,9 +73,8 @@ class LocalCacheTier:
             raise ValueError(f"local_ttl_seconds must be positive, got {local_ttl_seconds}")
         self._shared = shared
         self._reader = shared if isinstance(shared, EntryReader) else None
-        self._max_entries = max_entries
         self._local_ttl = timedelta(seconds=local_ttl_seconds)
-        self._entries: OrderedDict[str, _Local] = OrderedDict()  # least recently used first
+        self._entries: LRU[str, _Local] = LRU(max_entries)
         self._epoch = 0  # bumped by clear(): copies fetched before it must not be kept
         self.stats = stats if stats is not None else TierStats()
 
@@ -89,11 +88,10 @@ class LocalCacheTier:
         local = self._entries.get(key)
         if local is not None:
             if local.expires_at > now:
-                self._entries.move_to_end(key)
                 self.stats.hits_local += 1
                 copied: dict[str, Any] = json.loads(local.document)
                 return copied
-            del self._entries[key]
+            self._entries.pop(key)
         epoch = self._epoch
         try:
             result, shared_expiry = await self._shared_get(key, now)
@@ -123,8 +121,9 @@ class LocalCacheTier:
 
     async def delete_expired(self, *, now: datetime) -> int:
         """Drops expired local copies; the count is the shared tier's (the entries)."""
-        for key in [key for key, local in self._entries.items() if local.expires_at <= now]:
-            del self._entries[key]
+        for key, local in self._entries.items():
+            if local.expires_at <= now:
+                self._entries.pop(key)
         return await self._shared.delete_expired(now=now)
 
     async def clear(self) -> None:
@@ -156,9 +155,6 @@ class LocalCacheTier:
         cap = now + self._local_ttl
         expiry = cap if expires_at is None else min(expires_at, cap)
         if expiry <= now:
-            self._entries.pop(key, None)
+            self._entries.pop(key)
             return
-        self._entries[key] = _Local(json.dumps(result), expiry)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        self._entries.put(key, _Local(json.dumps(result), expiry))

@@ -301,7 +301,7 @@ class OutageFallback:
         while batch := await self.journal.head(after, REPLAY_BATCH):
             for seq, text in batch:
                 after = seq
-                with contextlib.suppress(ValueError, KeyError, TypeError):
+                with contextlib.suppress(ValueError):
                     yield decode(text)
 
     # Replay.

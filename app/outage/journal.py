@@ -15,6 +15,11 @@ given the same path takes the next free slot (`outage-journal.1.db`, ...), so wo
 processes of one server each get their own; a restarted process takes the first free
 slot and replays what an earlier process left in it.
 
+A record is a JSON object read and written by msgspec, as a state stream's lines are
+(app/transfer/stream.py), each kind a Struct tagged by `kind`. Records written before
+that, by the json module, read as the same changes: the same fields, and instants by
+`isoformat()`, which RFC 3339 reads alike.
+
 The standard library's sqlite3 on one thread of its own: the file is local and the
 statements are tiny, and aiosqlite would run each connection on a thread anyway.
 """
@@ -22,22 +27,28 @@ statements are tiny, and aiosqlite would run each connection on a thread anyway.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, assert_never, get_args
+from typing import TYPE_CHECKING, Any, TypeVar, Union, assert_never, get_args, get_type_hints
+
+import msgspec
 
 from app.domain.credits import Attempt, Change
 
 R = TypeVar("R")
 MAX_SLOTS = 64
 _REASON_LENGTH = 2_000
+
+
+class _Record(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="kind"):
+    """A journal record: a JSON object whose `kind` names the change it holds."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,7 @@ class CreditChange:
     attempt: Attempt
 
 
-@dataclass(frozen=True)
-class ConsentRecorded:
+class ConsentRecorded(_Record, frozen=True, tag="consent"):
     user_id: str
     terms_accepted: bool
     marketing_consent: bool
@@ -56,8 +66,7 @@ class ConsentRecorded:
     now: datetime
 
 
-@dataclass(frozen=True)
-class MarketingChanged:
+class MarketingChanged(_Record, frozen=True, tag="marketing"):
     """A change of the marketing choice alone; `terms_accepted` and `terms_version`: the
     consent it changed, as the fallback knew it, for the history event it was
     acknowledged with (None in records journaled before they were kept)."""
@@ -70,7 +79,52 @@ class MarketingChanged:
 
 
 Served = CreditChange | ConsentRecorded | MarketingChanged
-_CHANGES: dict[str, type[Change]] = {kind.__name__: kind for kind in get_args(Change)}
+
+
+def _change_record(kind: type[Change]) -> type[msgspec.Struct]:
+    """The record of a change: its dataclass's fields, tagged `type` with its class name."""
+    hints = get_type_hints(kind)
+    fields = [
+        (field.name, hints[field.name])
+        if field.default is dataclasses.MISSING
+        else (field.name, hints[field.name], field.default)
+        for field in dataclasses.fields(kind)
+    ]
+    return msgspec.defstruct(
+        kind.__name__,
+        fields,
+        module=__name__,
+        frozen=True,
+        forbid_unknown_fields=True,
+        tag_field="type",
+        tag=True,
+    )
+
+
+# Made from the Change union: a new operation is journaled with nothing added here.
+_CHANGE_RECORDS: dict[type[Change], type[msgspec.Struct]] = {
+    kind: _change_record(kind) for kind in get_args(Change)
+}
+_CHANGES = {record: kind for kind, record in _CHANGE_RECORDS.items()}
+if TYPE_CHECKING:
+    _ChangeRecord = msgspec.Struct
+else:  # what msgspec decodes, by `type`; mypy cannot follow a union made at run time
+    _ChangeRecord = Union[tuple(_CHANGE_RECORDS.values())]  # noqa: UP007 (`|` spreads no tuple)
+
+
+class _CreditRecord(_Record, frozen=True, tag="credit"):
+    """A credit change as journaled: its attempt's fields beside the change."""
+
+    user_id: str
+    change: _ChangeRecord
+    at: datetime
+    key: str | None
+    own_key: bool
+
+
+_ENCODER = msgspec.json.Encoder()
+_Readable = _CreditRecord | ConsentRecorded | MarketingChanged
+_DECODER: msgspec.json.Decoder[_Readable] = msgspec.json.Decoder(_Readable)
 
 
 class JournalError(RuntimeError):
@@ -86,44 +140,30 @@ class DeadLetter:
 
 
 def encode(served: Served) -> str:
-    """The journal's text of a change: JSON, instants in ISO 8601."""
+    """The journal's text of a change: JSON, instants in RFC 3339."""
+    record: _Record
     match served:
         case CreditChange(user_id, change, attempt):
-            record: dict[str, Any] = {
-                "kind": "credit",
-                "user_id": user_id,
-                "change": {"type": type(change).__name__, **asdict(change)},
-                "at": attempt.at.isoformat(),
-                "key": attempt.key,
-                "own_key": attempt.own_key,
-            }
-        case ConsentRecorded():
-            record = {"kind": "consent", **asdict(served), "now": served.now.isoformat()}
-        case MarketingChanged():
-            record = {"kind": "marketing", **asdict(served), "now": served.now.isoformat()}
+            fields = _CHANGE_RECORDS[type(change)](**dataclasses.asdict(change))
+            record = _CreditRecord(user_id, fields, attempt.at, attempt.key, attempt.own_key)
+        case ConsentRecorded() | MarketingChanged():
+            record = served
         case _:
             assert_never(served)
-    return json.dumps(record, separators=(",", ":"))
+    return _ENCODER.encode(record).decode()  # text: sqlite3 would keep bytes as a BLOB
 
 
 def decode(text: str) -> Served:
-    """The change a record holds; ValueError (or KeyError, TypeError) when it holds none.
+    """The change a record holds; msgspec.DecodeError (a ValueError) when it holds none.
     A credit change comes back as possibly applied (`sent`): the process that wrote it
     may have replayed it before it died, and the store then looks its key up."""
-    record = json.loads(text)
-    match record.pop("kind"):
-        case "credit":
-            fields = dict(record["change"])
-            change = _CHANGES[fields.pop("type")](**fields)
-            at = datetime.fromisoformat(record["at"])
-            attempt = Attempt(at, record["key"], own_key=record["own_key"], sent=True)
-            return CreditChange(record["user_id"], change, attempt)
-        case "consent":
-            return ConsentRecorded(**{**record, "now": datetime.fromisoformat(record["now"])})
-        case "marketing":
-            return MarketingChanged(**{**record, "now": datetime.fromisoformat(record["now"])})
-        case kind:
-            raise ValueError(f"unknown kind of change {kind!r}")
+    record = _DECODER.decode(text)
+    match record:
+        case _CreditRecord(user_id, fields, at, key, own_key):
+            change = _CHANGES[type(fields)](**msgspec.structs.asdict(fields))
+            return CreditChange(user_id, change, Attempt(at, key, own_key=own_key, sent=True))
+        case _:
+            return record
 
 
 class OutageJournal:
@@ -327,7 +367,7 @@ def _slot(path: Path, n: int) -> Path:
 
 def _readable(body: str) -> dict[str, Any]:
     try:
-        record = json.loads(body)
-    except ValueError:
+        record = msgspec.json.decode(body)
+    except msgspec.DecodeError:
         return {"unreadable": body}
     return record if isinstance(record, dict) else {"unreadable": body}

@@ -3,17 +3,17 @@ start from (SPEC §9): a user at 3 credits stays at 3 when the database goes awa
 user who accepted the terms is still known to have.
 
 Bounded (FALLBACK_SNAPSHOT_MAX_USERS), least recently seen dropped first. Refreshed on
-every answer the database gives, so it costs the normal path one ordered-dict update.
+every answer the database gives, so it costs the normal path one LRU update (app/lru.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from app.domain.credits import Account, Claim
+from app.lru import LRU
 from app.schemas import UserConsent, UserCredits
 
 DEFAULT_MAX_USERS = 100_000
@@ -52,14 +52,13 @@ class LastKnown:
     """The bounded snapshot: `saw_*` after the database answered, `of` in an outage."""
 
     def __init__(self, max_users: int = DEFAULT_MAX_USERS) -> None:
-        self._max_users = max_users
-        self._users: OrderedDict[str, Seen] = OrderedDict()
+        self._users: LRU[str, Seen] = LRU(max_users)
 
     def __len__(self) -> int:
         return len(self._users)
 
     def of(self, user_id: str) -> Seen | None:
-        return self._users.get(user_id)
+        return self._users.peek(user_id)
 
     def saw_credits(self, credits: UserCredits) -> None:
         self._seen(credits.user_id).credits = credits
@@ -81,7 +80,7 @@ class LastKnown:
 
     def forget(self, user_id: str) -> None:
         """The user was erased (SPEC §10): nothing of them is kept."""
-        self._users.pop(user_id, None)
+        self._users.pop(user_id)
 
     async def forget_erased(self, erased: set[str], pseudonym: Callable[[str], str]) -> int:
         """Forgets every user whose erasure's pseudonym is in `erased` (erased by another
@@ -89,23 +88,19 @@ class LastKnown:
         path every answer of the database takes; a full snapshot's worth takes a good
         part of a second, so the event loop gets a turn every PSEUDONYMS_PER_TURN."""
         gone = worked = 0
-        for user_id, seen in list(self._users.items()):
+        for user_id, seen in self._users.items():
             if seen.pseudonym is None:
                 seen.pseudonym = pseudonym(user_id)
                 worked += 1
                 if worked % PSEUDONYMS_PER_TURN == 0:
                     await asyncio.sleep(0)
-            if seen.pseudonym in erased and self._users.pop(user_id, None) is not None:
+            if seen.pseudonym in erased and self._users.pop(user_id) is not None:
                 gone += 1
         return gone
 
     def _seen(self, user_id: str) -> Seen:
-        users = self._users
-        seen = users.get(user_id)
+        seen = self._users.get(user_id)
         if seen is None:
-            seen = users[user_id] = Seen()
-            if len(users) > self._max_users:
-                users.popitem(last=False)
-        else:
-            users.move_to_end(user_id)
+            seen = Seen()
+            self._users.put(user_id, seen)
         return seen

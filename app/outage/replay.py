@@ -93,7 +93,7 @@ async def replay(run: Replay) -> None:
         for seq, text in batch:
             try:
                 entries.append((seq, decode(text)))
-            except (ValueError, KeyError, TypeError) as unreadable:
+            except ValueError as unreadable:
                 await _dead_letter(journal, seq, f"unreadable record: {unreadable!r}")
         if entries:
             await _carry(run, entries)
