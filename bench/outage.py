@@ -190,7 +190,7 @@ async def _snapshot_figures(ctx: Context) -> None:
                 container = build_container(settings)
                 try:
                     if container.fallback is not None:
-                        await container.fallback.start(container.guarded)
+                        await container.fallback.start()
                     result = await run_load(
                         _deductions(container.credit_service(), pick),
                         CONCURRENCY,
