@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.clock import Clock, utc_now
 from app.domain.carry import Carried
+from app.domain.consents import ConsentChange, RecordConsent
 from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset, Upgrade
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Merged
@@ -90,29 +91,11 @@ class DownableConsents:
         self._outage = outage
         self._inner: ConsentRepository = outage.stores.consents
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        self._outage.check()
-        return await self._inner.upsert(
-            user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            terms_version=terms_version,
-            now=now,
-        )
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         self._outage.check()
-        return await self._inner.set_marketing(user_id, marketing_consent, now=now)
+        return await self._inner.apply(user_id, change, now=now)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         self._outage.check()
@@ -700,9 +683,7 @@ async def test_a_later_consent_in_the_database_stands_over_a_replayed_earlier_on
     await consents.record_consent("changed", terms_accepted=True, marketing_consent=True)
     outage.down = False
     clock.advance(minutes=5)  # another replica records the user's later choice first
-    await database.consents.upsert(
-        "changed", terms_accepted=True, marketing_consent=False, terms_version="1", now=clock.now
-    )
+    await database.consents.apply("changed", RecordConsent(True, False, "1"), now=clock.now)
     await fallback.replay()
     stored = await database.consents.get("changed")
     assert stored is not None and (stored.marketing_consent, stored.updated_at) == (
