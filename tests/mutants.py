@@ -740,6 +740,20 @@ MUTANTS = [
         ("tests/test_fallback.py",),
     ),
     Mutant(
+        "fallback: a consent change served during an outage not journaled",
+        FALLBACK,
+        "await self._journaled(_journal_record(user_id, change, now, consent), unavailable)",
+        "pass",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a marketing change journaled without its consent's terms",
+        FALLBACK,
+        "terms, version = consent.terms_accepted, consent.terms_version",
+        "terms, version = None, None",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
         "fallback: an outage starts each user afresh, not as last seen",
         FALLBACK,
         "self._data.adopt(user_id, seen.account, seen.consent)",

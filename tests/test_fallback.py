@@ -693,6 +693,31 @@ async def test_a_later_consent_in_the_database_stands_over_a_replayed_earlier_on
     assert fallback.depth == 0
 
 
+async def test_a_marketing_change_held_on_replay_keeps_the_event_it_was_acknowledged_with(
+    outage: Outage, fallback: OutageFallback, clock: FakeClock
+) -> None:
+    """The journal keeps a change of marketing alone with its consent's terms, so a later
+    consent in the database standing over it still leaves its event in the history."""
+    database = database_of(outage)
+    consents = UserConsentService(with_fallback(database, fallback).consents, clock=clock)
+    first = await consents.record_consent("held", marketing_consent=False)
+    clock.advance(minutes=1)
+    outage.down = True
+    changed = await consents.update_marketing_consent("held", True)
+    outage.down = False
+    clock.advance(minutes=5)  # another replica records the user's later choice first
+    await database.consents.apply("held", RecordConsent(True, False, "1"), now=clock.now)
+    await fallback.replay()
+    history = await database.consents.history("held")
+    assert [(e.terms_accepted, e.marketing_consent, e.terms_version) for e in history] == [
+        (True, False, "1"),
+        (True, True, "1"),
+        (True, False, "1"),
+    ]
+    assert [e.recorded_at for e in history] == [clock.now, changed.updated_at, first.timestamp]
+    assert fallback.depth == 0
+
+
 async def test_a_service_that_never_started_replays_nothing_at_shutdown(
     outage: Outage, fallback: OutageFallback
 ) -> None:
