@@ -395,6 +395,13 @@ MUTANTS = [
         ("tests/test_shadow.py",),
     ),
     Mutant(
+        "shadow: consent writes not repeated on the shadow",
+        ROUTING,
+        "shadow.consents.apply(user_id, change, now=now),",
+        "asyncio.sleep(0, answer),",
+        ("tests/test_shadow.py",),
+    ),
+    Mutant(
         "shadow: a difference not counted",
         SHADOW,
         "        self.mismatches += 1\n",
