@@ -400,6 +400,13 @@ MUTANTS = [
         ("tests/test_shadow.py",),
     ),
     Mutant(
+        "shadow: consent writes not repeated on the shadow",
+        ROUTING,
+        "shadow.consents.apply(user_id, change, now=now),",
+        "asyncio.sleep(0, answer),",
+        ("tests/test_shadow.py",),
+    ),
+    Mutant(
         "shadow: a difference not counted",
         SHADOW,
         "        self.mismatches += 1\n",
@@ -756,6 +763,20 @@ MUTANTS = [
         FALLBACK,
         "await self._journaled(CreditChange(user_id, operation, attempt), unavailable)",
         "pass",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a consent change served during an outage not journaled",
+        FALLBACK,
+        "await self._journaled(_journal_record(user_id, change, now, consent), unavailable)",
+        "pass",
+        ("tests/test_fallback.py",),
+    ),
+    Mutant(
+        "fallback: a marketing change journaled without its consent's terms",
+        FALLBACK,
+        "terms, version = consent.terms_accepted, consent.terms_version",
+        "terms, version = None, None",
         ("tests/test_fallback.py",),
     ),
     Mutant(

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.clock import Clock, utc_now
 from app.domain.carry import Carried
+from app.domain.consents import ConsentChange, RecordConsent
 from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset, Upgrade
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Merged
@@ -90,29 +91,11 @@ class DownableConsents:
         self._outage = outage
         self._inner: ConsentRepository = outage.stores.consents
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        self._outage.check()
-        return await self._inner.upsert(
-            user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            terms_version=terms_version,
-            now=now,
-        )
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         self._outage.check()
-        return await self._inner.set_marketing(user_id, marketing_consent, now=now)
+        return await self._inner.apply(user_id, change, now=now)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         self._outage.check()
@@ -738,15 +721,38 @@ async def test_a_later_consent_in_the_database_stands_over_a_replayed_earlier_on
     await consents.record_consent("changed", terms_accepted=True, marketing_consent=True)
     outage.down = False
     clock.advance(minutes=5)  # another replica records the user's later choice first
-    await database.consents.upsert(
-        "changed", terms_accepted=True, marketing_consent=False, terms_version="1", now=clock.now
-    )
+    await database.consents.apply("changed", RecordConsent(True, False, "1"), now=clock.now)
     await fallback.replay()
     stored = await database.consents.get("changed")
     assert stored is not None and (stored.marketing_consent, stored.updated_at) == (
         False,
         clock.now,
     )
+    assert fallback.depth == 0
+
+
+async def test_a_marketing_change_held_on_replay_keeps_the_event_it_was_acknowledged_with(
+    outage: Outage, fallback: OutageFallback, clock: FakeClock
+) -> None:
+    """The journal keeps a change of marketing alone with its consent's terms, so a later
+    consent in the database standing over it still leaves its event in the history."""
+    database = database_of(outage)
+    consents = UserConsentService(with_fallback(database, fallback).consents, clock=clock)
+    first = await consents.record_consent("held", marketing_consent=False)
+    clock.advance(minutes=1)
+    outage.down = True
+    changed = await consents.update_marketing_consent("held", True)
+    outage.down = False
+    clock.advance(minutes=5)  # another replica records the user's later choice first
+    await database.consents.apply("held", RecordConsent(True, False, "1"), now=clock.now)
+    await fallback.replay()
+    history = await database.consents.history("held")
+    assert [(e.terms_accepted, e.marketing_consent, e.terms_version) for e in history] == [
+        (True, False, "1"),
+        (True, True, "1"),
+        (True, False, "1"),
+    ]
+    assert [e.recorded_at for e in history] == [clock.now, changed.updated_at, first.timestamp]
     assert fallback.depth == 0
 
 

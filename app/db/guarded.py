@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from app.db.resilience import Guard
 from app.domain.audit import LedgerFigures
 from app.domain.carry import Carried
+from app.domain.consents import ConsentChange
 from app.domain.credits import Attempt, Operation
 from app.domain.state import Erasure, Merged, UserState
 from app.repositories.base import (
@@ -61,28 +62,10 @@ class GuardedConsents:
     async def get(self, user_id: str) -> UserConsent | None:
         return await self._guard.run(self._inner.get, user_id)
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        return await self._guard.run(
-            self._inner.upsert,
-            user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            terms_version=terms_version,
-            now=now,
-        )
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
-        return await self._guard.run(self._inner.set_marketing, user_id, marketing_consent, now=now)
+        return await self._guard.run(self._inner.apply, user_id, change, now=now)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         return await self._guard.run(self._inner.history, user_id)

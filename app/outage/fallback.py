@@ -30,11 +30,12 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime, timedelta
-from typing import TypeVar, assert_never
+from typing import assert_never
 
 from app.clock import utc_now
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
 from app.domain.credits import Attempt, Claim, CreditRules, Deduct, Operation, Read, Refund
 from app.domain.state import UserState
 from app.errors import (
@@ -54,12 +55,11 @@ from app.outage.journal import (
 )
 from app.outage.last_known import LastKnown
 from app.outage.replay import REPLAY_BATCH, Replay, ReplayFigures, ReplayPaused, replay
-from app.repositories.base import ConsentRepository, Erasures, StateRepository, Stores
+from app.repositories.base import Erasures, StateRepository, Stores
 from app.repositories.memory import MemoryData, memory_stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEFAULT_MAX_CHANGES = 100_000
 # An erasure's instant is taken before it commits, and on the erasing host's clock: each
@@ -228,20 +228,18 @@ class OutageFallback:
     async def record(
         self,
         user_id: str,
-        write: Callable[[ConsentRepository], Awaitable[T]],
-        served: Callable[[T], Served | None],
+        change: ConsentChange,
+        now: datetime,
         unavailable: StorageUnavailableError,
-    ) -> T:
-        """A consent change made in the fallback store, journaled (`served`: what to
-        replay, None for nothing)."""
+    ) -> UserConsent | None:
+        """A consent change made in the fallback store, and journaled if it changed one."""
         self._refuse_if_full(unavailable)
         with _unavailable_when_full(unavailable):
             self._adopt(user_id)
-            result = await write(self.memory.consents)
-        change = served(result)
-        if change is not None:
-            await self._journaled(change, unavailable)
-        return result
+            consent = await self.memory.consents.apply(user_id, change, now=now)
+        if consent is not None:
+            await self._journaled(_journal_record(user_id, change, now, consent), unavailable)
+        return consent
 
     def forget(self, user_id: str) -> None:
         """The user was erased (SPEC §10): nothing of them is kept here."""
@@ -406,17 +404,27 @@ async def _into(stores: Stores, served: Served) -> None:
         case CreditChange(user_id, change, attempt):
             await stores.credits.apply(user_id, change, attempt)
         case ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now):
-            await stores.consents.upsert(
-                user_id,
-                terms_accepted=terms_accepted,
-                marketing_consent=marketing_consent,
-                terms_version=version,
-                now=now,
-            )
+            recorded = RecordConsent(terms_accepted, marketing_consent, version)
+            await stores.consents.apply(user_id, recorded, now=now)
         case MarketingChanged(user_id, marketing_consent, now):
-            await stores.consents.set_marketing(user_id, marketing_consent, now=now)
+            await stores.consents.apply(user_id, ChangeMarketing(marketing_consent), now=now)
         case _:
             assert_never(served)
+
+
+def _journal_record(
+    user_id: str, change: ConsentChange, now: datetime, consent: UserConsent
+) -> ConsentRecorded | MarketingChanged:
+    """The journal's record of a consent change the fallback store made (`consent`: the
+    consent after it, whose terms a change of marketing alone keeps for its history event)."""
+    match change:
+        case RecordConsent(terms_accepted, marketing_consent, version):
+            return ConsentRecorded(user_id, terms_accepted, marketing_consent, version, now)
+        case ChangeMarketing(marketing_consent):
+            terms, version = consent.terms_accepted, consent.terms_version
+            return MarketingChanged(user_id, marketing_consent, now, terms, version)
+        case _:
+            assert_never(change)
 
 
 @contextlib.contextmanager
@@ -488,73 +496,30 @@ class FallbackConsents:
         self._seen(user_id, consent)
         return consent
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        def upsert(consents: ConsentRepository) -> Awaitable[UserConsent]:
-            return consents.upsert(
-                user_id,
-                terms_accepted=terms_accepted,
-                marketing_consent=marketing_consent,
-                terms_version=terms_version,
-                now=now,
-            )
-
-        change = ConsentRecorded(user_id, terms_accepted, marketing_consent, terms_version, now)
-        fallback = self._fallback
-        if fallback.waits(user_id):
-            return await fallback.record(user_id, upsert, lambda _: change, fallback.waiting())
-        try:
-            consent = await upsert(self._database.consents)
-        except StorageUnavailableError as unavailable:
-            return await fallback.record(user_id, upsert, lambda _: change, unavailable)
-        self._seen(user_id, consent)
-        return consent
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         fallback = self._fallback
         if fallback.waits(user_id):
-            return await self._in_fallback(user_id, marketing_consent, now, fallback.waiting())
+            return await self._in_fallback(user_id, change, now, fallback.waiting())
         try:
-            consent = await self._database.consents.set_marketing(
-                user_id, marketing_consent, now=now
-            )
+            consent = await self._database.consents.apply(user_id, change, now=now)
         except StorageUnavailableError as unavailable:
-            return await self._in_fallback(user_id, marketing_consent, now, unavailable)
+            return await self._in_fallback(user_id, change, now, unavailable)
         self._seen(user_id, consent)
         return consent
 
     async def _in_fallback(
         self,
         user_id: str,
-        marketing_consent: bool,
+        change: ConsentChange,
         now: datetime,
         unavailable: StorageUnavailableError,
     ) -> UserConsent | None:
         fallback = self._fallback
-        if fallback.consent(user_id, unavailable) is None:
+        if isinstance(change, ChangeMarketing) and fallback.consent(user_id, unavailable) is None:
             return None  # known to have none: 404, as the database would answer
-
-        def served(changed: UserConsent | None) -> Served | None:
-            if changed is None:
-                return None
-            terms, version = changed.terms_accepted, changed.terms_version
-            return MarketingChanged(user_id, marketing_consent, now, terms, version)
-
-        return await fallback.record(
-            user_id,
-            lambda consents: consents.set_marketing(user_id, marketing_consent, now=now),
-            served,
-            unavailable,
-        )
+        return await fallback.record(user_id, change, now, unavailable)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         """The database's only: the fallback store knows no history from before the

@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from app.domain.audit import LedgerFigures
 from app.domain.carry import Carried, carried_state
+from app.domain.consents import ConsentChange
 from app.domain.credits import Account, Attempt, Claim, Operation
 from app.domain.privacy import Pseudonyms, is_pseudonym
 from app.domain.state import Erasure, KeyRecord, LedgerRecord, Merged, UserState
@@ -37,28 +38,17 @@ class CreditRepository(Protocol):
 
 
 class ConsentRepository(Protocol):
-    """Consent records, one per user."""
+    """Consent records, one per user, each change made through `apply`."""
 
     async def get(self, user_id: str) -> UserConsent | None: ...
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        """Creates the record, or updates it keeping its first-recorded `timestamp`; its
-        history gains the event in the same unit of work."""
-        ...
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
-        """None when no consent is recorded for the user; else its history gains the
-        event in the same unit of work."""
+        """The consent after `change` (app/domain/consents.py), one unit of work in which
+        its history gains the event. RecordConsent creates the record, or replaces it
+        keeping its first-recorded `timestamp`; ChangeMarketing answers None, changing
+        nothing, when no consent is recorded for the user."""
         ...
 
     async def history(self, user_id: str) -> list[ConsentEvent]:

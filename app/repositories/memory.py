@@ -16,11 +16,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, assert_never
 
 from app.clock import Clock, utc_now
 from app.domain.audit import LedgerFigures, figures
 from app.domain.carry import Carried, Plan, carry_all, outcome
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
 from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
 from app.domain.privacy import Pseudonyms, is_pseudonym
 from app.domain.state import Erasure, KeyRecord, LedgerRecord, Merged, UserState, later_erasure
@@ -148,40 +149,31 @@ class MemoryConsentRepository:
     async def get(self, user_id: str) -> UserConsent | None:
         return self._consents.get(user_id)
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        existing = self._consents.get(user_id)
-        if existing is None and user_id not in self._data.held:
-            self._data.room_for((user_id,))
-        consent = UserConsent(
-            user_id=user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            timestamp=existing.timestamp if existing else now,
-            updated_at=now,
-            terms_version=terms_version,
-        )
-        self._consents[user_id] = consent
-        self._data.held.add(user_id)
-        self._recorded(consent)
-        return consent
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         existing = self._consents.get(user_id)
-        if existing is None:
-            return None
-        consent = existing.model_copy(
-            update={"marketing_consent": marketing_consent, "updated_at": now}
-        )
+        match change:
+            case RecordConsent(terms_accepted, marketing_consent, terms_version):
+                if existing is None and user_id not in self._data.held:
+                    self._data.room_for((user_id,))
+                consent = UserConsent(
+                    user_id=user_id,
+                    terms_accepted=terms_accepted,
+                    marketing_consent=marketing_consent,
+                    timestamp=existing.timestamp if existing else now,
+                    updated_at=now,
+                    terms_version=terms_version,
+                )
+                self._data.held.add(user_id)
+            case ChangeMarketing(marketing_consent):
+                if existing is None:
+                    return None
+                consent = existing.model_copy(
+                    update={"marketing_consent": marketing_consent, "updated_at": now}
+                )
+            case _:
+                assert_never(change)
         self._consents[user_id] = consent
         self._recorded(consent)
         return consent

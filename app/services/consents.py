@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from app.clock import Clock, utc_now
 from app.config import DEFAULT_TERMS_VERSION
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
 from app.errors import (
     ConsentNotFoundError,
     ConsentRequiredError,
@@ -38,22 +39,14 @@ class UserConsentService:
     ) -> UserConsent:
         """Creates or replaces the record (its first-recorded `timestamp` kept); accepted
         terms are the version in force."""
-        return await self._repository.upsert(
-            user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            terms_version=self._terms_version if terms_accepted else None,
-            now=self._clock(),
+        version = self._terms_version if terms_accepted else None
+        return await self._applied(
+            user_id, RecordConsent(terms_accepted, marketing_consent, version)
         )
 
     async def update_marketing_consent(self, user_id: str, marketing_consent: bool) -> UserConsent:
         """Raises ConsentNotFoundError when the user has no consent recorded."""
-        consent = await self._repository.set_marketing(
-            user_id, marketing_consent, now=self._clock()
-        )
-        if consent is None:
-            raise ConsentNotFoundError(user_id)
-        return consent
+        return await self._applied(user_id, ChangeMarketing(marketing_consent))
 
     async def consent_history(self, user_id: str) -> list[ConsentEvent]:
         """Every change of the user's consent, newest first. Raises ConsentNotFoundError
@@ -84,6 +77,12 @@ class UserConsentService:
         if limit < 1 or offset < 0:
             raise InvalidInputError("limit must be at least 1 and offset at least 0")
         return await self._repository.page(limit, offset)
+
+    async def _applied(self, user_id: str, change: ConsentChange) -> UserConsent:
+        consent = await self._repository.apply(user_id, change, now=self._clock())
+        if consent is None:  # only a change of marketing alone, with no consent to change
+            raise ConsentNotFoundError(user_id)
+        return consent
 
     def _current(self, consent: UserConsent) -> bool:
         return consent.terms_accepted and consent.terms_version == self._terms_version

@@ -13,11 +13,12 @@ import logging
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
 from app.domain.credits import Attempt, Operation
 from app.errors import InsufficientCreditsError, StorageUnavailableError
-from app.repositories.base import ConsentRepository, Stores
+from app.repositories.base import Stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
 from app.switching.provider import StorageProvider
 from app.switching.shadow import Answer, Shadow
@@ -171,54 +172,19 @@ class RoutedConsents:
                 self._shadow.compare(user_id, "get_consent", answer, seen)
         return answer
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        def upsert(consents: ConsentRepository) -> Coroutine[Any, Any, UserConsent]:
-            return consents.upsert(
-                user_id,
-                terms_accepted=terms_accepted,
-                marketing_consent=marketing_consent,
-                terms_version=terms_version,
-                now=now,
-            )
-
-        await self._gate.enter(user_id)
-        try:
-            answer = await upsert(self._provider.stores.consents)
-            shadow = self._shadow.stores
-            if shadow is not None:
-                await self._compared(
-                    user_id,
-                    "upsert_consent",
-                    answer,
-                    upsert(shadow.consents),
-                )
-            return answer
-        finally:
-            self._gate.leave(user_id)
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         await self._gate.enter(user_id)
         try:
-            answer = await self._provider.stores.consents.set_marketing(
-                user_id, marketing_consent, now=now
-            )
+            answer = await self._provider.stores.consents.apply(user_id, change, now=now)
             shadow = self._shadow.stores
             if shadow is not None:
                 await self._compared(
                     user_id,
-                    "set_marketing",
+                    _shadow_name(change),
                     answer,
-                    shadow.consents.set_marketing(user_id, marketing_consent, now=now),
+                    shadow.consents.apply(user_id, change, now=now),
                 )
             return answer
         finally:
@@ -249,3 +215,14 @@ class RoutedConsents:
         self, user_id: str, *, now: datetime
     ) -> tuple[UserConsent | None, UserCredits | None]:
         return await self._provider.stores.consents.admission(user_id, now=now)
+
+
+def _shadow_name(change: ConsentChange) -> str:
+    """The operation a shadow sample names: the consent writes' names from before `apply`."""
+    match change:
+        case RecordConsent():
+            return "upsert_consent"
+        case ChangeMarketing():
+            return "set_marketing"
+        case _:
+            assert_never(change)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from app.domain.consents import ConsentChange
 from app.domain.credits import CreditRules
 from app.repositories.postgres.connections import FastConnections
 from app.repositories.postgres.statements import ADMISSION, CONSENT
@@ -47,27 +48,10 @@ class PostgresConsentRepository:
             account = self._rules.credits(user_id, is_guest, available, maximum, last_reset)
         return consent, account
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        return await self._general.upsert(
-            user_id,
-            terms_accepted=terms_accepted,
-            marketing_consent=marketing_consent,
-            terms_version=terms_version,
-            now=now,
-        )
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
-        return await self._general.set_marketing(user_id, marketing_consent, now=now)
+        return await self._general.apply(user_id, change, now=now)
 
     async def history(self, user_id: str) -> list[ConsentEvent]:
         return await self._general.history(user_id)

@@ -5,10 +5,12 @@ is inserted, so the events' ids follow the order in which the changes commit."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import assert_never
 
-from sqlalchemy import select, update
+from sqlalchemy import UpdateBase, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
 from app.models import ConsentEventRow, UserConsentRow, table
 from app.repositories.sql.base import insert, transaction
 from app.schemas import ConsentEvent, UserConsent, UserCredits, event_of
@@ -31,52 +33,12 @@ class SqlConsentRepository:
             ).first()
         return None if row is None else UserConsent.model_validate(row._mapping)
 
-    async def upsert(
-        self,
-        user_id: str,
-        *,
-        terms_accepted: bool,
-        marketing_consent: bool,
-        terms_version: str | None,
-        now: datetime,
-    ) -> UserConsent:
-        async with transaction(self._engine) as conn:
-            statement = insert(conn, consents).values(
-                user_id=user_id,
-                terms_accepted=terms_accepted,
-                marketing_consent=marketing_consent,
-                terms_version=terms_version,
-                timestamp=now,
-                updated_at=now,
-            )
-            # One statement, so racing first records cannot collide; `timestamp` stays the first.
-            statement = statement.on_conflict_do_update(
-                index_elements=[consents.c.user_id],
-                set_={
-                    "terms_accepted": statement.excluded.terms_accepted,
-                    "marketing_consent": statement.excluded.marketing_consent,
-                    "terms_version": statement.excluded.terms_version,
-                    "updated_at": statement.excluded.updated_at,
-                },
-            ).returning(consents)
-            row = (await conn.execute(statement)).one()
-            consent = UserConsent.model_validate(row._mapping)
-            await _record(conn, consent)
-        return consent
-
-    async def set_marketing(
-        self, user_id: str, marketing_consent: bool, *, now: datetime
+    async def apply(
+        self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         async with transaction(self._engine) as conn:
-            row = (
-                await conn.execute(
-                    update(consents)
-                    .where(consents.c.user_id == user_id)
-                    .values(marketing_consent=marketing_consent, updated_at=now)
-                    .returning(consents)
-                )
-            ).first()
-            if row is None:
+            row = (await conn.execute(_changed(conn, user_id, change, now))).first()
+            if row is None:  # no consent to change the marketing choice of
                 return None
             consent = UserConsent.model_validate(row._mapping)
             await _record(conn, consent)
@@ -103,6 +65,42 @@ class SqlConsentRepository:
                 select(consents).order_by(consents.c.user_id).limit(limit).offset(offset)
             )
             return [UserConsent.model_validate(row._mapping) for row in result]
+
+
+def _changed(
+    conn: AsyncConnection, user_id: str, change: ConsentChange, now: datetime
+) -> UpdateBase:
+    """The one statement of a change, returning the consent row it leaves."""
+    match change:
+        case RecordConsent(terms_accepted, marketing_consent, terms_version):
+            statement = insert(conn, consents).values(
+                user_id=user_id,
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing_consent,
+                terms_version=terms_version,
+                timestamp=now,
+                updated_at=now,
+            )
+            # One statement, so racing first records cannot collide; `timestamp` stays the first.
+            upsert: UpdateBase = statement.on_conflict_do_update(
+                index_elements=[consents.c.user_id],
+                set_={
+                    "terms_accepted": statement.excluded.terms_accepted,
+                    "marketing_consent": statement.excluded.marketing_consent,
+                    "terms_version": statement.excluded.terms_version,
+                    "updated_at": statement.excluded.updated_at,
+                },
+            ).returning(consents)
+            return upsert
+        case ChangeMarketing(marketing_consent):
+            return (
+                update(consents)
+                .where(consents.c.user_id == user_id)
+                .values(marketing_consent=marketing_consent, updated_at=now)
+                .returning(consents)
+            )
+        case _:
+            assert_never(change)
 
 
 async def _record(conn: AsyncConnection, consent: UserConsent) -> None:
