@@ -53,6 +53,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 
+from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent, consent_after
 from app.domain.credits import (
     CARRIED_NOTE,
     Account,
@@ -108,6 +109,12 @@ class CarriedConsent:
     terms_accepted: bool | None = None
     terms_version: str | None = None
     event: ConsentEvent | None = None
+
+    @property
+    def change(self) -> ConsentChange:
+        if self.terms_accepted is None:
+            return ChangeMarketing(self.marketing_consent)
+        return RecordConsent(self.terms_accepted, self.marketing_consent, self.terms_version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,24 +506,10 @@ def _consent_change(
     user_id: str, current: UserConsent | None, change: CarriedConsent
 ) -> tuple[UserConsent | None, Fate]:
     """LATER CONSENT for one journaled change: the consent after it, and its fate."""
-    if change.terms_accepted is None:  # marketing alone: needs a consent to change
-        if current is None:
-            return None, Fate.HELD
-        after = current.model_copy(
-            update={"marketing_consent": change.marketing_consent, "updated_at": change.at}
-        )
-    else:
-        after = UserConsent(
-            user_id=user_id,
-            terms_accepted=change.terms_accepted,
-            marketing_consent=change.marketing_consent,
-            timestamp=change.at if current is None else current.timestamp,
-            updated_at=change.at,
-            terms_version=change.terms_version,
-        )
-    if current is None or current.updated_at < change.at:
-        return after, Fate.APPLIED
-    return None, Fate.HELD  # this very change, or a later one, stands
+    if current is not None and current.updated_at >= change.at:
+        return None, Fate.HELD  # this very change, or a later one, stands
+    after = consent_after(user_id, current, change.change, change.at)
+    return after, Fate.HELD if after is None else Fate.APPLIED
 
 
 def _same(known: Claim, carried: Claim) -> bool:

@@ -5,6 +5,9 @@ wrapper takes them through one `ConsentRepository.apply`, as credit operations g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+
+from app.schemas import UserConsent
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,3 +28,27 @@ class ChangeMarketing:
 
 
 ConsentChange = RecordConsent | ChangeMarketing
+
+
+def consent_after(
+    user_id: str, current: UserConsent | None, change: ConsentChange, at: datetime
+) -> UserConsent | None:
+    """The user's consent once `change` is made at `at` over `current`: None where a
+    marketing change has no consent to change. Every store and the merge (LATER CONSENT,
+    app/domain/carry.py) take the rule from here."""
+    match change:
+        case RecordConsent(terms_accepted, marketing_consent, terms_version):
+            return UserConsent(
+                user_id=user_id,
+                terms_accepted=terms_accepted,
+                marketing_consent=marketing_consent,
+                timestamp=current.timestamp if current else at,
+                updated_at=at,
+                terms_version=terms_version,
+            )
+        case ChangeMarketing(marketing_consent):
+            if current is None:
+                return None
+            return current.model_copy(
+                update={"marketing_consent": marketing_consent, "updated_at": at}
+            )

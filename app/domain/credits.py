@@ -95,6 +95,12 @@ Keyed = Deduct | Refund  # the changes a client may send an idempotency key with
 KEYED_KINDS = ("deduction", "refund")  # their ledger types
 
 
+def operation_name(kind: type[Operation]) -> str:
+    """How logs and metrics name an operation: its type's (`Deduct` → "deduct"), so an
+    operation added here is named without a list kept elsewhere."""
+    return kind.__name__.lower()
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """REUSED KEY: what a key's first use asked for. `operation`: the ledger type of the

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.cache.tiers import CacheTiers
 from app.db.engine import pool_status
 from app.db.resilience import BreakerState, CircuitBreaker
-from app.domain.credits import Operation
+from app.domain.credits import Operation, operation_name
 from app.ops.audit import AuditReport
 from app.outage.fallback import OutageFallback
 from app.services.query_cache import CacheStats
@@ -69,12 +69,6 @@ OUTCOMES = ("ok", "insufficient_credits", "idempotency_key_reused", "storage_una
 logger = logging.getLogger(__name__)
 
 
-def operation_label(kind: type) -> str:
-    """The `operation` label of a credit operation: its type's name (`Deduct` → "deduct"),
-    so an operation added to the domain is counted without a list kept here."""
-    return kind.__name__.lower()
-
-
 class CreditOutcomes:
     """`credit_operations_total`, its children bound once for every operation of the
     domain: counting a call is a dict look-up and an increment. Counting never raises:
@@ -82,9 +76,8 @@ class CreditOutcomes:
     metrics must not turn that answer into an error."""
 
     def __init__(self, counter: Counter) -> None:
-        self._counter = counter
         self._children = {
-            (kind, outcome): counter.labels(operation=operation_label(kind), outcome=outcome)
+            (kind, outcome): counter.labels(operation=operation_name(kind), outcome=outcome)
             for kind in get_args(Operation)
             for outcome in OUTCOMES
         }
@@ -94,13 +87,7 @@ class CreditOutcomes:
         if outcome not in OUTCOMES:
             outcome = "error"
         try:
-            key = (type(operation), outcome)
-            child = self._children.get(key)
-            if child is None:  # a type outside `Operation` (mypy stops most): label it all the same
-                child = self._children[key] = self._counter.labels(
-                    operation=operation_label(type(operation)), outcome=outcome
-                )
-            child.inc()
+            self._children[type(operation), outcome].inc()
         except Exception:
             logger.exception("credit_operations_total not counted for %s", type(operation).__name__)
 

@@ -16,12 +16,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, assert_never
+from typing import Any
 
 from app.clock import Clock, utc_now
 from app.domain.audit import LedgerFigures, figures
 from app.domain.carry import Carried, Plan, carry_all, outcome
-from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
+from app.domain.consents import ConsentChange, consent_after
 from app.domain.credits import Account, Attempt, Claim, CreditRules, Deduct, Operation, Refund
 from app.domain.privacy import Pseudonyms, is_pseudonym
 from app.domain.state import Erasure, KeyRecord, LedgerRecord, Merged, UserState, later_erasure
@@ -153,27 +153,12 @@ class MemoryConsentRepository:
         self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         existing = self._consents.get(user_id)
-        match change:
-            case RecordConsent(terms_accepted, marketing_consent, terms_version):
-                if existing is None and user_id not in self._data.held:
-                    self._data.room_for((user_id,))
-                consent = UserConsent(
-                    user_id=user_id,
-                    terms_accepted=terms_accepted,
-                    marketing_consent=marketing_consent,
-                    timestamp=existing.timestamp if existing else now,
-                    updated_at=now,
-                    terms_version=terms_version,
-                )
-                self._data.held.add(user_id)
-            case ChangeMarketing(marketing_consent):
-                if existing is None:
-                    return None
-                consent = existing.model_copy(
-                    update={"marketing_consent": marketing_consent, "updated_at": now}
-                )
-            case _:
-                assert_never(change)
+        consent = consent_after(user_id, existing, change, now)
+        if consent is None:
+            return None
+        if existing is None and user_id not in self._data.held:
+            self._data.room_for((user_id,))
+        self._data.held.add(user_id)
         self._consents[user_id] = consent
         self._recorded(consent)
         return consent

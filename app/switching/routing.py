@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
-from app.domain.credits import Attempt, Operation
+from app.domain.credits import Attempt, Operation, operation_name
 from app.errors import InsufficientCreditsError, StorageUnavailableError
 from app.repositories.base import Stores
 from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
@@ -124,7 +124,7 @@ class RoutedCredits:
     async def _shadowed(
         self, shadow: Stores, user_id: str, operation: Operation, attempt: Attempt, primary: Answer
     ) -> None:
-        name = type(operation).__name__.lower()
+        name = operation_name(type(operation))
         # The same instant and key; a fresh `sent`, which concerns the primary's database.
         again = Attempt(attempt.at, attempt.key, own_key=attempt.own_key)
         answer: Answer
