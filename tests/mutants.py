@@ -910,9 +910,8 @@ MUTANTS = [
     Mutant(
         "carry: a journaled consent change stands over a later one",
         CARRY,
-        "    if current is None or current.updated_at < change.at:\n"
-        "        return after, Fate.APPLIED",
-        "    if True:\n        return after, Fate.APPLIED",
+        "    if current is not None and current.updated_at >= change.at:\n",
+        "    if False:\n",
         (*RULES_OF_CARRY, "tests/test_fallback.py"),
     ),
     Mutant(
@@ -991,6 +990,13 @@ MUTANTS = [
         "            statement = insert(conn, erasures).values(pseudonym=pseudonym, erased_at=now)",
         "            return None",
         one_truth(9),
+    ),
+    Mutant(
+        "replay: a connection lost under a merge taken for a refusal (finding 10)",
+        PG_STATE,
+        "                if not driver.is_closed():\n                    raise\n",
+        "                raise\n",
+        one_truth(10),
     ),
     Mutant(
         "erasure: a carried record leaves the user held (memory)",

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -22,7 +23,7 @@ from app.domain.carry import Carried
 from app.domain.state import Merged
 from app.main import create_app
 from app.repositories.base import StateRepository
-from tests.conftest import DATABASES, app_settings
+from tests.conftest import DATABASES, app_settings, plain_dsn
 from tests.support.app_client import client_for
 from tests.support.outage import DatabaseOutage, downable_database
 
@@ -385,3 +386,45 @@ async def test_a_retried_erasure_after_a_lost_answer_is_200_and_an_unknown_id_40
         {"erased": True, "ledger_rows_pseudonymised": 0},
     )
     assert (await client.delete(f"{USERS}/never")).status_code == 404
+
+
+@pytest.mark.postgres
+async def test_10_a_connection_lost_under_a_replay_keeps_the_change_journaled(
+    request: pytest.FixtureRequest,
+) -> None:
+    # Found by the system model: the database went away while a replay's merge waited in
+    # its transaction; asyncpg, failing to roll back on the closed connection, raised an
+    # InterfaceError the replay took for a refusal, and moved the acknowledged change to
+    # the dead letters (lost to the balance).
+    async with (
+        downable_database(request, "postgres") as (url, outage),
+        AsyncExitStack() as stack,
+    ):
+        app = create_app(app_settings("database", url, **SETTINGS, **FALLBACK))
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        client = await stack.enter_async_context(client_for(app))
+        fallback = container_of(app).fallback
+        assert fallback is not None
+        await deduct(client, "x", 1)
+        await outage.begin()
+        assert (await deduct(client, "x", 2, key="in-the-outage")).status_code == 200
+        await outage.end()
+        holder = await asyncpg.connect(plain_dsn(url))
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM user_credits WHERE user_id = 'x' FOR UPDATE")
+        await asyncio.sleep(SETTINGS["db_breaker_reset_seconds"])
+        replay = asyncio.create_task(fallback.replay())  # waits for the row
+        await asyncio.sleep(0.5)
+        await outage.begin()  # every connection through the relay reset, the holder's too
+        await replay
+        assert (fallback.depth, fallback.journal.dead_letters) == (1, 0)
+        await outage.end()
+        holder.terminate()
+        await asyncio.sleep(SETTINGS["db_breaker_reset_seconds"])
+        await replayed(app, client)
+        assert await balance(client, "x") == 7
+        ledger = (await client.get(f"{CREDITS}/x/transactions")).json()
+        assert sorted(row["amount"] for row in ledger) == [-2, -1]
+        again = await deduct(client, "x", 2, key="in-the-outage")
+        assert again.headers.get("Idempotent-Replayed") == "true"

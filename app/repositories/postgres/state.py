@@ -196,10 +196,19 @@ class PostgresStateRepository:
                 # unit of work fails as a connection fault (retried on another).
                 await conn.invalidate()
                 raise ConnectionResetError("a pooled connection was found closed")
-            async with driver.transaction(**options):
-                if self._setting is not None:
-                    await driver.execute(self._setting)
-                yield driver
+            try:
+                async with driver.transaction(**options):
+                    if self._setting is not None:
+                        await driver.execute(self._setting)
+                    yield driver
+            except Exception as error:
+                if not driver.is_closed():
+                    raise
+                # Closed under the unit of work: asyncpg's error on the way out (an
+                # InterfaceError, rolling back on a closed connection) says nothing of the
+                # change; a connection fault, retried on another, then unavailable.
+                await conn.invalidate()
+                raise ConnectionResetError("the connection closed under a unit of work") from error
 
 
 async def _read(
