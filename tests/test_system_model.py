@@ -144,6 +144,7 @@ class SystemMachine(RuleBasedStateMachine):
         self.known: dict[str, set[str]] = {}  # per store ("a", "b": memory; "db"), its keys
         self.outage = False
         self.stopped: set[str] = set()
+        self.retired_clamps = 0  # counted by processes since stopped
         # (replica, user): the balance the replica last answered, while nothing else can
         # have changed what it serves of the user.
         self.views: dict[tuple[str, str], int] = {}
@@ -366,14 +367,18 @@ class SystemMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.outage and not self.stopped)
     @rule(name=REPLICAS)
     def follow(self, name: str) -> None:
-        """The replica makes the change the other stored, carrying its own state."""
+        """The replica makes the change the other stored, carrying its own state as that
+        change said (`carry_state`)."""
         replica = self.replicas[name]
         app = replica.app
         assert app is not None
-        if self.run(app.state.container.switching.follow_cluster()):
-            storage = app.state.container.storage
+        container = app.state.container
+        if self.run(container.switching.follow_cluster()):
+            stored = self.run(container.cluster.stored())
+            storage = container.storage
             goal = storage.backend.value
-            self._moved(replica, goal, storage.shadow and storage.shadow.value, True)
+            shadow = storage.shadow and storage.shadow.value
+            self._moved(replica, goal, shadow, stored.carry_state)
             self._forget()
 
     def _moved(self, replica: Replica, goal: str, shadow: str | None, carry: bool) -> None:
@@ -439,6 +444,7 @@ class SystemMachine(RuleBasedStateMachine):
         replica = self.replicas[name]
         if replica.backend != "database" or name in self.stopped:
             return
+        self.retired_clamps += self._clamps_counted_by(replica)
         self.run(replica.stack.aclose())
         replica.app = replica.client = None
         self.stopped.add(name)
@@ -568,12 +574,14 @@ class SystemMachine(RuleBasedStateMachine):
         await self._restores(lines)
 
     def _clamps_counted(self) -> int:
-        total = 0
-        for replica in self.replicas.values():
-            assert replica.app is not None
-            container = replica.app.state.container
-            total += container.carried.clamped + container.fallback.counts.clamped
-        return total
+        """What every process counted: the running replicas' and those stopped before."""
+        return self.retired_clamps + sum(map(self._clamps_counted_by, self.replicas.values()))
+
+    @staticmethod
+    def _clamps_counted_by(replica: Replica) -> int:
+        assert replica.app is not None
+        container = replica.app.state.container
+        return container.carried.clamped + container.fallback.counts.clamped
 
     async def _keys_keep_their_request(self, client: httpx.AsyncClient) -> None:
         for change in self.changes.values():
