@@ -37,8 +37,9 @@ from app.ops.audit import AuditReport, audit_ledger
 from app.ops.metered import MeteredCredits
 from app.ops.metrics import CreditOutcomes
 from app.ops.retention import RetentionJob
-from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.fallback import OutageFallback
 from app.outage.journal import OutageJournal
+from app.outage.stores import with_fallback
 from app.repositories.base import CreditRepository, Erasures, StateRepository, Stores
 from app.repositories.database import sql_stores, state_repository
 from app.repositories.memory import MemoryData, MemoryStateRepository, memory_stores

@@ -29,8 +29,9 @@ from app.container import build_container
 from app.domain.credits import Attempt, CreditRules, Deduct, Operation
 from app.domain.state import Merged
 from app.errors import StorageUnavailableError
-from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.fallback import OutageFallback
 from app.outage.journal import CreditChange, OutageJournal, encode
+from app.outage.stores import with_fallback
 from app.repositories.base import Stores
 from app.repositories.memory import memory_stores
 from app.schemas import CreditTransaction, UserCredits

@@ -37,6 +37,7 @@ FAST = "app/repositories/postgres/credits.py"
 FAST_CONNECTIONS = "app/repositories/postgres/connections.py"
 SERVICE_CODE = "app/services/credits.py"
 FALLBACK = "app/outage/fallback.py"
+FALLBACK_STORES = "app/outage/stores.py"
 REPLAY = "app/outage/replay.py"
 CARRY = "app/domain/carry.py"
 SWITCHER = "app/switching/switcher.py"
@@ -930,7 +931,7 @@ MUTANTS = [
     ),
     Mutant(
         "recovery: the database serves a user whose journal waits (finding 2)",
-        FALLBACK,
+        FALLBACK_STORES,
         "        if fallback.waits(user_id):\n            return await fallback.credits(",
         "        if False:\n            return await fallback.credits(",
         one_truth(2),

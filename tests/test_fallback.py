@@ -26,9 +26,10 @@ from app.domain.credits import Attempt, Change, Deduct, Operation, Refund, Reset
 from app.domain.privacy import Pseudonyms
 from app.domain.state import Merged
 from app.errors import IdempotencyKeyReusedError, InsufficientCreditsError, StorageUnavailableError
-from app.outage.fallback import OutageFallback, with_fallback
+from app.outage.fallback import OutageFallback
 from app.outage.journal import ConsentRecorded, CreditChange, JournalError, OutageJournal
 from app.outage.last_known import LastKnown
+from app.outage.stores import with_fallback
 from app.repositories.base import (
     ConsentRepository,
     CreditRepository,

@@ -22,6 +22,10 @@ answered as a replay; a client-keyed deduction the fallback store cannot cover i
 With erasure configured, the fallback asks every `erasure_poll_seconds` for the users
 erased since (by any process) and drops them from the snapshot: an outage then serves
 nothing of a user another replica erased (SPEC §10).
+
+The repositories that route calls here are in app/outage/stores.py. This module is one
+class over ~400 lines: serving, journaling, replaying and forgetting the erased share its
+store, snapshot and journal, and are each a few methods long.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import assert_never
 
 from app.clock import utc_now
 from app.domain.consents import ChangeMarketing, ConsentChange, RecordConsent
-from app.domain.credits import Attempt, Claim, CreditRules, Deduct, Operation, Read, Refund
+from app.domain.credits import Attempt, CreditRules, Deduct, Operation, Read, Refund
 from app.domain.state import UserState
 from app.errors import (
     IdempotencyKeyReusedError,
@@ -57,7 +61,7 @@ from app.outage.last_known import LastKnown
 from app.outage.replay import REPLAY_BATCH, Replay, ReplayFigures, ReplayPaused, replay
 from app.repositories.base import Erasures, StateRepository, Stores
 from app.repositories.memory import MemoryData, memory_stores
-from app.schemas import ConsentEvent, CreditTransaction, UserConsent, UserCredits
+from app.schemas import UserConsent, UserCredits
 
 logger = logging.getLogger(__name__)
 
@@ -438,126 +442,3 @@ def _unavailable_when_full(unavailable: StorageUnavailableError) -> Iterator[Non
             "the database is unavailable and the outage fallback holds no more users",
             retry_after=unavailable.retry_after,
         ) from full
-
-
-class FallbackCredits:
-    """A CreditRepository: the database, or the fallback store while it cannot serve, or
-    while the user's changes wait to be replayed."""
-
-    def __init__(self, database: Stores, fallback: OutageFallback) -> None:
-        self._database = database
-        self._fallback = fallback
-
-    async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
-        fallback = self._fallback
-        if fallback.waits(user_id):
-            return await fallback.credits(user_id, operation, attempt, fallback.waiting())
-        try:
-            credits = await self._database.credits.apply(user_id, operation, attempt)
-        except StorageUnavailableError as unavailable:
-            return await fallback.credits(user_id, operation, attempt, unavailable)
-        key = attempt.key
-        if key is not None and not attempt.own_key and isinstance(operation, Deduct | Refund):
-            fallback.last_known.saw_key(credits, key, Claim.of(operation))
-        else:
-            fallback.last_known.saw_credits(credits)
-        fallback.database_answered()
-        return credits
-
-    async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
-        """The database's only: the fallback store holds the outage's rows and none from
-        before, and a part of the ledger would be a wrong answer (503 instead)."""
-        if self._fallback.waits(user_id):
-            raise self._fallback.waiting()
-        return await self._database.credits.history(user_id, limit)
-
-    async def delete_transactions_before(self, cutoff: datetime) -> int:
-        """The database's rows only: the fallback store's go with the outage."""
-        return await self._database.credits.delete_transactions_before(cutoff)
-
-
-class FallbackConsents:
-    """A ConsentRepository: the database, or the fallback store while it cannot serve, or
-    while the user's changes wait to be replayed. A consent the fallback does not know is
-    503, never a refusal (SPEC §9)."""
-
-    def __init__(self, database: Stores, fallback: OutageFallback) -> None:
-        self._database = database
-        self._fallback = fallback
-
-    async def get(self, user_id: str) -> UserConsent | None:
-        fallback = self._fallback
-        if fallback.waits(user_id):
-            return fallback.consent(user_id, fallback.waiting())
-        try:
-            consent = await self._database.consents.get(user_id)
-        except StorageUnavailableError as unavailable:
-            return fallback.consent(user_id, unavailable)
-        self._seen(user_id, consent)
-        return consent
-
-    async def apply(
-        self, user_id: str, change: ConsentChange, *, now: datetime
-    ) -> UserConsent | None:
-        fallback = self._fallback
-        if fallback.waits(user_id):
-            return await self._in_fallback(user_id, change, now, fallback.waiting())
-        try:
-            consent = await self._database.consents.apply(user_id, change, now=now)
-        except StorageUnavailableError as unavailable:
-            return await self._in_fallback(user_id, change, now, unavailable)
-        self._seen(user_id, consent)
-        return consent
-
-    async def _in_fallback(
-        self,
-        user_id: str,
-        change: ConsentChange,
-        now: datetime,
-        unavailable: StorageUnavailableError,
-    ) -> UserConsent | None:
-        fallback = self._fallback
-        if isinstance(change, ChangeMarketing) and fallback.consent(user_id, unavailable) is None:
-            return None  # known to have none: 404, as the database would answer
-        return await fallback.record(user_id, change, now, unavailable)
-
-    async def history(self, user_id: str) -> list[ConsentEvent]:
-        """The database's only: the fallback store knows no history from before the
-        outage, and a part of it would be a wrong answer (503 instead)."""
-        if self._fallback.waits(user_id):
-            raise self._fallback.waiting()
-        return await self._database.consents.history(user_id)
-
-    async def page(self, limit: int, offset: int) -> list[UserConsent]:
-        try:
-            return await self._database.consents.page(limit, offset)
-        except StorageUnavailableError:
-            return await self._fallback.memory.consents.page(limit, offset)
-
-    async def admission(
-        self, user_id: str, *, now: datetime
-    ) -> tuple[UserConsent | None, UserCredits | None]:
-        fallback = self._fallback
-        if fallback.waits(user_id):
-            return fallback.consent(user_id, fallback.waiting()), None
-        try:
-            consent, credits = await self._database.consents.admission(user_id, now=now)
-        except StorageUnavailableError as unavailable:
-            return fallback.consent(user_id, unavailable), None
-        self._seen(user_id, consent)
-        if credits is not None:
-            fallback.last_known.saw_credits(credits)
-        return consent, credits
-
-    def _seen(self, user_id: str, consent: UserConsent | None) -> None:
-        self._fallback.last_known.saw_consent(user_id, consent)
-        self._fallback.database_answered()
-
-
-def with_fallback(database: Stores, fallback: OutageFallback) -> Stores:
-    """Credits and consents fall back to memory; the cache already fails open."""
-    return Stores(
-        credits=FallbackCredits(database, fallback),
-        consents=FallbackConsents(database, fallback),
-        cache=database.cache,
-    )
