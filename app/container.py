@@ -127,9 +127,7 @@ class Container:
             journal_depth=lambda: 0 if self.fallback is None else self.fallback.depth,
             replay_journal=self._replay_journal,
         )
-        self._credits: CreditRepository = RoutedCredits(self.storage, self.gate, self.shadow)
-        if self.credit_outcomes is not None:
-            self._credits = MeteredCredits(self._credits, self.credit_outcomes)
+        self._credits = credit_path(self.storage, self.gate, self.shadow, self.credit_outcomes)
         self._consents = RoutedConsents(self.storage, self.gate, self.shadow)
         self._services = {backend: self._services_on(backend) for backend in StorageBackend}
         self.privacy = PrivacyService(
@@ -349,7 +347,7 @@ def build_container(
         backend=settings.storage_backend,
         cache_backend=settings.cache_backend,
         memory=memory,
-        database=guarded if fallback is None else with_fallback(guarded, fallback),
+        database=database_stores(guarded, fallback),
         caches=cache_tiers.caches,
     )
     return Container(
@@ -368,6 +366,30 @@ def build_container(
         erasures=erasures,
         credit_outcomes=credit_outcomes,
     )
+
+
+def credit_path(
+    storage: StorageProvider, gate: WriteGate, shadow: Shadow, outcomes: CreditOutcomes | None
+) -> CreditRepository:
+    """The layers a credit call passes, outermost first; every CreditService takes them:
+
+    1. metering, `credit_operations_total` (app/ops/metered.py), when metrics are on;
+    2. routing (app/switching/routing.py): the write gate, the primary the storage flag
+       picks at that moment, then the shadow when there is one;
+    3. the primary's stores (StorageProvider): memory's, or the database's as
+       `database_stores` layers them: the outage fallback, the guard, the store.
+    """
+    routed = RoutedCredits(storage, gate, shadow)
+    return routed if outcomes is None else MeteredCredits(routed, outcomes)
+
+
+def database_stores(guarded: Stores, fallback: OutageFallback | None) -> Stores:
+    """The database's stores as the primary serves them, outermost first: the outage
+    fallback when configured (app/outage/stores.py: the journal's users first, the
+    fallback store while the database cannot serve), then `guarded`: the circuit breaker
+    and retries (`guarded_stores`, app/db/guarded.py) over the repositories themselves
+    (`sql_stores`: PostgreSQL's fast path or SQLAlchemy, app/repositories/)."""
+    return guarded if fallback is None else with_fallback(guarded, fallback)
 
 
 def guarded_stores(stores: Stores, breaker: CircuitBreaker, settings: Settings) -> Stores:
