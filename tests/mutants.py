@@ -1000,6 +1000,13 @@ MUTANTS = [
         one_truth(10),
     ),
     Mutant(
+        "recovery: a process started in an outage knows no key its replay landed (finding 11)",
+        FALLBACK,
+        "self.last_known.saw_state(self._rules.view(state.account), state.keys)",
+        "self.last_known.saw_credits(self._rules.view(state.account))",
+        one_truth(11),
+    ),
+    Mutant(
         "erasure: a carried record leaves the user held (memory)",
         MEMORY,
         "        return await erase_held(self, self._pseudonyms, new)",

@@ -9,7 +9,8 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -52,9 +53,20 @@ Start = Callable[..., Awaitable[tuple[FastAPI, httpx.AsyncClient]]]
 class Cluster:
     """Replicas on one database that the test can take away."""
 
-    def __init__(self, start: Start, outage: DatabaseOutage) -> None:
+    def __init__(self, start: Start, outage: DatabaseOutage, url: str) -> None:
         self.start = start
         self.outage = outage
+        self.url = url
+
+    @asynccontextmanager
+    async def running(
+        self, backend: str = "database", **overrides: Any
+    ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+        """A replica that stops when the block ends (killed, as far as its journal goes)."""
+        app = create_app(app_settings(backend, self.url, **{**SETTINGS, **overrides}))
+        async with app.router.lifespan_context(app), client_for(app) as client:
+            self.outage.attach(app)
+            yield app, client
 
     async def back(self) -> None:
         """The database answers again, and the breakers let calls by."""
@@ -78,7 +90,7 @@ async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
             client = await stack.enter_async_context(client_for(app))
             return app, client
 
-        yield Cluster(start, outage)
+        yield Cluster(start, outage, url)
         await outage.end()
 
 
@@ -386,6 +398,32 @@ async def test_a_retried_erasure_after_a_lost_answer_is_200_and_an_unknown_id_40
         {"erased": True, "ledger_rows_pseudonymised": 0},
     )
     assert (await client.delete(f"{USERS}/never")).status_code == 404
+
+
+async def test_11_a_process_started_in_an_outage_knows_the_keys_its_replay_landed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Found by the system model: a replica stopped in an outage and started again knew no
+    # key of its users, so a key the database had applied, retried in the next outage,
+    # was charged as new (and, reused for another amount, its change dead-lettered on
+    # replay after a 200).
+    journal = {**FALLBACK, "outage_journal_path": tmp_path / "journal.db"}
+    async with cluster.running(**journal) as (_, first):
+        assert (await deduct(first, "x", 2, key="pay-1")).json()["available_credits"] == 8
+        await cluster.outage.begin()
+        assert (await deduct(first, "x", 1)).json()["available_credits"] == 7  # journaled
+    await cluster.back()
+    app, client = await cluster.start(**journal)
+    await replayed(app, client)  # lands x, as the database now holds them
+    await cluster.outage.begin()
+    retried = await deduct(client, "x", 2, key="pay-1")
+    assert (retried.status_code, retried.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert retried.json()["available_credits"] == 7
+    assert (await deduct(client, "x", 3, key="pay-1")).status_code == 422
+    await cluster.back()
+    assert await balance(client, "x") == 7
+    fallback = container_of(app).fallback
+    assert fallback is not None and fallback.journal.dead_letters == 0
 
 
 @pytest.mark.postgres

@@ -331,7 +331,7 @@ class OutageFallback:
         """What the database holds of a user after the replay: the next outage starts
         from it."""
         if state.account is not None:
-            self.last_known.saw_credits(self._rules.view(state.account))
+            self.last_known.saw_state(self._rules.view(state.account), state.keys)
         self.last_known.saw_consent(state.user_id, state.consent)
 
     async def _replay_logged(self) -> None:

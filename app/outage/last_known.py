@@ -9,10 +9,11 @@ every answer the database gives, so it costs the normal path one LRU update (app
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from app.domain.credits import Account, Claim
+from app.domain.state import KeyRecord
 from app.lru import LRU
 from app.schemas import UserConsent, UserCredits
 
@@ -73,6 +74,15 @@ class LastKnown:
         keys[key] = claim
         if len(keys) > KEYS_PER_USER:
             del keys[next(iter(keys))]
+
+    def saw_state(self, credits: UserCredits, keys: Iterable[KeyRecord]) -> None:
+        """A user's account and every key the database holds of them (what a replay left):
+        the latest keys kept, so that a process started in an outage answers a retry of
+        one as a replay too."""
+        latest = sorted(keys, key=lambda record: record.created_at)[-KEYS_PER_USER:]
+        seen = self._seen(credits.user_id)
+        seen.credits = credits
+        seen.keys = {record.key: record.claim for record in latest} or None
 
     def saw_consent(self, user_id: str, consent: UserConsent | None) -> None:
         seen = self._seen(user_id)
