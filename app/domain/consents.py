@@ -34,8 +34,9 @@ def consent_after(
     user_id: str, current: UserConsent | None, change: ConsentChange, at: datetime
 ) -> UserConsent | None:
     """The user's consent once `change` is made at `at` over `current`: None where a
-    marketing change has no consent to change. Every store and the merge (LATER CONSENT,
-    app/domain/carry.py) take the rule from here."""
+    marketing change has no consent to change. The memory store and the merge (LATER
+    CONSENT, app/domain/carry.py) apply it; the SQL stores state it as one upsert, which
+    the consent tests hold to the same answers on every store."""
     match change:
         case RecordConsent(terms_accepted, marketing_consent, terms_version):
             return UserConsent(
