@@ -932,7 +932,8 @@ MUTANTS = [
     Mutant(
         "recovery: the database serves a user whose journal waits (finding 2)",
         FALLBACK_STORES,
-        "        if fallback.waits(user_id):\n            return await fallback.credits(",
+        "        if fallback.waits(user_id) and await fallback.still_waits(user_id):\n"
+        "            return await fallback.credits(",
         "        if False:\n            return await fallback.credits(",
         one_truth(2),
     ),
@@ -1005,6 +1006,14 @@ MUTANTS = [
         "self.last_known.saw_state(self._rules.view(state.account), state.keys)",
         "self.last_known.saw_credits(self._rules.view(state.account))",
         one_truth(11),
+    ),
+    Mutant(
+        "recovery: a waiting user served by the fallback with the database back (finding 12)",
+        FALLBACK_STORES,
+        "        if fallback.waits(user_id) and await fallback.still_waits(user_id):\n"
+        "            return await fallback.credits(",
+        "        if fallback.waits(user_id):\n            return await fallback.credits(",
+        one_truth(12),
     ),
     Mutant(
         "erasure: a carried record leaves the user held (memory)",

@@ -426,6 +426,29 @@ async def test_11_a_process_started_in_an_outage_knows_the_keys_its_replay_lande
     assert fallback is not None and fallback.journal.dead_letters == 0
 
 
+async def test_12_a_user_whose_changes_wait_is_served_by_the_database_once_it_answers(
+    cluster: Cluster,
+) -> None:
+    # Found by the system model: after an outage, until a replay ran (the periodic one,
+    # or one a call the database answered set off), a replica served a user with changes
+    # in its journal from its fallback store, which knows nothing written since: another
+    # replica's key, reused, was charged as new, and dead-lettered on replay after a 200.
+    slow = {**FALLBACK, "outage_replay_retry_seconds": 3600}
+    a_app, a = await cluster.start(**slow)
+    _, b = await cluster.start(**slow)
+    await cluster.outage.begin()
+    assert (await deduct(a, "x", 1)).json()["available_credits"] == 9  # in a's journal
+    await cluster.back()
+    assert (await deduct(b, "x", 2, key="pay-1")).json()["available_credits"] == 8
+    reused = await deduct(a, "x", 3, key="pay-1")
+    assert reused.status_code == 422, reused.text
+    retried = await deduct(a, "x", 2, key="pay-1")
+    assert (retried.status_code, retried.headers.get("Idempotent-Replayed")) == (200, "true")
+    assert retried.json()["available_credits"] == 7  # both changes, each once
+    fallback = container_of(a_app).fallback
+    assert fallback is not None and (fallback.depth, fallback.journal.dead_letters) == (0, 0)
+
+
 @pytest.mark.postgres
 async def test_10_a_connection_lost_under_a_replay_keeps_the_change_journaled(
     request: pytest.FixtureRequest,

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, Iterator
 from datetime import datetime, timedelta
@@ -107,6 +109,7 @@ class OutageFallback:
         self._waiting: Counter[str] = Counter()  # journaled changes by user, not yet replayed
         self._lock = asyncio.Lock()
         self._replay_task: asyncio.Task[None] | None = None
+        self._paused_warned_at = -math.inf
         self._retrying: asyncio.Task[None] | None = None
         self._watching: asyncio.Task[None] | None = None
         self._generation = 0  # fallback stores built so far (a rebuild makes a new one)
@@ -151,6 +154,20 @@ class OutageFallback:
     def waits(self, user_id: str) -> bool:
         """Recovery before service: has the user changes waiting to be replayed?"""
         return bool(self._waiting) and user_id in self._waiting
+
+    async def still_waits(self, user_id: str) -> bool:
+        """For a user whose changes wait (`waits`): the journal's replay joined, or
+        started, for up to WAITING_RETRY_SECONDS, so that once the database is back it
+        serves the user as soon as it holds their changes, rather than the fallback
+        store, which cannot know what was made there since (another replica's write, a
+        key it applied); True while they still wait."""
+        self.replay_soon()
+        task = self._replay_task
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAITING_RETRY_SECONDS):
+                    await asyncio.shield(task)
+        return self.waits(user_id)
 
     def waiting(self) -> StorageUnavailableError:
         """What a call for a user with changes waiting is answered (503) when the fallback
@@ -322,7 +339,17 @@ class OutageFallback:
             try:
                 await replay(run)
             except ReplayPaused as paused:
-                logger.warning("journal replay paused, %d change(s) wait: %s", self.depth, paused)
+                # Calls of waiting users retry it too (`still_waits`): warned of once a
+                # `retry_seconds`, as the periodic retry would.
+                now = time.monotonic()
+                level = logging.WARNING
+                if now - self._paused_warned_at < self._retry_seconds:
+                    level = logging.DEBUG
+                else:
+                    self._paused_warned_at = now
+                logger.log(
+                    level, "journal replay paused, %d change(s) wait: %s", self.depth, paused
+                )
             if self.journal.depth == 0:
                 self._data, self.memory = self._fresh()
                 logger.info("outage journal replayed into the database")

@@ -25,7 +25,7 @@ class FallbackCredits:
 
     async def apply(self, user_id: str, operation: Operation, attempt: Attempt) -> UserCredits:
         fallback = self._fallback
-        if fallback.waits(user_id):
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
             return await fallback.credits(user_id, operation, attempt, fallback.waiting())
         try:
             credits = await self._database.credits.apply(user_id, operation, attempt)
@@ -42,8 +42,9 @@ class FallbackCredits:
     async def history(self, user_id: str, limit: int) -> list[CreditTransaction]:
         """The database's only: the fallback store holds the outage's rows and none from
         before, and a part of the ledger would be a wrong answer (503 instead)."""
-        if self._fallback.waits(user_id):
-            raise self._fallback.waiting()
+        fallback = self._fallback
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
+            raise fallback.waiting()
         return await self._database.credits.history(user_id, limit)
 
     async def delete_transactions_before(self, cutoff: datetime) -> int:
@@ -62,7 +63,7 @@ class FallbackConsents:
 
     async def get(self, user_id: str) -> UserConsent | None:
         fallback = self._fallback
-        if fallback.waits(user_id):
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
             return fallback.consent(user_id, fallback.waiting())
         try:
             consent = await self._database.consents.get(user_id)
@@ -75,7 +76,7 @@ class FallbackConsents:
         self, user_id: str, change: ConsentChange, *, now: datetime
     ) -> UserConsent | None:
         fallback = self._fallback
-        if fallback.waits(user_id):
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
             return await self._in_fallback(user_id, change, now, fallback.waiting())
         try:
             consent = await self._database.consents.apply(user_id, change, now=now)
@@ -99,8 +100,9 @@ class FallbackConsents:
     async def history(self, user_id: str) -> list[ConsentEvent]:
         """The database's only: the fallback store knows no history from before the
         outage, and a part of it would be a wrong answer (503 instead)."""
-        if self._fallback.waits(user_id):
-            raise self._fallback.waiting()
+        fallback = self._fallback
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
+            raise fallback.waiting()
         return await self._database.consents.history(user_id)
 
     async def page(self, limit: int, offset: int) -> list[UserConsent]:
@@ -113,7 +115,7 @@ class FallbackConsents:
         self, user_id: str, *, now: datetime
     ) -> tuple[UserConsent | None, UserCredits | None]:
         fallback = self._fallback
-        if fallback.waits(user_id):
+        if fallback.waits(user_id) and await fallback.still_waits(user_id):
             return fallback.consent(user_id, fallback.waiting()), None
         try:
             consent, credits = await self._database.consents.admission(user_id, now=now)
