@@ -150,6 +150,9 @@ class SystemMachine(RuleBasedStateMachine):
         # have changed what it serves of the user.
         self.views: dict[tuple[str, str], int] = {}
         self.outage_views: set[tuple[str, str]] = set()  # views first taken in the outage
+        # Those once the outage is over, while the replica's fallback still serves the user
+        # (its journal holds changes of theirs): the database's balance may differ.
+        self.provisional: set[tuple[str, str]] = set()
         self.stack = AsyncExitStack()
         self.url, self.database = self.run(self._database())
         scratch = Path(tempfile.mkdtemp(prefix="system-"))
@@ -223,6 +226,8 @@ class SystemMachine(RuleBasedStateMachine):
             return
         key = f"{operation}-{next(_keys)}"
         client = self.client(name)
+        waits = self._waits(name, user)
+        provisional = self._provisional(name, user, waits)
 
         async def call() -> tuple[httpx.Response, int | None]:
             before = None
@@ -241,7 +246,7 @@ class SystemMachine(RuleBasedStateMachine):
         assert response.status_code in (200, 402, 503), response.text
         view = self.views.get((name, user))
         if before is not None:
-            self._saw(name, user, before)
+            self._saw(name, user, before, provisional)
         if response.status_code == 402 and view is not None:
             assert view < amount, f"{name} refused {amount} of {user}'s {view}"
         if response.status_code == 503:
@@ -256,26 +261,43 @@ class SystemMachine(RuleBasedStateMachine):
                 f"{name} answered {after} for {user}, not {view}-{amount}"
             )
         kind = "deduction" if operation == "deduct" else "refund"
-        direct = not self.outage and self.store_of(name) == "db"
+        journaled = (self.outage or waits) and self.store_of(name) == "db"
+        direct = not journaled and self.store_of(name) == "db"
         self.changes[key] = Change(user, key, moved, amount, kind, self.tick(), direct)
-        if self.outage and self.store_of(name) == "db":  # in the replica's journal only
+        if journaled:  # in the replica's journal only
             self.journaled.setdefault(name, set()).add(key)
         else:
             self.known.setdefault(self.store_of(name), set()).add(key)
         self._forget(user, but=name)
-        self._view(name, user, after)
-        if not self.outage and self.replicas[name].backend == "database":
+        self._view(name, user, after, provisional)
+        if direct:
             self.seen_applied.setdefault(name, set()).add(key)
 
-    def _saw(self, name: str, user: str, balance: int) -> None:
+    def _saw(self, name: str, user: str, balance: int, provisional: bool = False) -> None:
         """A balance the replica answered for the user: its last, where nothing else can
         have reached the user since."""
         view = self.views.get((name, user))
         if view is not None:
             assert balance == view, f"{name} shows {user} at {balance}, having said {view}"
-        self._view(name, user, balance)
+        self._view(name, user, balance, provisional)
 
-    def _view(self, name: str, user: str, balance: int) -> None:
+    def _waits(self, name: str, user: str) -> bool:
+        """Does the replica's fallback serve the user, their changes waiting in its journal?"""
+        app = self.replicas[name].app
+        assert app is not None
+        fallback = app.state.container.fallback
+        return self.store_of(name) == "db" and fallback.waits(user)
+
+    def _provisional(self, name: str, user: str, waits: bool) -> bool:
+        """Is what the replica answers of the user now the fallback's provisional balance?"""
+        if not waits:
+            self.provisional.discard((name, user))
+        return (name, user) in self.provisional
+
+    def _view(self, name: str, user: str, balance: int, provisional: bool = False) -> None:
+        if provisional:
+            self.views.pop((name, user), None)
+            return
         if self.outage and (name, user) not in self.views:
             # Taken in the outage, from the fallback's own start (a user it never saw
             # starts with a full budget): the database may hold other changes of the
@@ -291,9 +313,11 @@ class SystemMachine(RuleBasedStateMachine):
                 del self.views[(name, seen)]
 
     def _keys_here(self, store: str, user: str, name: str | None = None) -> list[Change]:
-        """The changes of the user whose keys the store holds (with a replica's `name`: or
-        its journal, not replayed yet, which only that replica serves from)."""
-        here = self.known.get(store, set()) | self.journaled.get(name or "", set())
+        """The changes of the user whose keys the store holds (with a replica's `name` on
+        the database: or its journal, not replayed yet, which only it serves from)."""
+        here = self.known.get(store, set())
+        if store == "db":
+            here = here | self.journaled.get(name or "", set())
         since = self.erased_at.get(user, 0)
         return [
             change
@@ -320,6 +344,7 @@ class SystemMachine(RuleBasedStateMachine):
         same = data.draw(st.booleans())
         amount = change.asked if same else change.asked + 1
         operation = "deduct" if change.kind == "deduction" else "refund"
+        provisional = self._provisional(name, user, self._waits(name, user))
         response = self.run(
             self.client(name).post(
                 f"{CREDITS}/{user}/{operation}",
@@ -334,7 +359,7 @@ class SystemMachine(RuleBasedStateMachine):
             return
         assert response.status_code == 200, response.text
         assert response.headers.get("Idempotent-Replayed") == "true"
-        self._saw(name, user, response.json()["available_credits"])
+        self._saw(name, user, response.json()["available_credits"], provisional)
 
     # Rules: consents and erasures.
 
@@ -396,6 +421,8 @@ class SystemMachine(RuleBasedStateMachine):
         source = self.store_of(replica.name)
         replica.backend, replica.shadow = goal, shadow
         target = self.store_of(replica.name)
+        if source != target:  # a new primary waited for the journal's replay (SPEC §9)
+            self.known.setdefault("db", set()).update(self.journaled.pop(replica.name, set()))
         if carry and source != target:
             self.known.setdefault(target, set()).update(self.known.get(source, set()))
 
@@ -476,6 +503,7 @@ class SystemMachine(RuleBasedStateMachine):
         self.outage = False
         for seen in self.outage_views:
             self.views.pop(seen, None)
+        self.provisional |= self.outage_views
         self.outage_views.clear()
         await asyncio.sleep(SETTINGS["db_breaker_reset_seconds"] * 2)
         for name in sorted(self.stopped):  # started again: it replays what it journaled
