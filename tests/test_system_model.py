@@ -289,10 +289,28 @@ class SystemMachine(RuleBasedStateMachine):
         return self.store_of(name) == "db" and fallback.waits(user)
 
     def _provisional(self, name: str, user: str, waits: bool) -> bool:
-        """Is what the replica answers of the user now the fallback's provisional balance?"""
+        """Is what the replica answers of the user now provisional: the fallback's, or the
+        database's while another replica's journal still holds changes of the user (their
+        replay will move the balance under this replica)?"""
         if not waits:
             self.provisional.discard((name, user))
-        return (name, user) in self.provisional
+        return (name, user) in self.provisional or self._others_wait(name, user)
+
+    def _others_wait(self, name: str, user: str) -> bool:
+        since = self.erased_at.get(user, 0)
+        for other in self.replicas:
+            if other == name:
+                continue
+            if other in self.stopped:  # its journal waits on disk for its next start
+                keys = self.journaled.get(other, set())
+                if any(
+                    self.changes[key].user == user and self.changes[key].sequence > since
+                    for key in keys
+                ):
+                    return True
+            elif self._waits(other, user):
+                return True
+        return False
 
     def _view(self, name: str, user: str, balance: int, provisional: bool = False) -> None:
         if provisional:
@@ -360,6 +378,18 @@ class SystemMachine(RuleBasedStateMachine):
         assert response.status_code == 200, response.text
         assert response.headers.get("Idempotent-Replayed") == "true"
         self._saw(name, user, response.json()["available_credits"], provisional)
+
+    @precondition(lambda self: len(self.stopped) < 2)
+    @rule(name=REPLICAS, user=USERS)
+    def read(self, name: str, user: str) -> None:
+        """A client reads the balance: what the replica serves of the user now."""
+        if name in self.stopped:
+            return
+        provisional = self._provisional(name, user, self._waits(name, user))
+        response = self.run(self.client(name).get(f"{CREDITS}/{user}"))
+        assert response.status_code in (200, 503), response.text
+        if response.status_code == 200:
+            self._saw(name, user, response.json()["available_credits"], provisional)
 
     # Rules: consents and erasures.
 
@@ -469,8 +499,12 @@ class SystemMachine(RuleBasedStateMachine):
     # Rules: outages.
 
     @precondition(lambda self: not self.outage)
-    @rule()
-    def outage_begins(self) -> None:
+    @rule(looked=st.booleans())
+    def outage_begins(self, looked: bool) -> None:
+        """The database goes away; `looked`: each user had just looked at their balance
+        on each replica (what the outage's checks then hold the fallback to)."""
+        if looked:
+            self._look()
         self.run(self.database.begin())
         self.outage = True
 
@@ -494,9 +528,23 @@ class SystemMachine(RuleBasedStateMachine):
                 del self.views[seen]
 
     @precondition(lambda self: self.outage)
-    @rule()
-    def outage_ends(self) -> None:
+    @rule(then=st.sampled_from(["nothing", "look", "flip a", "flip b"]))
+    def outage_ends(self, then: str) -> None:
+        """The database is back, and at once (before any replay but one a call sets off)
+        `then`: each user looks at their balance on each replica, or an operator flips a
+        replica's primary (and its users look at their balance there)."""
         self.run(self._back())
+        if then == "look":
+            self._look()
+        elif then.startswith("flip"):
+            name = then.split()[1]
+            self.flip(name, carry=True)
+            for user in ("ann", "bob"):
+                self.read(name, user)
+
+    def _look(self) -> None:
+        for name, user in itertools.product(self.replicas, ("ann", "bob")):
+            self.read(name, user)
 
     async def _back(self) -> None:
         await self.database.end()
